@@ -1,0 +1,2 @@
+//! The `memplane` command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! memplane mbuf: not built yet (see the issue tracker).

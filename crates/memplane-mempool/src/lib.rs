@@ -1,0 +1,1 @@
+//! memplane mempool: not built yet (see the issue tracker).

@@ -1,0 +1,1 @@
+//! memplane ring: not built yet (see the issue tracker).

@@ -1,0 +1,1 @@
+//! Files in hugetlbfs mounts (placeholder; being written).

@@ -1,0 +1,39 @@
+//! memplane: a hugepage memory subsystem for data-plane programs.
+//!
+//! It does the job of DPDK's EAL memory layer (hugepage discovery and
+//! mapping, memseg lists, a NUMA-aware heap, memzones, multi-process
+//! sharing) as a safe Rust library with no global state: everything hangs off
+//! a handle, so two independent instances can live in one process.
+//!
+//! This crate is built bottom-up. What exists today:
+//!
+//! - [`hugepages`]: discovery of page sizes, per-node counts, hugetlbfs
+//!   mounts, cgroup limits, memlock and pagemap access; files left in mounts;
+//!   reserving pages and mounting hugetlbfs.
+//! - [`preflight`]: checks a memory request against what the machine can
+//!   really give before anything is mapped, and explains any shortfall.
+//! - [`options`]: [`MemOptions`], the typed form of DPDK's EAL memory flags.
+//! - [`runtime_dir`]: the per-prefix runtime directory and primary lock.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use memplane::hugepages::{Discovery, SystemRoots};
+//!
+//! let snapshot = Discovery::new(SystemRoots::real()).discover()?;
+//! for size in &snapshot.sizes {
+//!     println!("{}: {} of {} free", size.page_size, size.free, size.total);
+//! }
+//! # Ok::<(), memplane::Error>(())
+//! ```
+
+pub mod error;
+pub mod hugepages;
+pub mod options;
+pub mod preflight;
+pub mod runtime_dir;
+pub mod units;
+
+pub use error::{Error, Result};
+pub use options::MemOptions;
+pub use units::PageSize;

@@ -1,0 +1,1 @@
+//! Runtime directory (placeholder; being written).
