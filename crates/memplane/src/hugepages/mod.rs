@@ -5,7 +5,11 @@
 //! ([`SystemRoots`]) so that tests can run it on fake trees as well as on the
 //! real machine. It never changes anything; [`reserve`] and [`files`] do.
 
+mod discover;
 pub mod files;
+pub mod reserve;
+
+pub use discover::{cgroup_size_name, Discovery};
 
 use std::path::{Path, PathBuf};
 
@@ -150,4 +154,48 @@ pub struct HugepageSnapshot {
     pub memlock: MemlockLimit,
     /// Whether physical addresses can be read.
     pub pagemap: PagemapAccess,
+}
+
+impl HugepageSnapshot {
+    /// System-wide counters for one page size.
+    pub fn size(&self, page_size: PageSize) -> Option<&PageSizeInfo> {
+        self.sizes.iter().find(|s| s.page_size == page_size)
+    }
+
+    /// Counters for one page size on one node.
+    pub fn node_size(&self, node: u32, page_size: PageSize) -> Option<&NodePageInfo> {
+        self.per_node
+            .iter()
+            .find(|n| n.node == node && n.page_size == page_size)
+    }
+
+    /// The kernel's default hugepage size, if it supports any.
+    pub fn default_size(&self) -> Option<PageSize> {
+        self.sizes
+            .iter()
+            .find(|s| s.is_default)
+            .map(|s| s.page_size)
+    }
+
+    /// Mounts serving one page size.
+    pub fn mounts_for(&self, page_size: PageSize) -> impl Iterator<Item = &HugetlbfsMount> {
+        self.mounts.iter().filter(move |m| m.page_size == page_size)
+    }
+
+    /// The cgroup limit for one page size, if any applies.
+    pub fn cgroup_limit(&self, page_size: PageSize) -> Option<&CgroupLimit> {
+        self.cgroup_limits
+            .iter()
+            .find(|c| c.page_size == page_size && c.limit.is_some())
+    }
+
+    /// The supported sizes, for messages ("2M, 1G").
+    pub fn size_list(&self) -> String {
+        let v: Vec<String> = self.sizes.iter().map(|s| s.page_size.to_string()).collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    }
 }
