@@ -8,6 +8,7 @@
 mod discover;
 pub mod files;
 pub mod reserve;
+pub mod usage;
 
 pub use discover::{cgroup_size_name, Discovery};
 
@@ -198,4 +199,20 @@ impl HugepageSnapshot {
             v.join(", ")
         }
     }
+}
+
+/// `memfd_create` flags for a hugetlb memfd of `page_size` pages
+/// (`MFD_HUGETLB` with the size encoded as log2 in bits 26..32).
+pub fn hugetlb_memfd_flags(page_size: PageSize) -> rustix::fs::MemfdFlags {
+    const MFD_HUGE_SHIFT: u32 = 26;
+    let log2 = page_size.bytes().trailing_zeros();
+    rustix::fs::MemfdFlags::CLOEXEC
+        | rustix::fs::MemfdFlags::HUGETLB
+        | rustix::fs::MemfdFlags::from_bits_retain(log2 << MFD_HUGE_SHIFT)
+}
+
+/// Whether this kernel can create a hugetlb memfd of `page_size` pages.
+/// Creating one reserves nothing, so this is a free probe.
+pub fn memfd_supports(page_size: PageSize) -> bool {
+    rustix::fs::memfd_create("memplane-probe", hugetlb_memfd_flags(page_size)).is_ok()
 }
