@@ -1,0 +1,1192 @@
+//! The ring: header/slot geometry, the four sync protocols, typed and raw
+//! handles.
+
+// The hot path is a handful of small helpers that must collapse into one
+// loop body per call site (the benchmark compares cycles per element with
+// DPDK's always-inline C), so `inline(always)` is deliberate here.
+#![allow(clippy::inline_always)]
+
+use core::cell::Cell;
+use core::marker::PhantomData;
+use core::mem::{align_of, size_of};
+use core::ptr::NonNull;
+
+use crate::error::{BulkError, RingError};
+use crate::layout::{
+    pack, slots_offset, HeadTail, Header, FLAG_EXACT, LAYOUT_VERSION, MAGIC, MAX_CAPACITY,
+    NAME_MAX, REGION_ALIGN,
+};
+use crate::memory::RingMemory;
+use crate::sync::{spin, AtomicU32, AtomicU64, Ordering};
+
+use Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+/// How producers (or consumers) of one ring synchronise with each other.
+/// Chosen per side when the ring is created and recorded in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u32)]
+pub enum SyncMode {
+    /// Any number of concurrent producers (consumers): CAS on the head, then
+    /// each op waits for its predecessors before moving the tail (DPDK "MT").
+    #[default]
+    Multi = 0,
+    /// Exactly one producer (consumer) at a time, enforced by a claim word in
+    /// the shared header: plain loads and stores, no CAS.
+    Single = 1,
+    /// Relaxed tail sync (DPDK "MT_RTS"): the tail is moved by the last
+    /// finisher, so a preempted producer does not stall the ones behind it;
+    /// head-tail distance bounded by `htd_max`.
+    MultiRts = 2,
+    /// Head-tail sync (DPDK "MT_HTS"): fully serialised; an op starts only
+    /// when the previous one finished. Best when threads outnumber CPUs.
+    MultiHts = 3,
+}
+
+impl SyncMode {
+    fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::Multi,
+            1 => Self::Single,
+            2 => Self::MultiRts,
+            3 => Self::MultiHts,
+            _ => return None,
+        })
+    }
+}
+
+/// Creation parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RingConfig {
+    /// Producer sync mode.
+    pub producer: SyncMode,
+    /// Consumer sync mode.
+    pub consumer: SyncMode,
+    /// Capacity is exactly the requested count (any value); slots are the
+    /// next power of two. Without it the count must be a power of two and
+    /// the ring holds exactly that many elements (DPDK holds count - 1).
+    pub exact: bool,
+}
+
+impl RingConfig {
+    /// Single producer, single consumer.
+    pub const SPSC: Self = Self {
+        producer: SyncMode::Single,
+        consumer: SyncMode::Single,
+        exact: false,
+    };
+    /// Multi producer, multi consumer (the default).
+    pub const MPMC: Self = Self {
+        producer: SyncMode::Multi,
+        consumer: SyncMode::Multi,
+        exact: false,
+    };
+    /// Both sides in relaxed-tail-sync mode.
+    pub const RTS: Self = Self {
+        producer: SyncMode::MultiRts,
+        consumer: SyncMode::MultiRts,
+        exact: false,
+    };
+    /// Both sides in head-tail-sync mode.
+    pub const HTS: Self = Self {
+        producer: SyncMode::MultiHts,
+        consumer: SyncMode::MultiHts,
+        exact: false,
+    };
+}
+
+/// Result of a burst: how many elements moved and how many free slots
+/// (enqueue) or entries (dequeue) remained after the move, as seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    /// Elements moved.
+    pub count: u32,
+    /// Free slots (enqueue) or available entries (dequeue) left.
+    pub remaining: u32,
+}
+
+/// Types that can be stored in a ring.
+///
+/// # Safety
+///
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value
+/// (elements may come from another process), the type must have no
+/// padding-sensitive invariants and no meaning tied to this process's
+/// address space that would make reading it elsewhere unsound. Its size must
+/// be a non-zero multiple of 4 and its alignment at most 64 (checked at
+/// ring creation).
+pub unsafe trait Element: Copy + Send + Sync + 'static {}
+
+macro_rules! element {
+    ($($t:ty),*) => { $(
+        // SAFETY: plain integer/float: every bit pattern is valid.
+        unsafe impl Element for $t {}
+    )* };
+}
+element!(u32, i32, u64, i64, u128, i128, usize, isize, f32, f64);
+// SAFETY: arrays of valid-for-any-bits elements are valid for any bits.
+unsafe impl<E: Element, const N: usize> Element for [E; N] {}
+
+/// Bytes a ring of `capacity` elements of `esize` bytes needs: header plus
+/// slots rounded up to 64 bytes (compare `rte_ring_get_memsize_elem`).
+pub fn memsize(esize: usize, capacity: usize, exact: bool) -> Result<usize, RingError> {
+    check_esize(esize, 4)?;
+    let (size, _) = geometry(capacity, exact)?;
+    Ok(bytes_for(size, esize as u32))
+}
+
+fn bytes_for(size: u32, esize: u32) -> usize {
+    let slots = (size as usize) * (esize as usize);
+    slots_offset() + ((slots + 63) & !63)
+}
+
+fn check_esize(esize: usize, align: usize) -> Result<(), RingError> {
+    if esize == 0 || esize % 4 != 0 || esize > u32::MAX as usize {
+        return Err(RingError::ElementSize(esize));
+    }
+    if align > REGION_ALIGN {
+        return Err(RingError::ElementAlign(align));
+    }
+    Ok(())
+}
+
+/// (slots, capacity) for a requested capacity.
+fn geometry(capacity: usize, exact: bool) -> Result<(u32, u32), RingError> {
+    if capacity == 0 {
+        return Err(RingError::ZeroCapacity);
+    }
+    if capacity > MAX_CAPACITY as usize {
+        return Err(RingError::CapacityTooLarge {
+            requested: capacity as u64,
+            max: MAX_CAPACITY,
+        });
+    }
+    let cap = capacity as u32;
+    if exact {
+        Ok((cap.next_power_of_two(), cap))
+    } else if cap.is_power_of_two() {
+        Ok((cap, cap))
+    } else {
+        Err(RingError::NotPowerOfTwo(cap))
+    }
+}
+
+/// Process-local view of a ring: pointers into the region plus copies of the
+/// header's immutable fields (read once, kept in registers on hot paths).
+pub(crate) struct Core {
+    hdr: NonNull<Header>,
+    slots: NonNull<u8>,
+    size: u32,
+    mask: u32,
+    capacity: u32,
+    esize: u32,
+    prod_mode: SyncMode,
+    cons_mode: SyncMode,
+    /// loom: one tracked cell per slot, so the model checker sees slot
+    /// accesses and reports any that are not ordered by the protocol.
+    #[cfg(loom)]
+    cells: Vec<loom::cell::UnsafeCell<()>>,
+}
+
+// SAFETY: Core points into shared memory that is only accessed through
+// atomics and the ring protocol; it owns nothing thread-bound.
+unsafe impl Send for Core {}
+// SAFETY: as above; all shared mutation is via atomics, slot accesses are
+// ordered by the head/tail protocol.
+unsafe impl Sync for Core {}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Enq,
+    Deq,
+}
+
+impl Core {
+    #[inline(always)]
+    fn hdr(&self) -> &Header {
+        // SAFETY: `hdr` points at an initialised header inside the region
+        // the owning ring keeps alive for `self`'s lifetime.
+        unsafe { self.hdr.as_ref() }
+    }
+
+    #[inline(always)]
+    fn sides(&self, dir: Dir) -> (&HeadTail, &HeadTail) {
+        let h = self.hdr();
+        match dir {
+            Dir::Enq => (&h.prod, &h.cons),
+            Dir::Deq => (&h.cons, &h.prod),
+        }
+    }
+
+    /// Free slots (Enq) or entries (Deq) given our head and the other side's
+    /// tail. A value that does not fit the ring (stale cache, corrupt header)
+    /// counts as 0, which makes the caller reload, then give up safely.
+    #[inline(always)]
+    fn avail(&self, dir: Dir, head: u32, opp: u32) -> u32 {
+        let cap = self.capacity;
+        match dir {
+            Dir::Enq => cap.saturating_sub(head.wrapping_sub(opp)),
+            Dir::Deq => {
+                let ent = opp.wrapping_sub(head);
+                if ent > cap {
+                    0
+                } else {
+                    ent
+                }
+            }
+        }
+    }
+
+    /// How many of `want` fit, using the cached opposite tail first and
+    /// reloading it only when the cache says "not enough".
+    #[inline(always)]
+    fn fit(
+        &self,
+        dir: Dir,
+        head: u32,
+        opp: &HeadTail,
+        cache: &Cell<u32>,
+        want: u32,
+        bulk: bool,
+    ) -> (u32, u32) {
+        let mut av = self.avail(dir, head, cache.get());
+        if av < want {
+            let o = opp.tail.load(Acquire) as u32;
+            cache.set(o);
+            av = self.avail(dir, head, o);
+        }
+        let n = if av >= want {
+            want
+        } else if bulk {
+            0
+        } else {
+            av
+        };
+        (n, av)
+    }
+
+    /// Moves our head by up to `want`; returns (old head, n, remaining).
+    #[inline(always)]
+    fn reserve(
+        &self,
+        dir: Dir,
+        mode: SyncMode,
+        cache: &Cell<u32>,
+        want: u32,
+        bulk: bool,
+    ) -> (u32, u32, u32) {
+        let (own, opp) = self.sides(dir);
+        match mode {
+            SyncMode::Single => {
+                // We are the only writer of our tail (role claimed with
+                // Acquire), so a relaxed read of our own position is exact.
+                let head = own.tail.load(Relaxed) as u32;
+                let (n, av) = self.fit(dir, head, opp, cache, want, bulk);
+                (head, n, av - n)
+            }
+            SyncMode::Multi => {
+                let mut head = own.head.load(Acquire) as u32;
+                loop {
+                    let (n, av) = self.fit(dir, head, opp, cache, want, bulk);
+                    if n == 0 {
+                        return (head, 0, av);
+                    }
+                    // AcqRel: a later op that reads our new head also sees the
+                    // opposite tail we based it on (no over-commit on weak
+                    // memory models).
+                    match own.head.compare_exchange(
+                        u64::from(head),
+                        u64::from(head.wrapping_add(n)),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return (head, n, av - n),
+                        Err(cur) => head = cur as u32,
+                    }
+                }
+            }
+            SyncMode::MultiHts => {
+                let mut cur = own.head.load(Acquire);
+                loop {
+                    let (h, t) = (cur as u32, (cur >> 32) as u32);
+                    if h != t {
+                        spin();
+                        cur = own.head.load(Acquire);
+                        continue;
+                    }
+                    let (n, av) = self.fit(dir, h, opp, cache, want, bulk);
+                    if n == 0 {
+                        return (h, 0, av);
+                    }
+                    match own.head.compare_exchange(
+                        cur,
+                        pack(h.wrapping_add(n), t),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return (h, n, av - n),
+                        Err(c) => cur = c,
+                    }
+                }
+            }
+            SyncMode::MultiRts => {
+                let max = own.htd_max.load(Relaxed);
+                let mut cur = own.head.load(Acquire);
+                loop {
+                    let h = cur as u32;
+                    let t = own.tail.load(Acquire) as u32;
+                    if h.wrapping_sub(t) > max {
+                        spin();
+                        cur = own.head.load(Acquire);
+                        continue;
+                    }
+                    let (n, av) = self.fit(dir, h, opp, cache, want, bulk);
+                    if n == 0 {
+                        return (h, 0, av);
+                    }
+                    let cnt = ((cur >> 32) as u32).wrapping_add(1);
+                    match own.head.compare_exchange(
+                        cur,
+                        pack(h.wrapping_add(n), cnt),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return (h, n, av - n),
+                        Err(c) => cur = c,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes `n` elements from `head` visible to the other side.
+    #[inline(always)]
+    fn publish(&self, dir: Dir, mode: SyncMode, head: u32, n: u32) {
+        let (own, _) = self.sides(dir);
+        let new = head.wrapping_add(n);
+        match mode {
+            SyncMode::Single => own.tail.store(u64::from(new), Release),
+            SyncMode::Multi => {
+                // Wait for the ops reserved before ours. Acquire, so their
+                // slot accesses happen-before our Release below and reach
+                // whoever acquires our tail.
+                while own.tail.load(Acquire) as u32 != head {
+                    spin();
+                }
+                own.tail.store(u64::from(new), Release);
+            }
+            SyncMode::MultiHts => {
+                own.tail.store(u64::from(new), Release);
+                own.head.store(pack(new, new), Release);
+            }
+            SyncMode::MultiRts => {
+                let mut t = own.tail.load(Acquire);
+                loop {
+                    let h = own.head.load(Acquire);
+                    let cnt = ((t >> 32) as u32).wrapping_add(1);
+                    // Last one out (every started op has finished) moves the
+                    // tail to the head; others only count themselves done.
+                    let pos = if cnt == (h >> 32) as u32 {
+                        h as u32
+                    } else {
+                        t as u32
+                    };
+                    match own
+                        .tail
+                        .compare_exchange(t, pack(pos, cnt), AcqRel, Acquire)
+                    {
+                        Ok(_) => break,
+                        Err(c) => t = c,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `n` elements of `unit` `U`s each from `src` into the slots
+    /// starting at position `head`.
+    ///
+    /// # Safety
+    ///
+    /// `[head, head + n)` must be reserved by the caller, `n <= size`, `src`
+    /// valid for `n * unit` reads, and `size_of::<U>() * unit == esize`.
+    #[inline(always)]
+    unsafe fn copy_in<U: Copy>(&self, head: u32, src: *const U, n: u32, unit: usize) {
+        #[cfg(loom)]
+        for i in 0..n {
+            self.cells[(head.wrapping_add(i) & self.mask) as usize].with_mut(|_| ());
+        }
+        let base = self.slots.as_ptr().cast::<U>();
+        let idx = (head & self.mask) as usize;
+        let n = n as usize;
+        let first = n.min(self.size as usize - idx);
+        // SAFETY: idx + first <= size and n - first <= size slots lie inside
+        // the slot array (caller: n <= size); the reservation gives us
+        // exclusive access to them; src is valid per the caller.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src, base.add(idx * unit), first * unit);
+            if first < n {
+                core::ptr::copy_nonoverlapping(src.add(first * unit), base, (n - first) * unit);
+            }
+        }
+    }
+
+    /// Copies `n` elements out of the slots starting at `head` into `dst`.
+    ///
+    /// # Safety
+    ///
+    /// As [`copy_in`](Self::copy_in), with `dst` valid for `n * unit` writes.
+    #[inline(always)]
+    unsafe fn copy_out<U: Copy>(&self, head: u32, dst: *mut U, n: u32, unit: usize) {
+        #[cfg(loom)]
+        for i in 0..n {
+            self.cells[(head.wrapping_add(i) & self.mask) as usize].with(|_| ());
+        }
+        let base = self.slots.as_ptr().cast::<U>();
+        let idx = (head & self.mask) as usize;
+        let n = n as usize;
+        let first = n.min(self.size as usize - idx);
+        // SAFETY: as in copy_in; the entries were published by producers
+        // (acquired through the producer tail) and are ours until we
+        // publish our consumer tail.
+        unsafe {
+            core::ptr::copy_nonoverlapping(base.add(idx * unit), dst, first * unit);
+            if first < n {
+                core::ptr::copy_nonoverlapping(base, dst.add(first * unit), (n - first) * unit);
+            }
+        }
+    }
+
+    fn count(&self) -> u32 {
+        let h = self.hdr();
+        let p = h.prod.tail.load(Acquire) as u32;
+        let c = h.cons.tail.load(Acquire) as u32;
+        p.wrapping_sub(c).min(self.capacity)
+    }
+
+    fn name(&self) -> String {
+        let n = &self.hdr().name;
+        let len = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+        String::from_utf8_lossy(&n[..len]).into_owned()
+    }
+}
+
+/// A ring with runtime element size, moving elements as raw bytes.
+///
+/// Same protocol and layout as [`Ring`]; use it when the element type is
+/// only known at run time (e.g. a mempool with a configured object size).
+pub struct RawRing<M: RingMemory> {
+    core: Core,
+    mem: M,
+}
+
+impl<M: RingMemory> RawRing<M> {
+    /// Initialises a ring of `capacity` elements of `esize` bytes at the
+    /// start of `mem`. Validates everything before writing: on error the
+    /// region is untouched.
+    pub fn init(
+        mem: M,
+        name: &str,
+        esize: usize,
+        capacity: usize,
+        cfg: RingConfig,
+    ) -> Result<Self, RingError> {
+        Self::init_aligned(mem, name, esize, 4, capacity, cfg)
+    }
+
+    fn init_aligned(
+        mem: M,
+        name: &str,
+        esize: usize,
+        align: usize,
+        capacity: usize,
+        cfg: RingConfig,
+    ) -> Result<Self, RingError> {
+        check_esize(esize, align)?;
+        let (size, cap) = geometry(capacity, cfg.exact)?;
+        if name.len() > NAME_MAX || name.as_bytes().contains(&0) {
+            return Err(RingError::BadName {
+                name: name.to_owned(),
+                max: NAME_MAX,
+            });
+        }
+        let base = mem.as_ptr();
+        if (base as usize) % REGION_ALIGN != 0 {
+            return Err(RingError::Misaligned {
+                addr: base as usize,
+            });
+        }
+        let needed = bytes_for(size, esize as u32);
+        if mem.len() < needed {
+            return Err(RingError::RegionTooSmall {
+                needed,
+                got: mem.len(),
+            });
+        }
+        let mut name_buf = [0u8; 32];
+        name_buf[..name.len()].copy_from_slice(name.as_bytes());
+        let side = |mode: SyncMode| HeadTail {
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            htd_max: AtomicU32::new(cap / 8),
+            sync: mode as u32,
+            owner: AtomicU32::new(0),
+            _pad0: 0,
+            #[cfg(not(loom))]
+            _pad: [0; 96],
+        };
+        let hdr = Header {
+            magic: AtomicU64::new(0),
+            version: LAYOUT_VERSION,
+            flags: if cfg.exact { FLAG_EXACT } else { 0 },
+            size,
+            mask: size - 1,
+            capacity: cap,
+            esize: esize as u32,
+            name: name_buf,
+            _reserved: [0; 64],
+            prod: side(cfg.producer),
+            cons: side(cfg.consumer),
+        };
+        // Alignment checked above (64 >= align_of::<Header>()).
+        #[allow(clippy::cast_ptr_alignment)]
+        let hp = base.cast::<Header>();
+        // SAFETY: the region is at least `needed` bytes, 64-byte aligned
+        // (Header needs 8), and by the RingMemory contract nobody else uses
+        // it while we initialise.
+        unsafe { hp.write(hdr) };
+        // SAFETY: just written.
+        let h = unsafe { &*hp };
+        // Publish last: an attacher that sees MAGIC sees a complete header.
+        h.magic.store(MAGIC, Release);
+        Ok(Self::from_parts(
+            mem,
+            size,
+            cap,
+            esize as u32,
+            cfg.producer,
+            cfg.consumer,
+        ))
+    }
+
+    fn from_parts(
+        mem: M,
+        size: u32,
+        capacity: u32,
+        esize: u32,
+        prod_mode: SyncMode,
+        cons_mode: SyncMode,
+    ) -> Self {
+        let base = mem.as_ptr();
+        let core = Core {
+            hdr: NonNull::new(base.cast()).expect("region pointer is non-null"),
+            // SAFETY: slots_offset() < needed <= len, so in bounds.
+            slots: NonNull::new(unsafe { base.add(slots_offset()) }).expect("non-null"),
+            size,
+            mask: size - 1,
+            capacity,
+            esize,
+            prod_mode,
+            cons_mode,
+            #[cfg(loom)]
+            cells: (0..size).map(|_| loom::cell::UnsafeCell::new(())).collect(),
+        };
+        Self { core, mem }
+    }
+
+    /// Attaches to a ring that was initialised in `mem` (by this or another
+    /// process, at any address). Validates the header.
+    pub fn attach(mem: M) -> Result<Self, RingError> {
+        let base = mem.as_ptr();
+        if (base as usize) % REGION_ALIGN != 0 {
+            return Err(RingError::Misaligned {
+                addr: base as usize,
+            });
+        }
+        if mem.len() < slots_offset() {
+            return Err(RingError::RegionTooSmall {
+                needed: slots_offset(),
+                got: mem.len(),
+            });
+        }
+        // SAFETY: in bounds and aligned (checked above); the header holds
+        // only integers and atomics, so any bytes are a valid value.
+        #[allow(clippy::cast_ptr_alignment)]
+        let h = unsafe { &*base.cast::<Header>() };
+        let magic = h.magic.load(Acquire);
+        if magic != MAGIC {
+            return Err(RingError::BadMagic {
+                found: magic,
+                expected: MAGIC,
+            });
+        }
+        if h.version != LAYOUT_VERSION {
+            return Err(RingError::BadVersion {
+                found: h.version,
+                expected: LAYOUT_VERSION,
+            });
+        }
+        let (size, cap, esize) = (h.size, h.capacity, h.esize);
+        if !size.is_power_of_two() || size > 1 << 31 || h.mask != size - 1 {
+            return Err(RingError::CorruptHeader(
+                "size is not a power of two or mask != size - 1",
+            ));
+        }
+        if cap == 0 || cap > size {
+            return Err(RingError::CorruptHeader(
+                "capacity is 0 or larger than size",
+            ));
+        }
+        if esize == 0 || esize % 4 != 0 {
+            return Err(RingError::CorruptHeader(
+                "element size is not a multiple of 4",
+            ));
+        }
+        let (Some(pm), Some(cm)) = (
+            SyncMode::from_u32(h.prod.sync),
+            SyncMode::from_u32(h.cons.sync),
+        ) else {
+            return Err(RingError::CorruptHeader("unknown sync mode"));
+        };
+        let needed = bytes_for(size, esize);
+        if mem.len() < needed {
+            return Err(RingError::RegionTooSmall {
+                needed,
+                got: mem.len(),
+            });
+        }
+        Ok(Self::from_parts(mem, size, cap, esize, pm, cm))
+    }
+
+    /// The ring's name.
+    pub fn name(&self) -> String {
+        self.core.name()
+    }
+    /// Maximum number of elements the ring holds.
+    pub fn capacity(&self) -> u32 {
+        self.core.capacity
+    }
+    /// Number of slots (a power of two, >= capacity).
+    pub fn size(&self) -> u32 {
+        self.core.size
+    }
+    /// Element size in bytes.
+    pub fn element_size(&self) -> u32 {
+        self.core.esize
+    }
+    /// Elements in the ring (a snapshot).
+    pub fn count(&self) -> u32 {
+        self.core.count()
+    }
+    /// Free slots (a snapshot).
+    pub fn free_count(&self) -> u32 {
+        self.core.capacity - self.core.count()
+    }
+    /// True if the ring holds no elements (a snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.core.count() == 0
+    }
+    /// True if the ring has no free slot (a snapshot).
+    pub fn is_full(&self) -> bool {
+        self.core.count() == self.core.capacity
+    }
+    /// Producer sync mode.
+    pub fn producer_mode(&self) -> SyncMode {
+        self.core.prod_mode
+    }
+    /// Consumer sync mode.
+    pub fn consumer_mode(&self) -> SyncMode {
+        self.core.cons_mode
+    }
+    /// The memory the ring lives in.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+    /// Gives the memory back (the ring stays initialised in it).
+    pub fn into_memory(self) -> M {
+        self.mem
+    }
+
+    /// Sets the maximum head-tail distance of an RTS side (`producer` true
+    /// for the producer side). DPDK's default, used here too, is capacity/8.
+    pub fn set_htd_max(&self, producer: bool, max: u32) -> Result<(), RingError> {
+        let (side, mode, role) = if producer {
+            (&self.core.hdr().prod, self.core.prod_mode, "producer")
+        } else {
+            (&self.core.hdr().cons, self.core.cons_mode, "consumer")
+        };
+        if mode != SyncMode::MultiRts {
+            return Err(RingError::WrongMode {
+                op: "set_htd_max",
+                needed: "MultiRts",
+                role,
+                actual: mode,
+            });
+        }
+        side.htd_max.store(max, Relaxed);
+        Ok(())
+    }
+
+    /// Empties the ring and releases single-role claims.
+    ///
+    /// # Safety
+    ///
+    /// No producer or consumer (in any process) may be using the ring.
+    pub unsafe fn reset(&self) {
+        let h = self.core.hdr();
+        for s in [&h.prod, &h.cons] {
+            s.head.store(0, Release);
+            s.tail.store(0, Release);
+            s.owner.store(0, Release);
+        }
+    }
+
+    /// A producer handle. For a [`SyncMode::Single`] producer side this
+    /// claims the single-producer role (across processes) until the handle
+    /// is dropped; otherwise any number may exist.
+    pub fn producer(&self) -> Result<RawProducer<'_>, RingError> {
+        Ok(RawProducer {
+            h: Handle::new(&self.core, Dir::Enq)?,
+        })
+    }
+
+    /// A consumer handle; see [`producer`](Self::producer).
+    pub fn consumer(&self) -> Result<RawConsumer<'_>, RingError> {
+        Ok(RawConsumer {
+            h: Handle::new(&self.core, Dir::Deq)?,
+        })
+    }
+}
+
+impl<M: RingMemory> core::fmt::Debug for RawRing<M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RawRing")
+            .field("name", &self.name())
+            .field("esize", &self.core.esize)
+            .field("capacity", &self.core.capacity)
+            .field("count", &self.count())
+            .field("producer", &self.core.prod_mode)
+            .field("consumer", &self.core.cons_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Common state of a producer or consumer handle.
+struct Handle<'r> {
+    core: &'r Core,
+    dir: Dir,
+    mode: SyncMode,
+    /// Last opposite tail seen (Acquire-loaded); refreshed only when it
+    /// says there is not enough room/data.
+    cache: Cell<u32>,
+    claimed: bool,
+}
+
+impl<'r> Handle<'r> {
+    fn new(core: &'r Core, dir: Dir) -> Result<Self, RingError> {
+        let (own, opp) = core.sides(dir);
+        let (mode, role) = match dir {
+            Dir::Enq => (core.prod_mode, "producer"),
+            Dir::Deq => (core.cons_mode, "consumer"),
+        };
+        let claimed = mode == SyncMode::Single;
+        if claimed && own.owner.compare_exchange(0, 1, Acquire, Relaxed).is_err() {
+            return Err(RingError::RoleTaken {
+                role,
+                name: core.name(),
+            });
+        }
+        Ok(Self {
+            core,
+            dir,
+            mode,
+            cache: Cell::new(opp.tail.load(Acquire) as u32),
+            claimed,
+        })
+    }
+
+    /// # Safety
+    /// `src` valid for `n * unit` reads of `U`, `size_of::<U>() * unit == esize`.
+    #[inline(always)]
+    unsafe fn enqueue<U: Copy>(
+        &self,
+        src: *const U,
+        n: u32,
+        unit: usize,
+        bulk: bool,
+    ) -> (u32, u32) {
+        let (head, n, rem) = self.core.reserve(Dir::Enq, self.mode, &self.cache, n, bulk);
+        if n != 0 {
+            // SAFETY: [head, head+n) reserved above, n <= capacity <= size;
+            // src per our caller.
+            unsafe { self.core.copy_in(head, src, n, unit) };
+            self.core.publish(Dir::Enq, self.mode, head, n);
+        }
+        (n, rem)
+    }
+
+    /// # Safety
+    /// `dst` valid for `n * unit` writes of `U`, `size_of::<U>() * unit == esize`.
+    #[inline(always)]
+    unsafe fn dequeue<U: Copy>(&self, dst: *mut U, n: u32, unit: usize, bulk: bool) -> (u32, u32) {
+        let (head, n, rem) = self.core.reserve(Dir::Deq, self.mode, &self.cache, n, bulk);
+        if n != 0 {
+            // SAFETY: as in enqueue.
+            unsafe { self.core.copy_out(head, dst, n, unit) };
+            self.core.publish(Dir::Deq, self.mode, head, n);
+        }
+        (n, rem)
+    }
+
+    /// # Safety
+    /// As `dequeue`; only for a single consumer.
+    #[inline(always)]
+    unsafe fn peek<U: Copy>(&self, dst: *mut U, n: u32, unit: usize) -> u32 {
+        let head = self.core.sides(Dir::Deq).0.tail.load(Relaxed) as u32;
+        let (n, _) = self.core.fit(
+            Dir::Deq,
+            head,
+            self.core.sides(Dir::Deq).1,
+            &self.cache,
+            n,
+            false,
+        );
+        // SAFETY: entries [head, head+n) are published and, with a single
+        // consumer, cannot be released to producers while we read them.
+        unsafe { self.core.copy_out(head, dst, n, unit) };
+        n
+    }
+
+    #[inline(always)]
+    fn bulk_len(&self, len: usize) -> Result<u32, BulkError> {
+        if len > self.core.capacity as usize {
+            return Err(BulkError::TooLarge {
+                requested: len,
+                capacity: self.core.capacity,
+            });
+        }
+        Ok(len as u32)
+    }
+
+    fn check_peek(&self) -> Result<(), RingError> {
+        if self.mode == SyncMode::Single {
+            Ok(())
+        } else {
+            Err(RingError::WrongMode {
+                op: "peek",
+                needed: "Single",
+                role: "consumer",
+                actual: self.mode,
+            })
+        }
+    }
+}
+
+impl Drop for Handle<'_> {
+    fn drop(&mut self) {
+        if self.claimed {
+            let (own, _) = self.core.sides(self.dir);
+            own.owner.store(0, Release);
+        }
+    }
+}
+
+/// Producer handle of a [`RawRing`]: moves elements as byte slices whose
+/// length is a multiple of the element size. `Send`, not `Sync`.
+pub struct RawProducer<'r> {
+    h: Handle<'r>,
+}
+
+/// Consumer handle of a [`RawRing`]. `Send`, not `Sync`.
+pub struct RawConsumer<'r> {
+    h: Handle<'r>,
+}
+
+fn elems(len: usize, esize: u32) -> Result<usize, BulkError> {
+    if len % esize as usize != 0 {
+        return Err(BulkError::BadLength { len, esize });
+    }
+    Ok(len / esize as usize)
+}
+
+impl RawProducer<'_> {
+    /// Enqueues all elements of `bytes` or none; returns the free slots left.
+    pub fn enqueue_bulk(&self, bytes: &[u8]) -> Result<u32, BulkError> {
+        let es = self.h.core.esize;
+        let n = self.h.bulk_len(elems(bytes.len(), es)?)?;
+        // SAFETY: bytes holds n elements of esize bytes, copied as u8 units.
+        let (done, rem) = unsafe { self.h.enqueue(bytes.as_ptr(), n, es as usize, true) };
+        if done == n {
+            Ok(rem)
+        } else {
+            Err(BulkError::Insufficient {
+                requested: n,
+                available: rem,
+            })
+        }
+    }
+
+    /// Enqueues as many elements of `bytes` as fit.
+    pub fn enqueue_burst(&self, bytes: &[u8]) -> Result<Transfer, BulkError> {
+        let es = self.h.core.esize;
+        let n = elems(bytes.len(), es)?.min(self.h.core.capacity as usize) as u32;
+        // SAFETY: as above.
+        let (count, remaining) = unsafe { self.h.enqueue(bytes.as_ptr(), n, es as usize, false) };
+        Ok(Transfer { count, remaining })
+    }
+}
+
+impl RawConsumer<'_> {
+    /// Dequeues exactly `out.len() / esize` elements or none; returns the
+    /// entries left.
+    pub fn dequeue_bulk(&self, out: &mut [u8]) -> Result<u32, BulkError> {
+        let es = self.h.core.esize;
+        let n = self.h.bulk_len(elems(out.len(), es)?)?;
+        // SAFETY: out has room for n elements of esize bytes.
+        let (done, rem) = unsafe { self.h.dequeue(out.as_mut_ptr(), n, es as usize, true) };
+        if done == n {
+            Ok(rem)
+        } else {
+            Err(BulkError::Insufficient {
+                requested: n,
+                available: rem,
+            })
+        }
+    }
+
+    /// Dequeues up to `out.len() / esize` elements.
+    pub fn dequeue_burst(&self, out: &mut [u8]) -> Result<Transfer, BulkError> {
+        let es = self.h.core.esize;
+        let n = elems(out.len(), es)?.min(self.h.core.capacity as usize) as u32;
+        // SAFETY: as above.
+        let (count, remaining) = unsafe { self.h.dequeue(out.as_mut_ptr(), n, es as usize, false) };
+        Ok(Transfer { count, remaining })
+    }
+}
+
+/// A ring of `T` living in memory `M`.
+///
+/// ```
+/// use memplane_ring::{HeapRegion, Ring, RingConfig};
+///
+/// let bytes = Ring::<u64, HeapRegion>::memsize(1024, false).unwrap();
+/// let ring = Ring::<u64, _>::init(HeapRegion::new(bytes).unwrap(), "rx0", 1024, RingConfig::MPMC).unwrap();
+/// let p = ring.producer().unwrap();
+/// let c = ring.consumer().unwrap();
+/// assert_eq!(p.enqueue_bulk(&[1, 2, 3]).unwrap(), 1021);
+/// let mut out = [0u64; 8];
+/// let t = c.dequeue_burst(&mut out);
+/// assert_eq!((t.count, &out[..3]), (3, &[1, 2, 3][..]));
+/// assert!(ring.is_empty());
+/// ```
+pub struct Ring<T: Element, M: RingMemory> {
+    raw: RawRing<M>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Element, M: RingMemory> Ring<T, M> {
+    /// Bytes needed for a ring of `capacity` `T`s.
+    pub fn memsize(capacity: usize, exact: bool) -> Result<usize, RingError> {
+        check_esize(size_of::<T>(), align_of::<T>())?;
+        memsize(size_of::<T>(), capacity, exact)
+    }
+
+    /// Initialises a ring of `capacity` `T`s named `name` at the start of
+    /// `mem`. Validates everything first: on error the region is untouched.
+    pub fn init(mem: M, name: &str, capacity: usize, cfg: RingConfig) -> Result<Self, RingError> {
+        Ok(Self {
+            raw: RawRing::init_aligned(mem, name, size_of::<T>(), align_of::<T>(), capacity, cfg)?,
+            _t: PhantomData,
+        })
+    }
+
+    /// Attaches to a ring initialised in `mem` (possibly by another process
+    /// at another address); checks the header and that it holds `T`-sized
+    /// elements.
+    pub fn attach(mem: M) -> Result<Self, RingError> {
+        check_esize(size_of::<T>(), align_of::<T>())?;
+        let raw = RawRing::attach(mem)?;
+        if raw.core.esize as usize != size_of::<T>() {
+            return Err(RingError::ElementSizeMismatch {
+                ring: raw.core.esize,
+                expected: size_of::<T>(),
+            });
+        }
+        Ok(Self {
+            raw,
+            _t: PhantomData,
+        })
+    }
+
+    /// The untyped view of this ring.
+    pub fn raw(&self) -> &RawRing<M> {
+        &self.raw
+    }
+    /// The ring's name.
+    pub fn name(&self) -> String {
+        self.raw.name()
+    }
+    /// Maximum number of elements.
+    pub fn capacity(&self) -> u32 {
+        self.raw.capacity()
+    }
+    /// Elements in the ring (a snapshot).
+    pub fn count(&self) -> u32 {
+        self.raw.count()
+    }
+    /// Free slots (a snapshot).
+    pub fn free_count(&self) -> u32 {
+        self.raw.free_count()
+    }
+    /// True if empty (a snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+    /// True if full (a snapshot).
+    pub fn is_full(&self) -> bool {
+        self.raw.is_full()
+    }
+    /// Gives the memory back.
+    pub fn into_memory(self) -> M {
+        self.raw.into_memory()
+    }
+
+    /// A producer handle; claims the role if the producer side is
+    /// [`SyncMode::Single`].
+    pub fn producer(&self) -> Result<Producer<'_, T>, RingError> {
+        Ok(Producer {
+            h: Handle::new(&self.raw.core, Dir::Enq)?,
+            _t: PhantomData,
+        })
+    }
+
+    /// A consumer handle; claims the role if the consumer side is
+    /// [`SyncMode::Single`].
+    pub fn consumer(&self) -> Result<Consumer<'_, T>, RingError> {
+        Ok(Consumer {
+            h: Handle::new(&self.raw.core, Dir::Deq)?,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T: Element, M: RingMemory> core::ops::Deref for Ring<T, M> {
+    type Target = RawRing<M>;
+    fn deref(&self) -> &RawRing<M> {
+        &self.raw
+    }
+}
+
+impl<T: Element, M: RingMemory> core::fmt::Debug for Ring<T, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.raw.fmt(f)
+    }
+}
+
+/// Producer handle of a [`Ring`]. `Send`, not `Sync`: one thread uses it at
+/// a time; make one per producing thread.
+pub struct Producer<'r, T> {
+    h: Handle<'r>,
+    _t: PhantomData<fn(T)>,
+}
+
+/// Consumer handle of a [`Ring`]. `Send`, not `Sync`.
+pub struct Consumer<'r, T> {
+    h: Handle<'r>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Element> Producer<'_, T> {
+    /// Enqueues one element; gives it back if the ring is full.
+    #[inline]
+    pub fn try_enqueue(&self, item: T) -> Result<(), T> {
+        // SAFETY: one T readable at &item.
+        let (n, _) = unsafe { self.h.enqueue(&raw const item, 1, 1, true) };
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(item)
+        }
+    }
+
+    /// Enqueues all of `items` or none; returns the free slots left.
+    #[inline]
+    pub fn enqueue_bulk(&self, items: &[T]) -> Result<u32, BulkError> {
+        let n = self.h.bulk_len(items.len())?;
+        // SAFETY: items holds n Ts.
+        let (done, rem) = unsafe { self.h.enqueue(items.as_ptr(), n, 1, true) };
+        if done == n {
+            Ok(rem)
+        } else {
+            Err(BulkError::Insufficient {
+                requested: n,
+                available: rem,
+            })
+        }
+    }
+
+    /// Enqueues as many of `items` as fit (possibly none).
+    #[inline]
+    pub fn enqueue_burst(&self, items: &[T]) -> Transfer {
+        let n = items.len().min(self.h.core.capacity as usize) as u32;
+        // SAFETY: items holds at least n Ts.
+        let (count, remaining) = unsafe { self.h.enqueue(items.as_ptr(), n, 1, false) };
+        Transfer { count, remaining }
+    }
+
+    /// This handle's sync mode.
+    pub fn mode(&self) -> SyncMode {
+        self.h.mode
+    }
+}
+
+impl<T: Element> Consumer<'_, T> {
+    /// Dequeues one element, if any.
+    #[inline]
+    pub fn dequeue(&self) -> Option<T> {
+        let mut out = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: room for one T at out.
+        let (n, _) = unsafe { self.h.dequeue(out.as_mut_ptr(), 1, 1, true) };
+        // SAFETY: n == 1 means one T was copied in; any bits are a valid T
+        // (Element contract).
+        (n == 1).then(|| unsafe { out.assume_init() })
+    }
+
+    /// Fills all of `out` or takes nothing; returns the entries left.
+    #[inline]
+    pub fn dequeue_bulk(&self, out: &mut [T]) -> Result<u32, BulkError> {
+        let n = self.h.bulk_len(out.len())?;
+        // SAFETY: out has room for n Ts.
+        let (done, rem) = unsafe { self.h.dequeue(out.as_mut_ptr(), n, 1, true) };
+        if done == n {
+            Ok(rem)
+        } else {
+            Err(BulkError::Insufficient {
+                requested: n,
+                available: rem,
+            })
+        }
+    }
+
+    /// Dequeues up to `out.len()` elements into the front of `out`.
+    #[inline]
+    pub fn dequeue_burst(&self, out: &mut [T]) -> Transfer {
+        let n = out.len().min(self.h.core.capacity as usize) as u32;
+        // SAFETY: out has room for n Ts.
+        let (count, remaining) = unsafe { self.h.dequeue(out.as_mut_ptr(), n, 1, false) };
+        Transfer { count, remaining }
+    }
+
+    /// Copies up to `out.len()` of the oldest elements without removing
+    /// them. Only for a [`SyncMode::Single`] consumer.
+    pub fn peek(&self, out: &mut [T]) -> Result<u32, RingError> {
+        self.h.check_peek()?;
+        let n = out.len().min(self.h.core.capacity as usize) as u32;
+        // SAFETY: out has room for n Ts; single consumer checked.
+        Ok(unsafe { self.h.peek(out.as_mut_ptr(), n, 1) })
+    }
+
+    /// This handle's sync mode.
+    pub fn mode(&self) -> SyncMode {
+        self.h.mode
+    }
+}
