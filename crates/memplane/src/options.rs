@@ -319,15 +319,15 @@ fn did_you_mean(suggestion: Option<&str>) -> String {
 }
 
 fn option_list() -> String {
-    let mut names: Vec<String> = SPECS
+    let names: Vec<String> = SPECS
         .iter()
-        .map(|s| match s.alias {
-            Some(alias) => format!("{} ({alias})", s.display),
-            None => s.display.to_string(),
+        .map(|s| match (s.alias, s.display == s.long) {
+            (Some(alias), _) => format!("{} ({alias})", s.display),
+            (None, false) => format!("{} ({})", s.display, s.long),
+            (None, true) => s.display.to_string(),
         })
         .collect();
-    names.push("(see docs/options.md)".to_string());
-    names.join(", ")
+    format!("{} (see docs/options.md)", names.join(", "))
 }
 
 /// memplane's memory options: DPDK's EAL memory flags plus memplane's table
@@ -1402,6 +1402,9 @@ impl MemOptions {
                     format!("the path is empty; {}", spec(key).expected),
                 ));
             }
+            if dir.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err(bad(&name, &path_str(dir), "the path contains a NUL byte"));
+            }
             if dir.to_str().is_none() {
                 return Err(bad(
                     &name,
@@ -1509,6 +1512,14 @@ impl MemOptions {
                 n(Key::LegacyMem),
                 "limits apply to heaps that grow at run time, and --legacy-mem never grows \
                  them; drop one of the two",
+            ));
+        }
+        if self.socket_limit.is_some() && self.no_huge {
+            return Err(conflict(
+                n(Key::SocketLimit),
+                n(Key::NoHuge),
+                "--no-huge memory is static (DPDK treats it as --legacy-mem) and never grows, \
+                 so there is nothing to limit; drop --socket-limit",
             ));
         }
         if self.single_file_segments && self.huge_unlink == HugeUnlink::Always && !self.in_memory {
@@ -2602,6 +2613,18 @@ mod tests {
                 "--pagesz-mem",
                 "--legacy-mem",
             ),
+            // DPDK logs an error for these but carries on (its --no-huge
+            // sets legacy mode); memplane rejects them.
+            (
+                &["--socket-limit", "64", "--no-huge"],
+                "--socket-limit",
+                "--no-huge",
+            ),
+            (
+                &["--numa-limit=64", "--no-huge"],
+                "--numa-limit",
+                "--no-huge",
+            ),
         ];
         for &(args, a, b) in cases {
             assert_conflict(args, a, b);
@@ -2623,10 +2646,13 @@ mod tests {
 
     #[test]
     fn dpdk_accepted_combinations() {
-        // DPDK accepts these (in-memory implies unlinking; "existing" is
-        // the default; no-huge with -m sizes the anonymous memory).
+        // DPDK 22.11 accepts these (in-memory implies unlinking; "existing"
+        // is the default; no-huge with -m sizes the anonymous memory),
+        // except --no-huge + --in-memory, which memplane accepts on purpose
+        // (see docs/options.md).
         for args in [
-            &["--in-memory", "--huge-unlink"][..],
+            &["--no-huge", "--in-memory"][..],
+            &["--in-memory", "--huge-unlink"],
             &["--in-memory", "--single-file-segments", "--huge-unlink"],
             &["--no-huge", "--in-memory", "--huge-unlink"],
             &["--no-huge", "--huge-unlink=existing"],
@@ -2688,6 +2714,11 @@ mod tests {
         assert!(e.to_string().contains("--max-memzones"), "{e}");
         let e = MemOptions::new().huge_dir("").build().unwrap_err();
         assert!(e.to_string().contains("--huge-dir"), "{e}");
+        let e = MemOptions::new()
+            .runtime_dir("/run/a\0b")
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("NUL"), "{e}");
     }
 
     #[test]
@@ -2851,6 +2882,7 @@ mod tests {
         }
         if o.no_huge {
             o.socket_mem = None;
+            o.socket_limit = None;
             o.match_allocations = false;
             o.single_file_segments = false;
             o.pagesz_mem.clear();
