@@ -1,2 +1,78 @@
 //! The `memplane` command-line tool.
-fn main() {}
+//!
+//! `memplane hugepages` is the tool DPDK users know as `dpdk-hugepages.py`,
+//! made better: it shows where every hugepage went, reserves and mounts, and
+//! clears stale files without touching live ones. `memplane check` runs the
+//! preflight of a set of EAL-style memory options.
+
+mod check;
+mod hugepages;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use memplane::hugepages::{Discovery, SystemRoots};
+
+/// memplane: hugepage memory for data-plane programs.
+#[derive(Debug, Parser)]
+#[command(name = "memplane", version, about, long_about = None)]
+struct Cli {
+    /// Root of sysfs to read (for tests on fake trees).
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        default_value = "/sys",
+        env = "MEMPLANE_SYS_ROOT"
+    )]
+    sys_root: PathBuf,
+    /// Root of procfs to read (for tests on fake trees).
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        default_value = "/proc",
+        env = "MEMPLANE_PROC_ROOT"
+    )]
+    proc_root: PathBuf,
+    /// Log level filter (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Hugepage status, reservation, mounts and stale files.
+    Hugepages(hugepages::Args),
+    /// Check whether EAL-style memory options can be served on this machine,
+    /// without mapping anything (e.g. `memplane check --socket-mem 1024`).
+    Check(check::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let discovery = Discovery::new(SystemRoots {
+        sys: cli.sys_root.clone(),
+        proc: cli.proc_root.clone(),
+    });
+    let result = match cli.command {
+        Command::Hugepages(args) => hugepages::run(&discovery, args),
+        Command::Check(args) => check::run(&discovery, &args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

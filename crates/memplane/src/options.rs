@@ -876,7 +876,7 @@ fn suggest(name: &str) -> Option<String> {
     let mut best: Option<(usize, &str)> = None;
     for cand in candidates.clone() {
         let d = levenshtein(&normalized, cand);
-        if best.map_or(true, |(bd, _)| d < bd) {
+        if best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, cand));
         }
     }

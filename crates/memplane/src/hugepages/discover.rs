@@ -367,9 +367,8 @@ fn parent_cgroup(path: &str) -> Option<&str> {
     }
     let trimmed = path.trim_end_matches('/');
     match trimmed.rfind('/') {
-        Some(0) => Some("/"),
-        Some(i) => Some(&trimmed[..i]),
-        None => Some("/"),
+        Some(i) if i > 0 => Some(&trimmed[..i]),
+        _ => Some("/"),
     }
 }
 
