@@ -165,6 +165,7 @@ fn meminfo(field: &str) -> u64 {
 
 #[test]
 fn real_machine_agrees_with_meminfo_and_sysfs() {
+    let _pool = common::pool_lock(false);
     let snap = Discovery::new(memplane::hugepages::SystemRoots::real())
         .discover()
         .unwrap();

@@ -104,3 +104,22 @@ pub fn need_hugepages(size_kb: u64, pages: u64) -> bool {
     eprintln!("SKIPPED: this test {msg}");
     false
 }
+
+/// Serializes tests that change the hugepage pool against tests that compare
+/// pool totals, across threads and processes: exclusive to change, shared to
+/// compare. Released when the returned file is dropped.
+pub fn pool_lock(exclusive: bool) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("memplane-test-pool.lock"))
+        .unwrap();
+    let mode = if exclusive {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::LockShared
+    };
+    rustix::fs::flock(&f, mode).unwrap();
+    f
+}
