@@ -27,6 +27,8 @@
 //! # Ok::<(), memplane::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod hugepages;
 pub mod options;
