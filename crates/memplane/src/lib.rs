@@ -30,10 +30,12 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod fbarray;
 pub mod hugepages;
 pub mod options;
 pub mod preflight;
 pub mod runtime_dir;
+pub mod shm;
 pub mod units;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1256 @@
+//! `fbarray`: a fixed-capacity array of fixed-size elements with a
+//! used-bitmap, living entirely in one caller-provided (shareable) region.
+//!
+//! This is DPDK's `rte_fbarray` rebuilt for memplane: memseg lists and the
+//! memzone table are fbarrays. Differences from DPDK:
+//!
+//! - the header, the bitmap and the elements all sit in **one region** the
+//!   caller provides (inside the shared config, or a memfd of its own), and
+//!   the header stores **offsets, never pointers**, so the region may be
+//!   mapped at any address in each process (memplane maps it at the same one
+//!   anyway);
+//! - the capacity is chosen at creation (no compile-time ceiling), up to
+//!   `u32::MAX` elements;
+//! - every search is O(words), not O(elements): it works on whole 64-bit
+//!   bitmap words with `trailing_zeros`/`leading_ones` and shift-and tricks;
+//! - bad input is a typed [`FbArrayError`], and `set_used` on a used slot or
+//!   `set_free` on a free one (a double free) is an error that leaves the
+//!   state unchanged (DPDK silently accepts both);
+//! - the lock is a process-shared [`RwLock`](crate::shm::lock::RwLock) that
+//!   names its writer's pid, so a writer that died holding it is reported
+//!   rather than hanging everyone (see [`FbArray::write_lock_timeout`]).
+//!
+//! # Layout (all little-endian native, `repr(C)`)
+//!
+//! ```text
+//! offset 0    Header (128 bytes)
+//!               0  magic        u64  "MPFBARR1", stored last (Release) by init
+//!               8  version      u32  1
+//!              12  capacity     u32  elements
+//!              16  elt_size     u32  bytes per element
+//!              20  used         u32  (atomic) number of used elements
+//!              24  lock         RwLock (one atomic u32)
+//!              28  name_len     u32
+//!              32  bitmap_off   u64  = 128
+//!              40  data_off     u64  bitmap end rounded up to 64
+//!              48  total_size   u64  = data_off + capacity * elt_size
+//!              56  reserved     u64
+//!              64  name         [u8; 64], NUL-padded, at most 63 bytes
+//! offset 128  bitmap: ceil(capacity / 64) x u64 (atomic), bit i%64 of word
+//!             i/64 set = element i used; bits past capacity always 0
+//! data_off    elements: capacity x elt_size bytes (not interpreted)
+//! ```
+//!
+//! # Locking
+//!
+//! [`FbArray`]'s own methods lock per call (queries take the read lock,
+//! `set_used`/`set_free` the write lock). To make a find-then-claim atomic,
+//! take [`FbArray::write_lock`] and call the same methods on the guard;
+//! [`FbArray::read_lock`] gives a consistent view for several queries.
+//! Bitmap words and the used count are atomics accessed `Relaxed`: the
+//! rwlock's Acquire/Release orders them, and the atomics make a lock-free
+//! [`FbArray::count_used`] well-defined.
+
+use std::marker::PhantomData;
+use std::mem::{align_of, offset_of, size_of};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::shm::lock::{LockError, ReadGuard, RwLock, WriteGuard};
+
+/// "MPFBARR1" read as a little-endian u64.
+pub const FBARRAY_MAGIC: u64 = u64::from_le_bytes(*b"MPFBARR1");
+/// Layout version stored in the header.
+pub const FBARRAY_VERSION: u32 = 1;
+/// Longest name, in bytes.
+pub const NAME_MAX: usize = 63;
+/// Alignment of the element storage (and required alignment of the region).
+pub const DATA_ALIGN: usize = 64;
+/// Required alignment of the region's start.
+pub const REGION_ALIGN: usize = 8;
+
+/// Why an fbarray operation was refused. The array is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FbArrayError {
+    /// Capacity 0 was asked.
+    #[error("fbarray capacity must be at least 1 element")]
+    ZeroCapacity,
+    /// Element size 0 was asked.
+    #[error("fbarray element size must be at least 1 byte")]
+    ZeroEltSize,
+    /// capacity x elt_size (plus header) does not fit in the address space.
+    #[error("fbarray of {capacity} elements of {elt_size} bytes is too large to address")]
+    TooLarge {
+        /// Requested capacity.
+        capacity: u32,
+        /// Requested element size.
+        elt_size: u32,
+    },
+    /// The name is longer than [`NAME_MAX`] bytes.
+    #[error("fbarray name {name:?} is {len} bytes; at most {NAME_MAX} are allowed")]
+    NameTooLong {
+        /// The name given.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The name contains a NUL byte.
+    #[error("fbarray name {name:?} contains a NUL byte")]
+    BadName {
+        /// The name given.
+        name: String,
+    },
+    /// The region given is smaller than the array needs.
+    #[error("fbarray region is {have} bytes but {need} are needed (see FbArray::required_size)")]
+    RegionTooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes given.
+        have: usize,
+    },
+    /// The region (or an element pointer) is not aligned enough.
+    #[error("address {addr:#x} is not aligned to {align} bytes")]
+    Misaligned {
+        /// The address.
+        addr: usize,
+        /// The alignment required.
+        align: usize,
+    },
+    /// An index or start position is not below the capacity.
+    #[error("fbarray index {idx} is out of range (capacity {capacity})")]
+    IndexOutOfRange {
+        /// The index given.
+        idx: u32,
+        /// The array's capacity.
+        capacity: u32,
+    },
+    /// A run length of 0 or more than the capacity was asked.
+    #[error("fbarray run length {n} is invalid: it must be 1..={capacity}")]
+    BadRunLength {
+        /// The length given.
+        n: u32,
+        /// The array's capacity.
+        capacity: u32,
+    },
+    /// `set_used` on a slot already in use.
+    #[error("fbarray element {idx} is already used")]
+    AlreadyUsed {
+        /// The slot.
+        idx: u32,
+    },
+    /// `set_free` on a slot already free (a double free).
+    #[error("fbarray element {idx} is already free (double free?)")]
+    AlreadyFree {
+        /// The slot.
+        idx: u32,
+    },
+    /// A typed access asked for a type larger than the element size.
+    #[error("type of {size} bytes does not fit in an fbarray element of {elt_size} bytes")]
+    TypeTooLarge {
+        /// `size_of::<T>()`.
+        size: usize,
+        /// The array's element size.
+        elt_size: u32,
+    },
+    /// attach found no fbarray header (or one of another version).
+    #[error(
+        "no fbarray at this address: magic {found:#018x}, version {version} \
+         (expected {FBARRAY_MAGIC:#018x}, version {FBARRAY_VERSION}); was it initialised?"
+    )]
+    BadMagic {
+        /// The magic found.
+        found: u64,
+        /// The version found.
+        version: u32,
+    },
+    /// attach found a header whose fields disagree with each other.
+    #[error("fbarray header is corrupt: {detail}")]
+    Corrupt {
+        /// What is inconsistent.
+        detail: String,
+    },
+    /// The write (or read) lock could not be taken in time, or its holder died.
+    #[error("fbarray {name:?}: {source}")]
+    Lock {
+        /// The array's name.
+        name: String,
+        /// Who holds the lock.
+        #[source]
+        source: LockError,
+    },
+    /// Creating or mapping the backing memory failed.
+    #[error("fbarray {name:?}: {action}: {source}")]
+    Map {
+        /// The array's name.
+        name: String,
+        /// What was being done.
+        action: &'static str,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = FbArrayError> = std::result::Result<T, E>;
+
+#[repr(C)]
+struct Header {
+    magic: AtomicU64,
+    version: u32,
+    capacity: u32,
+    elt_size: u32,
+    used: AtomicU32,
+    lock: RwLock,
+    name_len: u32,
+    bitmap_off: u64,
+    data_off: u64,
+    total_size: u64,
+    reserved: u64,
+    name: [u8; 64],
+}
+
+#[cfg(not(loom))]
+const _: () = {
+    assert!(size_of::<Header>() == 128);
+    assert!(align_of::<Header>() == REGION_ALIGN);
+    assert!(offset_of!(Header, magic) == 0);
+    assert!(offset_of!(Header, version) == 8);
+    assert!(offset_of!(Header, capacity) == 12);
+    assert!(offset_of!(Header, elt_size) == 16);
+    assert!(offset_of!(Header, used) == 20);
+    assert!(offset_of!(Header, lock) == 24);
+    assert!(offset_of!(Header, name_len) == 28);
+    assert!(offset_of!(Header, bitmap_off) == 32);
+    assert!(offset_of!(Header, data_off) == 40);
+    assert!(offset_of!(Header, total_size) == 48);
+    assert!(offset_of!(Header, name) == 64);
+    assert!(size_of::<AtomicU64>() == 8 && align_of::<AtomicU64>() == 8);
+};
+
+/// The derived layout of an array of a given shape.
+#[derive(Clone, Copy)]
+struct Layout {
+    nwords: usize,
+    bitmap_off: usize,
+    data_off: usize,
+    total: usize,
+}
+
+fn layout(capacity: u32, elt_size: u32) -> Result<Layout> {
+    if capacity == 0 {
+        return Err(FbArrayError::ZeroCapacity);
+    }
+    if elt_size == 0 {
+        return Err(FbArrayError::ZeroEltSize);
+    }
+    let too_large = || FbArrayError::TooLarge { capacity, elt_size };
+    let nwords = (capacity as usize).div_ceil(64);
+    let bitmap_off = size_of::<Header>();
+    let data_off = (bitmap_off + nwords * 8)
+        .checked_next_multiple_of(DATA_ALIGN)
+        .ok_or_else(too_large)?;
+    let total = (capacity as usize)
+        .checked_mul(elt_size as usize)
+        .and_then(|d| d.checked_add(data_off))
+        .filter(|&t| t <= isize::MAX as usize)
+        .ok_or_else(too_large)?;
+    Ok(Layout {
+        nwords,
+        bitmap_off,
+        data_off,
+        total,
+    })
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(FbArrayError::NameTooLong {
+            name: name.to_owned(),
+            len: name.len(),
+        });
+    }
+    if name.contains('\0') {
+        return Err(FbArrayError::BadName {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Bits `0..n` set (`n <= 64`).
+fn low_ones(n: u32) -> u64 {
+    if n >= 64 {
+        !0
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// Bits `64-n..64` set (`n <= 64`).
+fn high_ones(n: u32) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        !0u64 << (64 - n)
+    }
+}
+
+/// Bit `p` of the result is set iff bits `p..p+n` of `w` are all set
+/// (`1 <= n <= 64`). O(log n) shift-and steps.
+fn runs_of(w: u64, n: u32) -> u64 {
+    let mut m = w;
+    let mut have = 1;
+    while have < n && m != 0 {
+        let s = have.min(n - have);
+        m &= m >> s;
+        have += s;
+    }
+    m
+}
+
+/// A process-local view of an fbarray in a region: the header's immutable
+/// fields cached, plus the region's address.
+#[derive(Clone, Copy)]
+struct Raw<'a> {
+    base: NonNull<u8>,
+    capacity: u32,
+    elt_size: u32,
+    lay: Layout,
+    _region: PhantomData<&'a [u8]>,
+}
+
+// SAFETY: everything another thread can reach through `Raw` is either
+// immutable after init (header shape, name) or an atomic (used count, lock,
+// bitmap words); element bytes are only handed out as raw pointers.
+unsafe impl Send for Raw<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for Raw<'_> {}
+
+impl<'a> Raw<'a> {
+    fn header(&self) -> &'a Header {
+        // SAFETY: `base` is valid for `lay.total` bytes for 'a, aligned to 8
+        // (checked by init/attach) and starts with an initialised Header
+        // (magic checked); Header is all atomics or init-time constants.
+        unsafe { self.base.cast::<Header>().as_ref() }
+    }
+
+    fn words(&self) -> &'a [AtomicU64] {
+        // SAFETY: the bitmap lies inside the region at an 8-aligned offset
+        // (128) and spans `nwords` u64s (layout checked by init/attach);
+        // AtomicU64 has the layout of u64, and all bitmap access is atomic.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base
+                    .as_ptr()
+                    .add(self.lay.bitmap_off)
+                    .cast::<AtomicU64>(),
+                self.lay.nwords,
+            )
+        }
+    }
+
+    fn name(&self) -> &'a str {
+        let h = self.header();
+        let len = (h.name_len as usize).min(NAME_MAX);
+        // Validated UTF-8 at init/attach.
+        std::str::from_utf8(&h.name[..len]).unwrap_or("")
+    }
+
+    fn valid_mask(&self, wi: usize) -> u64 {
+        if wi + 1 == self.lay.nwords {
+            low_ones(self.capacity - (wi as u32) * 64)
+        } else {
+            !0
+        }
+    }
+
+    /// Word `wi` with the bits of the wanted kind set.
+    fn word(&self, wi: usize, used: bool) -> u64 {
+        let w = self.words()[wi].load(Ordering::Relaxed);
+        (if used { w } else { !w }) & self.valid_mask(wi)
+    }
+
+    fn check_idx(&self, idx: u32) -> Result<()> {
+        if idx < self.capacity {
+            Ok(())
+        } else {
+            Err(FbArrayError::IndexOutOfRange {
+                idx,
+                capacity: self.capacity,
+            })
+        }
+    }
+
+    fn check_n(&self, n: u32) -> Result<()> {
+        if n == 0 || n > self.capacity {
+            Err(FbArrayError::BadRunLength {
+                n,
+                capacity: self.capacity,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn is_used(&self, idx: u32) -> Result<bool> {
+        self.check_idx(idx)?;
+        Ok(self.word(idx as usize / 64, true) & (1 << (idx % 64)) != 0)
+    }
+
+    /// Caller holds the write lock.
+    fn set(&self, idx: u32, used: bool) -> Result<()> {
+        self.check_idx(idx)?;
+        let word = &self.words()[idx as usize / 64];
+        let bit = 1u64 << (idx % 64);
+        let w = word.load(Ordering::Relaxed);
+        if (w & bit != 0) == used {
+            return Err(if used {
+                FbArrayError::AlreadyUsed { idx }
+            } else {
+                FbArrayError::AlreadyFree { idx }
+            });
+        }
+        // Relaxed: the write lock orders these against other holders.
+        word.store(w ^ bit, Ordering::Relaxed);
+        let count = &self.header().used;
+        let c = count.load(Ordering::Relaxed);
+        count.store(if used { c + 1 } else { c - 1 }, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn find_next(&self, start: u32, used: bool) -> Result<Option<u32>> {
+        self.check_idx(start)?;
+        let mut wi = start as usize / 64;
+        let mut w = self.word(wi, used) & (!0u64 << (start % 64));
+        loop {
+            if w != 0 {
+                return Ok(Some(wi as u32 * 64 + w.trailing_zeros()));
+            }
+            wi += 1;
+            if wi == self.lay.nwords {
+                return Ok(None);
+            }
+            w = self.word(wi, used);
+        }
+    }
+
+    fn find_prev(&self, start: u32, used: bool) -> Result<Option<u32>> {
+        self.check_idx(start)?;
+        let mut wi = start as usize / 64;
+        let mut w = self.word(wi, used) & low_ones(start % 64 + 1);
+        loop {
+            if w != 0 {
+                return Ok(Some(wi as u32 * 64 + 63 - w.leading_zeros()));
+            }
+            if wi == 0 {
+                return Ok(None);
+            }
+            wi -= 1;
+            w = self.word(wi, used);
+        }
+    }
+
+    fn find_next_n(&self, start: u32, n: u32, used: bool) -> Result<Option<u32>> {
+        self.check_idx(start)?;
+        self.check_n(n)?;
+        let first = start as usize / 64;
+        let (mut run_start, mut run_len) = (0u64, 0u64);
+        for wi in first..self.lay.nwords {
+            let base = wi as u64 * 64;
+            let mut w = self.word(wi, used);
+            if wi == first {
+                w &= !0u64 << (start % 64);
+            }
+            if run_len > 0 {
+                let t = w.trailing_ones();
+                if run_len + u64::from(t) >= u64::from(n) {
+                    return Ok(Some(run_start as u32));
+                }
+                if t == 64 {
+                    run_len += 64;
+                    continue;
+                }
+                run_len = 0;
+            }
+            if n <= 64 {
+                let m = runs_of(w, n);
+                if m != 0 {
+                    return Ok(Some((base + u64::from(m.trailing_zeros())) as u32));
+                }
+            }
+            let lo = w.leading_ones();
+            if lo > 0 {
+                run_start = base + 64 - u64::from(lo);
+                run_len = u64::from(lo);
+            }
+        }
+        Ok(None)
+    }
+
+    fn find_prev_n(&self, start: u32, n: u32, used: bool) -> Result<Option<u32>> {
+        self.check_idx(start)?;
+        self.check_n(n)?;
+        let first = start as usize / 64;
+        let (mut run_end, mut run_len) = (0u64, 0u64);
+        for wi in (0..=first).rev() {
+            let base = wi as u64 * 64;
+            let mut w = self.word(wi, used);
+            if wi == first {
+                w &= low_ones(start % 64 + 1);
+            }
+            if run_len > 0 {
+                let t = w.leading_ones();
+                if run_len + u64::from(t) >= u64::from(n) {
+                    return Ok(Some((run_end - u64::from(n)) as u32));
+                }
+                if t == 64 {
+                    run_len += 64;
+                    continue;
+                }
+                run_len = 0;
+            }
+            if n <= 64 {
+                let m = runs_of(w, n);
+                if m != 0 {
+                    return Ok(Some((base + 63 - u64::from(m.leading_zeros())) as u32));
+                }
+            }
+            let t0 = w.trailing_ones();
+            if t0 > 0 {
+                run_end = base + u64::from(t0);
+                run_len = u64::from(t0);
+            }
+        }
+        Ok(None)
+    }
+
+    fn find_contig(&self, start: u32, used: bool) -> Result<u32> {
+        self.check_idx(start)?;
+        let mut wi = start as usize / 64;
+        let b = start % 64;
+        let t = (self.word(wi, used) >> b).trailing_ones();
+        if t < 64 - b {
+            return Ok(t);
+        }
+        let mut len = 64 - b;
+        loop {
+            wi += 1;
+            if wi == self.lay.nwords {
+                return Ok(len);
+            }
+            let t = self.word(wi, used).trailing_ones();
+            len += t;
+            if t < 64 {
+                return Ok(len);
+            }
+        }
+    }
+
+    fn find_rev_contig(&self, start: u32, used: bool) -> Result<u32> {
+        self.check_idx(start)?;
+        let mut wi = start as usize / 64;
+        let b = start % 64;
+        let lo = (self.word(wi, used) << (63 - b)).leading_ones();
+        if lo < b + 1 {
+            return Ok(lo);
+        }
+        let mut len = b + 1;
+        while wi > 0 {
+            wi -= 1;
+            let lo = self.word(wi, used).leading_ones();
+            len += lo;
+            if lo < 64 {
+                break;
+            }
+        }
+        Ok(len)
+    }
+
+    fn find_biggest(&self, start: u32, used: bool) -> Result<Option<(u32, u32)>> {
+        self.check_idx(start)?;
+        let first = start as usize / 64;
+        let (mut best_start, mut best_len) = (0u64, 0u64);
+        let (mut run_start, mut run_len) = (0u64, 0u64);
+        for wi in first..self.lay.nwords {
+            let base = wi as u64 * 64;
+            let mut w = self.word(wi, used);
+            if wi == first {
+                w &= !0u64 << (start % 64);
+            }
+            let t = w.trailing_ones();
+            if t == 64 {
+                if run_len == 0 {
+                    run_start = base;
+                }
+                run_len += 64;
+                continue;
+            }
+            if t > 0 && run_len == 0 {
+                run_start = base;
+            }
+            run_len += u64::from(t);
+            if run_len > best_len {
+                (best_start, best_len) = (run_start, run_len);
+            }
+            run_len = 0;
+            // Bit t is clear, so the top run (the carry) is distinct from the
+            // bottom one. Runs strictly inside the word: only look for ones
+            // longer than the best so far (amortised O(1) per word).
+            let lo = w.leading_ones();
+            let mid = w & !low_ones(t) & !high_ones(lo);
+            while best_len < 64 {
+                let m = runs_of(mid, best_len as u32 + 1);
+                if m == 0 {
+                    break;
+                }
+                let p = m.trailing_zeros();
+                best_start = base + u64::from(p);
+                best_len = u64::from((mid >> p).trailing_ones());
+            }
+            if lo > 0 {
+                run_start = base + 64 - u64::from(lo);
+                run_len = u64::from(lo);
+            }
+        }
+        if run_len > best_len {
+            (best_start, best_len) = (run_start, run_len);
+        }
+        Ok((best_len > 0).then_some((best_start as u32, best_len as u32)))
+    }
+
+    fn get(&self, idx: u32) -> Result<NonNull<u8>> {
+        self.check_idx(idx)?;
+        let off = self.lay.data_off + idx as usize * self.elt_size as usize;
+        // SAFETY: off < lay.total (idx < capacity), inside the region.
+        Ok(unsafe { self.base.add(off) })
+    }
+
+    fn get_ptr<T>(&self, idx: u32) -> Result<NonNull<T>> {
+        if size_of::<T>() > self.elt_size as usize {
+            return Err(FbArrayError::TypeTooLarge {
+                size: size_of::<T>(),
+                elt_size: self.elt_size,
+            });
+        }
+        let p = self.get(idx)?;
+        if p.as_ptr() as usize % align_of::<T>() != 0 {
+            return Err(FbArrayError::Misaligned {
+                addr: p.as_ptr() as usize,
+                align: align_of::<T>(),
+            });
+        }
+        Ok(p.cast())
+    }
+
+    fn find_idx(&self, ptr: *const u8) -> Option<u32> {
+        let data = self.base.as_ptr() as usize + self.lay.data_off;
+        let off = (ptr as usize).checked_sub(data)?;
+        let idx = off / self.elt_size as usize;
+        (idx < self.capacity as usize).then_some(idx as u32)
+    }
+}
+
+/// A handle on an fbarray living in a region of (usually shared) memory.
+///
+/// Cheap to copy around by reference; all methods take `&self`. Obtained from
+/// [`FbArray::init`], [`FbArray::attach`] or [`OwnedFbArray::array`].
+#[derive(Clone, Copy)]
+pub struct FbArray<'a> {
+    raw: Raw<'a>,
+}
+
+impl std::fmt::Debug for FbArray<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FbArray")
+            .field("name", &self.name())
+            .field("capacity", &self.capacity())
+            .field("elt_size", &self.elt_size())
+            .field("used", &self.count_used())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read-only queries, available on [`FbReadGuard`] and [`FbWriteGuard`]
+/// (which hold the lock) and mirrored by [`FbArray`] (which locks per call).
+macro_rules! queries {
+    () => {
+        /// Whether element `idx` is used.
+        pub fn is_used(&self, idx: u32) -> Result<bool> {
+            self.raw.is_used(idx)
+        }
+        /// Lowest free index `>= start`, or `None`.
+        pub fn find_next_free(&self, start: u32) -> Result<Option<u32>> {
+            self.raw.find_next(start, false)
+        }
+        /// Lowest used index `>= start`, or `None`.
+        pub fn find_next_used(&self, start: u32) -> Result<Option<u32>> {
+            self.raw.find_next(start, true)
+        }
+        /// Highest free index `<= start`, or `None`.
+        pub fn find_prev_free(&self, start: u32) -> Result<Option<u32>> {
+            self.raw.find_prev(start, false)
+        }
+        /// Highest used index `<= start`, or `None`.
+        pub fn find_prev_used(&self, start: u32) -> Result<Option<u32>> {
+            self.raw.find_prev(start, true)
+        }
+        /// Lowest index `>= start` that begins a run of `n` free elements.
+        pub fn find_next_n_free(&self, start: u32, n: u32) -> Result<Option<u32>> {
+            self.raw.find_next_n(start, n, false)
+        }
+        /// Lowest index `>= start` that begins a run of `n` used elements.
+        pub fn find_next_n_used(&self, start: u32, n: u32) -> Result<Option<u32>> {
+            self.raw.find_next_n(start, n, true)
+        }
+        /// The highest run of `n` free elements lying entirely at or below
+        /// `start`; returns its lowest index.
+        pub fn find_prev_n_free(&self, start: u32, n: u32) -> Result<Option<u32>> {
+            self.raw.find_prev_n(start, n, false)
+        }
+        /// The highest run of `n` used elements lying entirely at or below
+        /// `start`; returns its lowest index.
+        pub fn find_prev_n_used(&self, start: u32, n: u32) -> Result<Option<u32>> {
+            self.raw.find_prev_n(start, n, true)
+        }
+        /// Length of the run of free elements starting at `start` (0 if
+        /// `start` is used).
+        pub fn find_contig_free(&self, start: u32) -> Result<u32> {
+            self.raw.find_contig(start, false)
+        }
+        /// Length of the run of used elements starting at `start`.
+        pub fn find_contig_used(&self, start: u32) -> Result<u32> {
+            self.raw.find_contig(start, true)
+        }
+        /// Length of the run of free elements ending at `start`, going down.
+        pub fn find_rev_contig_free(&self, start: u32) -> Result<u32> {
+            self.raw.find_rev_contig(start, false)
+        }
+        /// Length of the run of used elements ending at `start`, going down.
+        pub fn find_rev_contig_used(&self, start: u32) -> Result<u32> {
+            self.raw.find_rev_contig(start, true)
+        }
+        /// The longest run of free elements at or after `start` as
+        /// `(first index, length)`; the lowest wins ties. `None` if all used.
+        pub fn find_biggest_free(&self, start: u32) -> Result<Option<(u32, u32)>> {
+            self.raw.find_biggest(start, false)
+        }
+        /// The longest run of used elements at or after `start` as
+        /// `(first index, length)`; the lowest wins ties. `None` if all free.
+        pub fn find_biggest_used(&self, start: u32) -> Result<Option<(u32, u32)>> {
+            self.raw.find_biggest(start, true)
+        }
+    };
+}
+
+/// Accessors that need no lock.
+macro_rules! unlocked {
+    () => {
+        /// Number of elements.
+        pub fn capacity(&self) -> u32 {
+            self.raw.capacity
+        }
+        /// Bytes per element.
+        pub fn elt_size(&self) -> u32 {
+            self.raw.elt_size
+        }
+        /// The name given at init.
+        pub fn name(&self) -> &str {
+            self.raw.name()
+        }
+        /// Number of used elements (a lock-free snapshot unless the lock is
+        /// held).
+        pub fn count_used(&self) -> u32 {
+            self.raw.header().used.load(Ordering::Relaxed)
+        }
+        /// Pointer to element `idx` (used or not). Dereferencing it is up to
+        /// the caller, who must synchronise element contents themselves.
+        pub fn get(&self, idx: u32) -> Result<NonNull<u8>> {
+            self.raw.get(idx)
+        }
+        /// Pointer to element `idx` as a `T`; errors if `T` is larger than
+        /// an element or the element is misaligned for `T`.
+        pub fn get_ptr<T>(&self, idx: u32) -> Result<NonNull<T>> {
+            self.raw.get_ptr(idx)
+        }
+        /// Index of the element containing `ptr`, if it points into the
+        /// element storage.
+        pub fn find_idx(&self, ptr: *const u8) -> Option<u32> {
+            self.raw.find_idx(ptr)
+        }
+    };
+}
+
+/// Shared access to an fbarray: a consistent view for several queries.
+pub struct FbReadGuard<'a> {
+    raw: Raw<'a>,
+    _guard: ReadGuard<'a>,
+}
+
+/// Exclusive access to an fbarray: queries and updates without relocking, so
+/// find-then-claim is atomic.
+pub struct FbWriteGuard<'a> {
+    raw: Raw<'a>,
+    _guard: WriteGuard<'a>,
+}
+
+impl FbReadGuard<'_> {
+    queries!();
+    unlocked!();
+}
+
+impl FbWriteGuard<'_> {
+    queries!();
+    unlocked!();
+
+    /// Marks element `idx` used. Errors (state unchanged) if it already is.
+    pub fn set_used(&self, idx: u32) -> Result<()> {
+        self.raw.set(idx, true)
+    }
+
+    /// Marks element `idx` free. Errors (state unchanged) if it already is
+    /// (a double free).
+    pub fn set_free(&self, idx: u32) -> Result<()> {
+        self.raw.set(idx, false)
+    }
+}
+
+impl<'a> FbArray<'a> {
+    /// Bytes a region must have to hold an array of this shape.
+    pub fn required_size(capacity: u32, elt_size: u32) -> Result<usize> {
+        Ok(layout(capacity, elt_size)?.total)
+    }
+
+    /// Creates an empty array in `region` (zeroing the whole
+    /// [`required_size`](Self::required_size) bytes) and returns a handle.
+    ///
+    /// # Safety
+    ///
+    /// `region` must be valid for reads and writes of `len` bytes for `'a`,
+    /// and nobody may use those bytes during init except through another
+    /// fbarray handle after init returns (other processes should attach only
+    /// once this returned, e.g. after a handshake; attach checks the magic,
+    /// which init stores last).
+    pub unsafe fn init(
+        region: *mut u8,
+        len: usize,
+        name: &str,
+        capacity: u32,
+        elt_size: u32,
+    ) -> Result<FbArray<'a>> {
+        let lay = layout(capacity, elt_size)?;
+        check_name(name)?;
+        let base = check_region(region)?;
+        if len < lay.total {
+            return Err(FbArrayError::RegionTooSmall {
+                need: lay.total,
+                have: len,
+            });
+        }
+        // SAFETY: the caller gives us `len >= lay.total` writable bytes that
+        // nobody else uses yet.
+        unsafe { std::ptr::write_bytes(region, 0, lay.total) };
+        let mut name_buf = [0u8; 64];
+        name_buf[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: region is 8-aligned (checked) and large enough for the
+        // Header; we own it exclusively during init.
+        unsafe {
+            base.cast::<Header>().write(Header {
+                magic: AtomicU64::new(0),
+                version: FBARRAY_VERSION,
+                capacity,
+                elt_size,
+                used: AtomicU32::new(0),
+                lock: RwLock::new(),
+                name_len: name.len() as u32,
+                bitmap_off: lay.bitmap_off as u64,
+                data_off: lay.data_off as u64,
+                total_size: lay.total as u64,
+                reserved: 0,
+                name: name_buf,
+            });
+        }
+        let raw = Raw {
+            base,
+            capacity,
+            elt_size,
+            lay,
+            _region: PhantomData,
+        };
+        // Release: attachers that see the magic (Acquire) see the header.
+        raw.header().magic.store(FBARRAY_MAGIC, Ordering::Release);
+        Ok(FbArray { raw })
+    }
+
+    /// Attaches to an array another handle (maybe in another process)
+    /// initialised in `region`, after checking its magic, version and layout
+    /// against `len`.
+    ///
+    /// # Safety
+    ///
+    /// `region` must be valid for reads and writes of `len` bytes for `'a`,
+    /// and those bytes must only be used through fbarray handles (element
+    /// bytes excepted).
+    pub unsafe fn attach(region: *mut u8, len: usize) -> Result<FbArray<'a>> {
+        let base = check_region(region)?;
+        if len < size_of::<Header>() {
+            return Err(FbArrayError::RegionTooSmall {
+                need: size_of::<Header>(),
+                have: len,
+            });
+        }
+        // SAFETY: region is aligned and holds at least a Header's bytes; its
+        // fields are plain integers (any bit pattern is valid) or atomics.
+        let h = unsafe { base.cast::<Header>().as_ref() };
+        // Acquire: pairs with init's Release store of the magic.
+        let magic = h.magic.load(Ordering::Acquire);
+        if magic != FBARRAY_MAGIC || h.version != FBARRAY_VERSION {
+            return Err(FbArrayError::BadMagic {
+                found: magic,
+                version: h.version,
+            });
+        }
+        let lay = layout(h.capacity, h.elt_size).map_err(|e| FbArrayError::Corrupt {
+            detail: format!("shape: {e}"),
+        })?;
+        if h.bitmap_off != lay.bitmap_off as u64
+            || h.data_off != lay.data_off as u64
+            || h.total_size != lay.total as u64
+        {
+            return Err(FbArrayError::Corrupt {
+                detail: format!(
+                    "offsets bitmap {} data {} total {} do not match capacity {} x {} bytes \
+                     (expected {} {} {})",
+                    h.bitmap_off,
+                    h.data_off,
+                    h.total_size,
+                    h.capacity,
+                    h.elt_size,
+                    lay.bitmap_off,
+                    lay.data_off,
+                    lay.total
+                ),
+            });
+        }
+        if h.name_len as usize > NAME_MAX
+            || std::str::from_utf8(&h.name[..h.name_len as usize]).is_err()
+        {
+            return Err(FbArrayError::Corrupt {
+                detail: format!("name length {} or bytes invalid", h.name_len),
+            });
+        }
+        if len < lay.total {
+            return Err(FbArrayError::RegionTooSmall {
+                need: lay.total,
+                have: len,
+            });
+        }
+        Ok(FbArray {
+            raw: Raw {
+                base,
+                capacity: h.capacity,
+                elt_size: h.elt_size,
+                lay,
+                _region: PhantomData,
+            },
+        })
+    }
+
+    unlocked!();
+
+    /// Takes the read lock: a consistent view for several queries.
+    pub fn read_lock(&self) -> FbReadGuard<'a> {
+        FbReadGuard {
+            raw: self.raw,
+            _guard: self.raw.header().lock.read(),
+        }
+    }
+
+    /// Takes the write lock: queries and updates as one atomic step.
+    pub fn write_lock(&self) -> FbWriteGuard<'a> {
+        FbWriteGuard {
+            raw: self.raw,
+            _guard: self.raw.header().lock.write(),
+        }
+    }
+
+    /// Takes the read lock, or reports who holds the write lock after
+    /// `timeout` (or as soon as that writer is seen dead).
+    pub fn read_lock_timeout(&self, timeout: Duration) -> Result<FbReadGuard<'a>> {
+        let guard = self
+            .raw
+            .header()
+            .lock
+            .read_timeout(timeout)
+            .map_err(|source| self.lock_err(source))?;
+        Ok(FbReadGuard {
+            raw: self.raw,
+            _guard: guard,
+        })
+    }
+
+    /// Takes the write lock, or reports who holds the lock after `timeout`
+    /// (or as soon as the writer holding it is seen dead).
+    pub fn write_lock_timeout(&self, timeout: Duration) -> Result<FbWriteGuard<'a>> {
+        let guard = self
+            .raw
+            .header()
+            .lock
+            .write_timeout(timeout)
+            .map_err(|source| self.lock_err(source))?;
+        Ok(FbWriteGuard {
+            raw: self.raw,
+            _guard: guard,
+        })
+    }
+
+    /// The array's lock, for inspection ([`RwLock::writer_pid`],
+    /// [`RwLock::is_owner_dead`]) and recovery
+    /// ([`RwLock::take_over_dead_writer`]; the bitmap and count may then
+    /// disagree, see [`FbArray::recount`]).
+    pub fn lock(&self) -> &'a RwLock {
+        &self.raw.header().lock
+    }
+
+    fn lock_err(&self, source: LockError) -> FbArrayError {
+        FbArrayError::Lock {
+            name: self.name().to_owned(),
+            source,
+        }
+    }
+
+    /// Marks element `idx` used (takes the write lock). Errors, state
+    /// unchanged, if it already is.
+    pub fn set_used(&self, idx: u32) -> Result<()> {
+        self.write_lock().set_used(idx)
+    }
+
+    /// Marks element `idx` free (takes the write lock). Errors, state
+    /// unchanged, if it already is (a double free).
+    pub fn set_free(&self, idx: u32) -> Result<()> {
+        self.write_lock().set_free(idx)
+    }
+
+    /// Recomputes the used count from the bitmap (under the write guard
+    /// given), e.g. after taking the lock over from a dead writer. Returns
+    /// the count.
+    pub fn recount(guard: &FbWriteGuard<'_>) -> u32 {
+        let n: u32 = guard
+            .raw
+            .words()
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones())
+            .sum();
+        guard.raw.header().used.store(n, Ordering::Relaxed);
+        n
+    }
+}
+
+/// Mirrors of the guard queries that take the read lock per call.
+impl FbArray<'_> {
+    /// Whether element `idx` is used.
+    pub fn is_used(&self, idx: u32) -> Result<bool> {
+        self.read_lock().is_used(idx)
+    }
+    /// See [`FbReadGuard::find_next_free`].
+    pub fn find_next_free(&self, start: u32) -> Result<Option<u32>> {
+        self.read_lock().find_next_free(start)
+    }
+    /// See [`FbReadGuard::find_next_used`].
+    pub fn find_next_used(&self, start: u32) -> Result<Option<u32>> {
+        self.read_lock().find_next_used(start)
+    }
+    /// See [`FbReadGuard::find_prev_free`].
+    pub fn find_prev_free(&self, start: u32) -> Result<Option<u32>> {
+        self.read_lock().find_prev_free(start)
+    }
+    /// See [`FbReadGuard::find_prev_used`].
+    pub fn find_prev_used(&self, start: u32) -> Result<Option<u32>> {
+        self.read_lock().find_prev_used(start)
+    }
+    /// See [`FbReadGuard::find_next_n_free`].
+    pub fn find_next_n_free(&self, start: u32, n: u32) -> Result<Option<u32>> {
+        self.read_lock().find_next_n_free(start, n)
+    }
+    /// See [`FbReadGuard::find_next_n_used`].
+    pub fn find_next_n_used(&self, start: u32, n: u32) -> Result<Option<u32>> {
+        self.read_lock().find_next_n_used(start, n)
+    }
+    /// See [`FbReadGuard::find_prev_n_free`].
+    pub fn find_prev_n_free(&self, start: u32, n: u32) -> Result<Option<u32>> {
+        self.read_lock().find_prev_n_free(start, n)
+    }
+    /// See [`FbReadGuard::find_prev_n_used`].
+    pub fn find_prev_n_used(&self, start: u32, n: u32) -> Result<Option<u32>> {
+        self.read_lock().find_prev_n_used(start, n)
+    }
+    /// See [`FbReadGuard::find_contig_free`].
+    pub fn find_contig_free(&self, start: u32) -> Result<u32> {
+        self.read_lock().find_contig_free(start)
+    }
+    /// See [`FbReadGuard::find_contig_used`].
+    pub fn find_contig_used(&self, start: u32) -> Result<u32> {
+        self.read_lock().find_contig_used(start)
+    }
+    /// See [`FbReadGuard::find_rev_contig_free`].
+    pub fn find_rev_contig_free(&self, start: u32) -> Result<u32> {
+        self.read_lock().find_rev_contig_free(start)
+    }
+    /// See [`FbReadGuard::find_rev_contig_used`].
+    pub fn find_rev_contig_used(&self, start: u32) -> Result<u32> {
+        self.read_lock().find_rev_contig_used(start)
+    }
+    /// See [`FbReadGuard::find_biggest_free`].
+    pub fn find_biggest_free(&self, start: u32) -> Result<Option<(u32, u32)>> {
+        self.read_lock().find_biggest_free(start)
+    }
+    /// See [`FbReadGuard::find_biggest_used`].
+    pub fn find_biggest_used(&self, start: u32) -> Result<Option<(u32, u32)>> {
+        self.read_lock().find_biggest_used(start)
+    }
+}
+
+fn check_region(region: *mut u8) -> Result<NonNull<u8>> {
+    let base = NonNull::new(region).ok_or(FbArrayError::Misaligned {
+        addr: 0,
+        align: REGION_ALIGN,
+    })?;
+    if region as usize % REGION_ALIGN != 0 {
+        return Err(FbArrayError::Misaligned {
+            addr: region as usize,
+            align: REGION_ALIGN,
+        });
+    }
+    Ok(base)
+}
+
+/// An fbarray in a memfd of its own, mapped shared: safe to create, and
+/// shareable with other processes by passing [`fd`](Self::fd) (SCM_RIGHTS,
+/// inheritance, or `/proc/<pid>/fd/<n>`) to [`OwnedFbArray::from_fd`].
+pub struct OwnedFbArray {
+    fd: rustix::fd::OwnedFd,
+    base: NonNull<u8>,
+    len: usize,
+    raw: Raw<'static>,
+}
+
+// SAFETY: the mapping is owned by this value and only reached through `raw`
+// (see Raw's Send/Sync) until Drop unmaps it.
+unsafe impl Send for OwnedFbArray {}
+// SAFETY: as for Send.
+unsafe impl Sync for OwnedFbArray {}
+
+impl std::fmt::Debug for OwnedFbArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedFbArray")
+            .field("array", &self.array())
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnedFbArray {
+    /// Creates a memfd (`memplane-fbarray:<name>`) of the required size,
+    /// maps it shared and initialises an empty array in it.
+    pub fn new(name: &str, capacity: u32, elt_size: u32) -> Result<Self> {
+        let need = FbArray::required_size(capacity, elt_size)?;
+        check_name(name)?;
+        let map_err = |action, e: rustix::io::Errno| FbArrayError::Map {
+            name: name.to_owned(),
+            action,
+            source: e.into(),
+        };
+        let fd = rustix::fs::memfd_create(
+            format!("memplane-fbarray:{name}"),
+            rustix::fs::MemfdFlags::CLOEXEC,
+        )
+        .map_err(|e| map_err("memfd_create", e))?;
+        rustix::fs::ftruncate(&fd, need as u64).map_err(|e| map_err("ftruncate", e))?;
+        let base = map_shared(&fd, need).map_err(|e| map_err("mmap", e))?;
+        // SAFETY: the fresh mapping is valid for `need` bytes until Drop
+        // unmaps it, and nobody else knows the memfd yet.
+        let arr = unsafe { FbArray::init(base.as_ptr(), need, name, capacity, elt_size) };
+        Self::finish(fd, base, need, arr)
+    }
+
+    /// Maps an fbarray memfd created by [`OwnedFbArray::new`] (maybe in
+    /// another process) and attaches to it.
+    pub fn from_fd(fd: rustix::fd::OwnedFd) -> Result<Self> {
+        let map_err = |action, e: rustix::io::Errno| FbArrayError::Map {
+            name: String::new(),
+            action,
+            source: e.into(),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| map_err("fstat", e))?;
+        let len = usize::try_from(st.st_size).unwrap_or(0);
+        if len < size_of::<Header>() {
+            return Err(FbArrayError::RegionTooSmall {
+                need: size_of::<Header>(),
+                have: len,
+            });
+        }
+        let base = map_shared(&fd, len).map_err(|e| map_err("mmap", e))?;
+        // SAFETY: the mapping is valid for `len` bytes until Drop unmaps it;
+        // its bytes are only used through fbarray handles.
+        let arr = unsafe { FbArray::attach(base.as_ptr(), len) };
+        Self::finish(fd, base, len, arr)
+    }
+
+    fn finish(
+        fd: rustix::fd::OwnedFd,
+        base: NonNull<u8>,
+        len: usize,
+        arr: Result<FbArray<'static>>,
+    ) -> Result<Self> {
+        match arr {
+            Ok(a) => Ok(Self {
+                fd,
+                base,
+                len,
+                raw: a.raw,
+            }),
+            Err(e) => {
+                // SAFETY: we mapped [base, base+len) and nothing refers to it.
+                let _ = unsafe { rustix::mm::munmap(base.as_ptr().cast(), len) };
+                Err(e)
+            }
+        }
+    }
+
+    /// The array.
+    pub fn array(&self) -> FbArray<'_> {
+        FbArray { raw: self.raw }
+    }
+
+    /// The memfd backing the array.
+    pub fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        use rustix::fd::AsFd;
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for OwnedFbArray {
+    fn drop(&mut self) {
+        // SAFETY: we mapped [base, base+len); every FbArray borrowed from us
+        // has ended (they borrow &self).
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+fn map_shared(fd: &rustix::fd::OwnedFd, len: usize) -> rustix::io::Result<NonNull<u8>> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    // SAFETY: a fresh shared mapping at a kernel-chosen address: it cannot
+    // overlap any Rust object.
+    let p = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }?;
+    NonNull::new(p.cast::<u8>()).ok_or(rustix::io::Errno::NOMEM)
+}

@@ -1,0 +1,4 @@
+//! Building blocks that live inside shared memory and are used by several
+//! processes at once.
+
+pub mod lock;
