@@ -478,13 +478,10 @@ fn dir_error(dir: &Path, base: &Path, err: &io::Error) -> Error {
         "make {} writable, or set RUNTIME_DIRECTORY (or pass --runtime-dir) to a writable directory",
         base.display()
     );
-    let denied = matches!(
-        err.raw_os_error(),
-        Some(libc::EACCES | libc::EPERM | libc::EROFS)
-    );
+    let denied = matches!(err.raw_os_error(), Some(libc::EACCES | libc::EPERM));
     if denied {
         Error::Permission {
-            what: format!("creating runtime directory {} ({err})", dir.display()),
+            what: format!("creating runtime directory {}", dir.display()),
             fix,
         }
     } else {
