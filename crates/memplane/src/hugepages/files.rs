@@ -629,13 +629,20 @@ fn clear_mount(
         let name = entry.file_name();
         let prefix = name.to_str().and_then(prefix_of);
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        match (prefix, prefix_filter) {
-            (Some(p), Some(want)) if p != want => {}
-            (Some(_), _) if is_file => names.push(name),
-            // Another prefix's directory or oddity is still not ours to judge
-            // when filtering; without a filter, report everything we leave.
-            _ if prefix_filter.is_some() => {}
-            _ => report.skipped_unknown.push(entry.path()),
+        // With a filter, other prefixes (and unnamed files) are not ours to
+        // judge and are not reported; without one, everything left is.
+        let wanted = match (prefix, prefix_filter) {
+            (Some(p), Some(want)) => p == want,
+            (None, Some(_)) => false,
+            (_, None) => true,
+        };
+        if !wanted {
+            continue;
+        }
+        if prefix.is_some() && is_file {
+            names.push(name);
+        } else {
+            report.skipped_unknown.push(entry.path());
         }
     }
     names.sort();
