@@ -254,7 +254,7 @@ fn layout(capacity: u32, elt_size: u32) -> Result<Layout> {
     let total = (capacity as usize)
         .checked_mul(elt_size as usize)
         .and_then(|d| d.checked_add(data_off))
-        .filter(|&t| t <= isize::MAX as usize)
+        .filter(|&t| isize::try_from(t).is_ok())
         .ok_or_else(too_large)?;
     Ok(Layout {
         nwords,
@@ -338,14 +338,15 @@ impl<'a> Raw<'a> {
 
     fn words(&self) -> &'a [AtomicU64] {
         // SAFETY: the bitmap lies inside the region at an 8-aligned offset
-        // (128) and spans `nwords` u64s (layout checked by init/attach);
-        // AtomicU64 has the layout of u64, and all bitmap access is atomic.
+        // (128, in an 8-aligned region; checked by init/attach) and spans
+        // `nwords` u64s; AtomicU64 has the layout of u64, and all bitmap
+        // access is atomic.
         unsafe {
             std::slice::from_raw_parts(
                 self.base
-                    .as_ptr()
                     .add(self.lay.bitmap_off)
-                    .cast::<AtomicU64>(),
+                    .cast::<AtomicU64>()
+                    .as_ptr(),
                 self.lay.nwords,
             )
         }
@@ -793,6 +794,22 @@ pub struct FbReadGuard<'a> {
 pub struct FbWriteGuard<'a> {
     raw: Raw<'a>,
     _guard: WriteGuard<'a>,
+}
+
+impl std::fmt::Debug for FbReadGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FbReadGuard")
+            .field("name", &self.name())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for FbWriteGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FbWriteGuard")
+            .field("name", &self.name())
+            .finish()
+    }
 }
 
 impl FbReadGuard<'_> {
@@ -1253,4 +1270,561 @@ fn map_shared(fd: &rustix::fd::OwnedFd, len: usize) -> rustix::io::Result<NonNul
         )
     }?;
     NonNull::new(p.cast::<u8>()).ok_or(rustix::io::Errno::NOMEM)
+}
+
+#[cfg(all(test, not(loom)))]
+#[allow(clippy::many_single_char_names)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The obvious O(n) model.
+    struct Model(Vec<bool>);
+
+    impl Model {
+        fn next(&self, start: u32, used: bool) -> Option<u32> {
+            (start..self.0.len() as u32).find(|&i| self.0[i as usize] == used)
+        }
+        fn prev(&self, start: u32, used: bool) -> Option<u32> {
+            (0..=start).rev().find(|&i| self.0[i as usize] == used)
+        }
+        fn run_at(&self, i: u32, n: u32, used: bool) -> bool {
+            (i..i + n).all(|j| self.0.get(j as usize) == Some(&used))
+        }
+        fn next_n(&self, start: u32, n: u32, used: bool) -> Option<u32> {
+            (start..self.0.len() as u32).find(|&i| self.run_at(i, n, used))
+        }
+        fn prev_n(&self, start: u32, n: u32, used: bool) -> Option<u32> {
+            // Highest run lying entirely at or below start.
+            (0..=start)
+                .rev()
+                .find(|&i| i + n - 1 <= start && self.run_at(i, n, used))
+        }
+        fn contig(&self, start: u32, used: bool) -> u32 {
+            (start..self.0.len() as u32)
+                .take_while(|&i| self.0[i as usize] == used)
+                .count() as u32
+        }
+        fn rev_contig(&self, start: u32, used: bool) -> u32 {
+            (0..=start)
+                .rev()
+                .take_while(|&i| self.0[i as usize] == used)
+                .count() as u32
+        }
+        fn biggest(&self, start: u32, used: bool) -> Option<(u32, u32)> {
+            let mut best: Option<(u32, u32)> = None;
+            let mut i = start;
+            while (i as usize) < self.0.len() {
+                let l = self.contig(i, used);
+                if l > 0 {
+                    if best.is_none_or(|(_, bl)| l > bl) {
+                        best = Some((i, l));
+                    }
+                    i += l;
+                } else {
+                    i += 1;
+                }
+            }
+            best
+        }
+        fn count(&self) -> u32 {
+            self.0.iter().filter(|&&b| b).count() as u32
+        }
+    }
+
+    fn check_all(a: &FbArray<'_>, m: &Model, start: u32, n: u32) {
+        let cap = a.capacity();
+        assert_eq!(a.count_used(), m.count());
+        if start >= cap {
+            assert!(matches!(
+                a.find_next_free(start),
+                Err(FbArrayError::IndexOutOfRange { .. })
+            ));
+            assert!(a.find_biggest_used(start).is_err());
+            assert!(a.find_rev_contig_free(start).is_err());
+            return;
+        }
+        let g = a.read_lock();
+        for used in [false, true] {
+            let (next, prev, contig, rev, big) = if used {
+                (
+                    g.find_next_used(start),
+                    g.find_prev_used(start),
+                    g.find_contig_used(start),
+                    g.find_rev_contig_used(start),
+                    g.find_biggest_used(start),
+                )
+            } else {
+                (
+                    g.find_next_free(start),
+                    g.find_prev_free(start),
+                    g.find_contig_free(start),
+                    g.find_rev_contig_free(start),
+                    g.find_biggest_free(start),
+                )
+            };
+            assert_eq!(next.unwrap(), m.next(start, used), "next {used} {start}");
+            assert_eq!(prev.unwrap(), m.prev(start, used), "prev {used} {start}");
+            assert_eq!(contig.unwrap(), m.contig(start, used), "contig {used}");
+            assert_eq!(rev.unwrap(), m.rev_contig(start, used), "rev {used}");
+            assert_eq!(big.unwrap(), m.biggest(start, used), "biggest {used}");
+            let (nn, pn) = if used {
+                (g.find_next_n_used(start, n), g.find_prev_n_used(start, n))
+            } else {
+                (g.find_next_n_free(start, n), g.find_prev_n_free(start, n))
+            };
+            if n == 0 || n > cap {
+                assert!(matches!(nn, Err(FbArrayError::BadRunLength { .. })));
+                assert!(matches!(pn, Err(FbArrayError::BadRunLength { .. })));
+            } else {
+                assert_eq!(
+                    nn.unwrap(),
+                    m.next_n(start, n, used),
+                    "next_n {used} {start} {n}"
+                );
+                assert_eq!(
+                    pn.unwrap(),
+                    m.prev_n(start, n, used),
+                    "prev_n {used} {start} {n}"
+                );
+            }
+        }
+        assert_eq!(g.is_used(start).unwrap(), m.0[start as usize]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u32),
+        Free(u32),
+        /// Set a run [a, a+len).
+        SetRun(u32, u32),
+        /// Free a run.
+        FreeRun(u32, u32),
+        Query(u32, u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => any::<u32>().prop_map(Op::Set),
+            2 => any::<u32>().prop_map(Op::Free),
+            1 => (any::<u32>(), 1u32..200).prop_map(|(a, l)| Op::SetRun(a, l)),
+            1 => (any::<u32>(), 1u32..200).prop_map(|(a, l)| Op::FreeRun(a, l)),
+            3 => (any::<u32>(), any::<u32>()).prop_map(|(a, b)| Op::Query(a, b)),
+        ]
+    }
+
+    fn capacity() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(1u32),
+            Just(63),
+            Just(64),
+            Just(65),
+            Just(128),
+            Just(1000),
+            1u32..300
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #[test]
+        fn model_based(cap in capacity(), ops in prop::collection::vec(op(), 1..120)) {
+            let owned = OwnedFbArray::new("model", cap, 8).unwrap();
+            let a = owned.array();
+            let mut m = Model(vec![false; cap as usize]);
+            // Indices slightly past the end exercise the range errors.
+            let idx = |x: u32| x % (cap + 2);
+            for op in ops {
+                match op {
+                    Op::Set(x) | Op::Free(x) => {
+                        let i = idx(x);
+                        let used = matches!(op, Op::Set(_));
+                        let r = if used { a.set_used(i) } else { a.set_free(i) };
+                        if i >= cap {
+                            prop_assert!(matches!(r, Err(FbArrayError::IndexOutOfRange { .. })), "{r:?}");
+                        } else if m.0[i as usize] == used {
+                            prop_assert!(matches!(r, Err(FbArrayError::AlreadyUsed { .. } | FbArrayError::AlreadyFree { .. })), "{r:?}");
+                        } else {
+                            r.unwrap();
+                            m.0[i as usize] = used;
+                        }
+                    }
+                    Op::SetRun(x, l) | Op::FreeRun(x, l) => {
+                        let used = matches!(op, Op::SetRun(..));
+                        let g = a.write_lock();
+                        for i in (x % cap)..(x % cap + l).min(cap) {
+                            if m.0[i as usize] != used {
+                                if used { g.set_used(i).unwrap() } else { g.set_free(i).unwrap() }
+                                m.0[i as usize] = used;
+                            }
+                        }
+                    }
+                    Op::Query(s, n) => check_all(&a, &m, idx(s), n % (cap + 2)),
+                }
+                prop_assert_eq!(a.count_used(), m.count());
+            }
+            // A final sweep of every start with a few run lengths.
+            let step = (cap / 40).max(1) as usize;
+            for s in (0..cap).step_by(step).chain([cap - 1]) {
+                for n in [1, 2, 63, 64, 65, cap] {
+                    check_all(&a, &m, s, n.min(cap));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_input_is_typed_and_changes_nothing() {
+        assert!(matches!(
+            FbArray::required_size(0, 8),
+            Err(FbArrayError::ZeroCapacity)
+        ));
+        assert!(matches!(
+            FbArray::required_size(8, 0),
+            Err(FbArrayError::ZeroEltSize)
+        ));
+        assert!(matches!(
+            OwnedFbArray::new(&"x".repeat(64), 8, 8),
+            Err(FbArrayError::NameTooLong { len: 64, .. })
+        ));
+        assert!(OwnedFbArray::new(&"x".repeat(63), 8, 8).is_ok());
+        assert!(matches!(
+            OwnedFbArray::new("a\0b", 8, 8),
+            Err(FbArrayError::BadName { .. })
+        ));
+        let need = FbArray::required_size(100, 16).unwrap();
+        assert_eq!(need, 128 + 64 + 1600);
+        let mut buf = vec![0u64; need / 8 + 1];
+        let p = buf.as_mut_ptr().cast::<u8>();
+        // SAFETY: `buf` outlives every handle below and is only used by them.
+        unsafe {
+            assert!(matches!(
+                FbArray::init(p, need - 1, "t", 100, 16),
+                Err(FbArrayError::RegionTooSmall { .. })
+            ));
+            assert!(matches!(
+                FbArray::init(p.add(1), need, "t", 100, 16),
+                Err(FbArrayError::Misaligned { .. })
+            ));
+            assert!(matches!(
+                FbArray::attach(p, need),
+                Err(FbArrayError::BadMagic { found: 0, .. })
+            ));
+            let a = FbArray::init(p, need, "t", 100, 16).unwrap();
+            assert_eq!(a.name(), "t");
+            a.set_used(5).unwrap();
+            assert!(matches!(
+                a.set_used(5),
+                Err(FbArrayError::AlreadyUsed { idx: 5 })
+            ));
+            assert!(matches!(
+                a.set_free(6),
+                Err(FbArrayError::AlreadyFree { idx: 6 })
+            ));
+            assert!(matches!(
+                a.set_used(100),
+                Err(FbArrayError::IndexOutOfRange {
+                    idx: 100,
+                    capacity: 100
+                })
+            ));
+            assert!(matches!(
+                a.find_next_n_free(0, 0),
+                Err(FbArrayError::BadRunLength { n: 0, .. })
+            ));
+            assert!(matches!(
+                a.find_next_n_free(0, 101),
+                Err(FbArrayError::BadRunLength { n: 101, .. })
+            ));
+            assert_eq!(a.count_used(), 1);
+            assert!(a.is_used(5).unwrap() && !a.is_used(6).unwrap());
+            // Attach sees the same state; a short region is refused.
+            let b = FbArray::attach(p, need).unwrap();
+            assert_eq!((b.capacity(), b.elt_size(), b.count_used()), (100, 16, 1));
+            assert!(matches!(
+                FbArray::attach(p, need - 1),
+                Err(FbArrayError::RegionTooSmall { .. })
+            ));
+            // Element pointers.
+            let e = a.get_ptr::<u128>(7).unwrap();
+            e.as_ptr().write(42);
+            assert_eq!(b.get_ptr::<u128>(7).unwrap().as_ptr().read(), 42);
+            assert_eq!(b.find_idx(e.as_ptr().cast::<u8>().add(15)), Some(7));
+            assert_eq!(b.find_idx(p), None);
+            assert!(matches!(
+                a.get_ptr::<[u8; 17]>(0),
+                Err(FbArrayError::TypeTooLarge { .. })
+            ));
+            // A corrupted header is refused.
+            p.add(16).write(17); // elt_size 16 -> 17 (little-endian low byte)
+            assert!(matches!(
+                FbArray::attach(p, need),
+                Err(FbArrayError::Corrupt { .. })
+            ));
+        }
+        drop(buf);
+    }
+
+    #[test]
+    fn large_capacity_is_o_words() {
+        // 2^24 elements of 1 byte: searches across a 2 MiB bitmap.
+        let owned = OwnedFbArray::new("big", 1 << 24, 1).unwrap();
+        let a = owned.array();
+        let g = a.write_lock();
+        g.set_used((1 << 24) - 1).unwrap();
+        assert_eq!(g.find_next_used(0).unwrap(), Some((1 << 24) - 1));
+        assert_eq!(
+            g.find_prev_free((1 << 24) - 1).unwrap(),
+            Some((1 << 24) - 2)
+        );
+        assert_eq!(g.find_biggest_free(0).unwrap(), Some((0, (1 << 24) - 1)));
+        assert_eq!(g.find_next_n_used(0, 2).unwrap(), None);
+        assert_eq!(
+            g.find_prev_n_free((1 << 24) - 1, 1 << 20).unwrap(),
+            Some((1 << 24) - 1 - (1 << 20))
+        );
+    }
+}
+
+/// Multi-process tests: the test binary re-runs itself as the child, with
+/// `MEMPLANE_FB_CHILD` selecting the role and `MEMPLANE_FB_REGION` naming
+/// `/proc/<parent>/fd/<n>` of the shared memfd.
+#[cfg(all(test, not(loom)))]
+#[allow(clippy::many_single_char_names)]
+mod mp_tests {
+    use super::*;
+    use crate::shm::lock::{LockError, SpinLock};
+    use rustix::fd::{AsRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::AtomicU32;
+    use std::time::Instant;
+
+    const CAP: u32 = 3000;
+    /// Region: [0..4) SpinLock, [4..8) "child ready" flag, [64..) fbarray.
+    const FB_OFF: usize = 64;
+
+    struct Region {
+        _fd: OwnedFd,
+        path: String,
+        base: NonNull<u8>,
+        len: usize,
+    }
+
+    impl Region {
+        fn create() -> Region {
+            let len = FB_OFF + FbArray::required_size(CAP, 8).unwrap();
+            let fd =
+                rustix::fs::memfd_create("fbarray-mp", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+            rustix::fs::ftruncate(&fd, len as u64).unwrap();
+            let base = map_shared(&fd, len).unwrap();
+            let path = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
+            Region {
+                _fd: fd,
+                path,
+                base,
+                len,
+            }
+        }
+
+        fn open(path: &str) -> Region {
+            let fd: OwnedFd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap()
+                .into();
+            let len = rustix::fs::fstat(&fd).unwrap().st_size as usize;
+            let base = map_shared(&fd, len).unwrap();
+            Region {
+                _fd: fd,
+                path: path.to_owned(),
+                base,
+                len,
+            }
+        }
+
+        fn spin(&self) -> &SpinLock {
+            // SAFETY: offset 0 is 4-aligned inside the mapping, which lives as
+            // long as `self`; zeroed memory is an unlocked SpinLock.
+            unsafe { self.base.cast::<SpinLock>().as_ref() }
+        }
+
+        fn ready(&self) -> &AtomicU32 {
+            // SAFETY: offset 4 is 4-aligned inside the mapping.
+            unsafe { self.base.add(4).cast::<AtomicU32>().as_ref() }
+        }
+
+        fn init_fb(&self) -> FbArray<'_> {
+            // SAFETY: the mapping is valid for `len` bytes while `self` lives
+            // and the fbarray bytes are only used through handles.
+            unsafe {
+                FbArray::init(
+                    self.base.as_ptr().add(FB_OFF),
+                    self.len - FB_OFF,
+                    "mp",
+                    CAP,
+                    8,
+                )
+            }
+            .unwrap()
+        }
+
+        fn attach_fb(&self) -> FbArray<'_> {
+            // SAFETY: as in init_fb.
+            unsafe { FbArray::attach(self.base.as_ptr().add(FB_OFF), self.len - FB_OFF) }.unwrap()
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: we mapped it; nothing borrowed from `self` outlives it.
+            let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+        }
+    }
+
+    fn spawn_child(role: &str, region: &Region) -> std::process::Child {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "fbarray::mp_tests::child_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MEMPLANE_FB_CHILD", role)
+            .env("MEMPLANE_FB_REGION", &region.path)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Claims free slots until the array is full, tagging each element with
+    /// `tag`; returns how many it claimed.
+    fn claim_all(region: &Region, a: &FbArray<'_>, tag: u64) -> u32 {
+        let mut mine = 0;
+        loop {
+            let g = a.write_lock();
+            let Some(i) = g.find_next_free(0).unwrap() else {
+                return mine;
+            };
+            g.set_used(i).unwrap();
+            // SAFETY: element i was free and is claimed under the write lock;
+            // nobody else writes it.
+            unsafe { g.get_ptr::<u64>(i).unwrap().as_ptr().write(tag) };
+            drop(g);
+            mine += 1;
+            // Also exercise the spinlock across processes: a plain
+            // read-modify-write of a shared counter.
+            let s = region.spin().lock();
+            // SAFETY: offset 8 is 8-aligned in the mapping; only accessed
+            // under the spinlock.
+            unsafe {
+                let c = region.base.add(8).cast::<u64>().as_ptr();
+                c.write_volatile(c.read_volatile() + 1);
+            }
+            drop(s);
+        }
+    }
+
+    /// Not a test of its own: the body the child process runs.
+    #[test]
+    fn child_entry() {
+        let Ok(role) = std::env::var("MEMPLANE_FB_CHILD") else {
+            return;
+        };
+        let region = Region::open(&std::env::var("MEMPLANE_FB_REGION").unwrap());
+        let a = region.attach_fb();
+        match role.as_str() {
+            "claim" => {
+                region.ready().store(1, Ordering::Release);
+                claim_all(&region, &a, 2);
+            }
+            "die-holding" => {
+                let _s = region.spin().lock();
+                let _w = a.write_lock();
+                region.ready().store(1, Ordering::Release);
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            other => panic!("unknown child role {other}"),
+        }
+    }
+
+    #[test]
+    fn two_processes_claim_disjoint_slots() {
+        let region = Region::create();
+        let a = region.init_fb();
+        let mut child = spawn_child("claim", &region);
+        let t0 = Instant::now();
+        while region.ready().load(Ordering::Acquire) == 0 && t0.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::yield_now();
+        }
+        let mine = claim_all(&region, &a, 1);
+        assert!(child.wait().unwrap().success(), "child failed");
+        assert_eq!(a.count_used(), CAP);
+        let (mut ones, mut twos) = (0, 0);
+        for i in 0..CAP {
+            // SAFETY: all writers are done (child exited, we are alone).
+            match unsafe { a.get_ptr::<u64>(i).unwrap().as_ptr().read() } {
+                1 => ones += 1,
+                2 => twos += 1,
+                t => panic!("element {i} has tag {t}"),
+            }
+        }
+        assert_eq!(ones, mine);
+        assert_eq!(ones + twos, CAP);
+        // SAFETY: the child exited; nobody else touches the counter.
+        let spun = unsafe { region.base.add(8).cast::<u64>().as_ptr().read() };
+        assert_eq!(spun, u64::from(CAP));
+        eprintln!("parent claimed {ones}, child {twos}");
+    }
+
+    #[test]
+    fn dead_holder_is_reported_with_its_pid() {
+        let region = Region::create();
+        let a = region.init_fb();
+        let mut child = spawn_child("die-holding", &region);
+        let pid = child.id();
+        let t0 = Instant::now();
+        while region.ready().load(Ordering::Acquire) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "child never locked");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Alive: a timeout names it.
+        assert_eq!(region.spin().holder_pid(), Some(pid));
+        assert_eq!(a.lock().writer_pid(), Some(pid));
+        match a.write_lock_timeout(Duration::from_millis(100)) {
+            Err(FbArrayError::Lock {
+                source: LockError::Timeout { holder, .. },
+                ..
+            }) => assert_eq!(holder, crate::shm::lock::Holder::Process(pid)),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        child.kill().unwrap(); // SIGKILL
+                               // Wait with a generous timeout: the error must come long before it,
+                               // both for the zombie and, after reaping, for the gone process.
+        let t1 = Instant::now();
+        let e = region
+            .spin()
+            .lock_timeout(Duration::from_secs(60))
+            .unwrap_err();
+        assert_eq!(e, LockError::OwnerDead { pid });
+        assert!(t1.elapsed() < Duration::from_secs(5));
+        child.wait().unwrap();
+        match a.read_lock_timeout(Duration::from_secs(60)) {
+            Err(FbArrayError::Lock {
+                source: LockError::OwnerDead { pid: p },
+                ..
+            }) => assert_eq!(p, pid),
+            other => panic!("expected OwnerDead, got {other:?}"),
+        }
+        assert!(a.lock().is_owner_dead() && region.spin().is_owner_dead());
+        // Recovery.
+        drop(region.spin().take_over_dead_owner().unwrap());
+        let w = a.lock().take_over_dead_writer().unwrap();
+        drop(w);
+        a.set_used(1).unwrap();
+        assert_eq!(a.count_used(), 1);
+    }
 }

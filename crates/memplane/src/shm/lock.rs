@@ -281,18 +281,15 @@ impl SpinLock {
             {
                 continue;
             }
-            let slice = match wait_slice(deadline) {
-                Some(s) => s,
-                None => {
-                    // Out of time. If the lock is free with sleepers, our
-                    // wake may have been the one consumed: pass it on.
-                    let now = self.word.load(Ordering::Relaxed);
-                    if now & LOW == 0 && now & WAITERS != 0 {
-                        futex_wake(&self.word, 1);
-                    }
-                    let pid = now & LOW;
-                    return Err(give_up(deadline, pid, Holder::Process(pid)));
+            let Some(slice) = wait_slice(deadline) else {
+                // Out of time. If the lock is free with sleepers, our wake
+                // may have been the one consumed: pass it on.
+                let now = self.word.load(Ordering::Relaxed);
+                if now & LOW == 0 && now & WAITERS != 0 {
+                    futex_wake(&self.word, 1);
                 }
+                let pid = now & LOW;
+                return Err(give_up(deadline, pid, Holder::Process(pid)));
             };
             let timed_out = futex_wait(&self.word, v | WAITERS, slice);
             slept = true;
@@ -753,9 +750,8 @@ pub fn pid_is_dead(pid: u32) -> bool {
     else {
         return false;
     };
-    match rustix::process::test_kill_process(p) {
-        Err(rustix::io::Errno::SRCH) => return true,
-        Ok(()) | Err(_) => {}
+    if let Err(rustix::io::Errno::SRCH) = rustix::process::test_kill_process(p) {
+        return true;
     }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         // /proc not mounted or raced with exit: kill said it exists.
@@ -811,6 +807,7 @@ fn futex_wake(word: &AtomicU32, n: u32) {
 fn futex_wake(_word: &AtomicU32, _n: u32) {}
 
 #[cfg(all(test, not(loom)))]
+#[allow(clippy::many_single_char_names)]
 mod tests {
     use super::*;
     use std::cell::UnsafeCell;
@@ -927,11 +924,10 @@ mod tests {
     trait Held {}
     impl<T> Held for T {}
 
-    fn hammer<L: Sync + Send + 'static>(
-        lock: L,
-        writer: fn(&L) -> Box<dyn Held + '_>,
-        reader: Option<fn(&L) -> Box<dyn Held + '_>>,
-    ) {
+    /// Takes a lock, returning its guard.
+    type Locker<L> = for<'x> fn(&'x L) -> Box<dyn Held + 'x>;
+
+    fn hammer<L: Sync + Send + 'static>(lock: L, writer: Locker<L>, reader: Option<Locker<L>>) {
         const THREADS: u64 = 4;
         const ITERS: u64 = 20_000;
         let s = Arc::new(Shared {
