@@ -313,3 +313,160 @@ fn mount_and_remount_a_private_hugetlbfs() {
         text(&other)
     );
 }
+
+/// `clear` in a private mount namespace on a private hugetlbfs: a stale file
+/// (its process gone) is removed and its page freed; a file a live process
+/// holds (`flock -s`, as DPDK does) is kept and the holder is named.
+#[test]
+fn clear_removes_stale_files_and_keeps_live_ones() {
+    let tools = ["unshare", "flock", "fallocate"].iter().all(|t| {
+        Command::new("which")
+            .arg(t)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !require(
+        is_root() && tools,
+        "needs root and unshare, flock, fallocate (util-linux)",
+    ) {
+        return;
+    }
+    if !require(
+        sys_counter(2048, "free_hugepages") >= 2,
+        "needs 2 free 2M hugepages",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().display().to_string();
+    let bin = env!("CARGO_BIN_EXE_memplane");
+    // The live holder runs `flock -s <file> sleep` in the background; the
+    // stale file's writer (fallocate) has exited.
+    let script = format!(
+        r#"set -e
+mount -t hugetlbfs -o pagesize=2M,size=8M none {m}
+fallocate -l 2M {m}/clitest_deadmap_0
+fallocate -l 2M {m}/clitest_livemap_0
+flock -s {m}/clitest_livemap_0 sleep 60 &
+holder=$!
+sleep 0.3
+echo "HOLDER $holder"
+{bin} hugepages status
+echo "== clear"
+{bin} hugepages clear
+echo "== after"
+ls {m}
+pkill -KILL -P $holder || true; kill -KILL $holder; wait $holder 2>/dev/null || true
+{bin} hugepages clear --prefix clitest_live
+ls {m} | wc -l
+umount {m}
+"#
+    );
+    let o = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let holder: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("HOLDER "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, rest) = out.split_once("== clear").unwrap();
+    let (clear, after) = rest.split_once("== after").unwrap();
+    assert!(
+        status.contains("prefix clitest_dead") && status.contains("stale, no live holder"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("in use by pid {holder} (flock)"))
+            || status.contains(&format!("pid {holder} (sleep)")),
+        "{status}"
+    );
+    assert!(
+        clear.contains("removed ") && clear.contains("clitest_deadmap_0"),
+        "{clear}"
+    );
+    assert!(
+        clear.contains("kept ") && clear.contains("clitest_livemap_0"),
+        "{clear}"
+    );
+    assert!(clear.contains("1 x 2M"), "{clear}");
+    let mut after_lines = after.lines().filter(|l| !l.is_empty());
+    assert_eq!(after_lines.next(), Some("clitest_livemap_0"), "{after}");
+    // After the holder died, clearing its prefix leaves the mount empty.
+    assert!(
+        after.contains("removed ") && after.trim_end().ends_with('0'),
+        "{after}"
+    );
+}
+
+/// Preflight's explanation names pages held by files of another prefix: the
+/// stale ones with the clear command, the live ones with the holder's pid.
+#[test]
+fn check_explains_pages_held_by_files() {
+    let tools = ["unshare", "flock", "fallocate"].iter().all(|t| {
+        Command::new("which")
+            .arg(t)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !require(
+        is_root() && tools,
+        "needs root and unshare, flock, fallocate (util-linux)",
+    ) {
+        return;
+    }
+    if !require(
+        sys_counter(2048, "free_hugepages") >= 4,
+        "needs 4 free 2M hugepages",
+    ) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let total =
+        sys_counter(2048, "nr_hugepages") * 2 + sys_counter(1_048_576, "nr_hugepages") * 1024;
+    let ask = total + 64;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().display().to_string();
+    let bin = env!("CARGO_BIN_EXE_memplane");
+    let script = format!(
+        r#"set -e
+mount -t hugetlbfs -o pagesize=2M none {m}
+fallocate -l 4M {m}/oldrunmap_0
+fallocate -l 2M {m}/busymap_0
+flock -s {m}/busymap_0 sleep 60 &
+holder=$!
+sleep 0.3
+echo "HOLDER $holder"
+{bin} check --socket-mem {ask} || true
+pkill -KILL -P $holder || true; kill -KILL $holder; wait $holder 2>/dev/null || true
+rm -f {m}/*
+umount {m}
+"#
+    );
+    let o = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let holder = out.lines().find_map(|l| l.strip_prefix("HOLDER ")).unwrap();
+    assert!(
+        err.contains(&format!("2 pages (4M) are held by files of prefix 'oldrun' in {m}: stale: no live process holds them")),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "fix: memplane hugepages clear --prefix oldrun   (frees 4M held by stale files)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 pages (2M) are held by files of prefix 'busy'")
+            && err.contains(&format!("pid {holder} (flock)")),
+        "{err}"
+    );
+}
