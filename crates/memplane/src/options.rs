@@ -1976,7 +1976,7 @@ fn take_value<'a, S: AsRef<str>>(
 
 /// `--file-prefix` rules: 1 to [`MAX_FILE_PREFIX_LEN`] bytes of ASCII
 /// letters, digits, `_`, `-` and `.`, not starting with `.`.
-fn check_file_prefix(name: &str, prefix: &str) -> Result<(), OptionsError> {
+pub(crate) fn check_file_prefix(name: &str, prefix: &str) -> Result<(), OptionsError> {
     let why = if prefix.is_empty() {
         "the prefix is empty; give a name such as app1, or leave the option out for the \
          default (mp)"

@@ -59,7 +59,7 @@ pub const CONFIG_FILE: &str = "config";
 /// Name of the file where the primary records its pid.
 pub const PID_FILE: &str = "primary.pid";
 /// Longest accepted file prefix, in bytes.
-pub const MAX_PREFIX_LEN: usize = 64;
+pub const MAX_PREFIX_LEN: usize = crate::options::MAX_FILE_PREFIX_LEN;
 
 /// Where the runtime base directory is, from the environment: the pure part
 /// of the resolution (see the [module docs](self) for the order).
@@ -99,28 +99,7 @@ pub fn base_dir(env: &impl Fn(&str) -> Option<String>, is_root: bool) -> PathBuf
 /// [`MAX_PREFIX_LEN`] bytes of ASCII letters, digits, `_`, `-` and `.`, not
 /// starting with `.`.
 pub fn validate_prefix(prefix: &str) -> Result<()> {
-    let bad_char = prefix
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')));
-    let problem = if prefix.is_empty() {
-        Some("it is empty".to_string())
-    } else if prefix.len() > MAX_PREFIX_LEN {
-        Some(format!(
-            "it is {} bytes long (at most {MAX_PREFIX_LEN})",
-            prefix.len()
-        ))
-    } else if prefix.starts_with('.') {
-        Some("it starts with '.'".to_string())
-    } else {
-        bad_char.map(|c| format!("it contains {c:?}"))
-    };
-    match problem {
-        None => Ok(()),
-        Some(why) => Err(Error::System(format!(
-            "invalid file prefix {prefix:?}: {why}; use letters, digits, '_', '-' and '.' \
-             (e.g. --file-prefix app1)"
-        ))),
-    }
+    crate::options::check_file_prefix("--file-prefix", prefix).map_err(Error::from)
 }
 
 /// What holds the primary lock of a prefix.
@@ -635,7 +614,7 @@ mod tests {
         }
         for bad in ["", ".", "..", ".hidden", "a/b", "a b", "é", &"x".repeat(65)] {
             let err = validate_prefix(bad).unwrap_err().to_string();
-            assert!(err.contains("invalid file prefix"), "{bad}: {err}");
+            assert!(err.contains("for --file-prefix"), "{bad}: {err}");
         }
     }
 

@@ -95,7 +95,11 @@ impl TestMount {
             .arg(dir.path())
             .status()
             .unwrap();
-        assert!(status.success(), "mount hugetlbfs on {:?}", dir.path());
+        assert!(
+            status.success(),
+            "mount hugetlbfs on {}",
+            dir.path().display()
+        );
         let mount = HugetlbfsMount {
             path: dir.path().to_path_buf(),
             page_size: PageSize::SIZE_2M,
@@ -470,7 +474,7 @@ fn clear_safety_scenario() {
     let mut dirlock = hold(&m.mount.path, "dirlock");
     let start = Instant::now();
     let r = clear_stale(std::slice::from_ref(&m.mount), proc_root(), None, false).unwrap();
-    assert_eq!(r.busy_mounts, [m.mount.path.clone()]);
+    assert_eq!(r.busy_mounts, std::slice::from_ref(&m.mount.path));
     assert!(r.removed.is_empty() && b.exists());
     assert!(start.elapsed() >= DIR_LOCK_WAIT);
     dirlock.kill();

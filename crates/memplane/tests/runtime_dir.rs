@@ -43,9 +43,12 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// (environment, is root, expected base directory)
+type BaseDirCase<'a> = (&'a [(&'a str, &'a str)], bool, &'a str);
+
 #[test]
 fn base_dir_resolution_for_each_environment() {
-    let cases: &[(&[(&str, &str)], bool, &str)] = &[
+    let cases: &[BaseDirCase] = &[
         (&[], true, "/var/run"),
         (&[], false, "/tmp"),
         (
@@ -85,7 +88,11 @@ fn resolve_appends_memplane_and_prefix_without_touching_anything() {
     assert_eq!(path, base.path().join("memplane/resolve-only"));
     assert!(tree(base.path()).is_empty(), "resolve created files");
     let err = RuntimeDir::resolve("../escape", Some(base.path())).unwrap_err();
-    assert!(err.to_string().contains("invalid file prefix"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("invalid value '../escape' for --file-prefix"),
+        "{err}"
+    );
 }
 
 #[test]
