@@ -16,7 +16,7 @@
 //! - bad input is a typed [`FbArrayError`], and `set_used` on a used slot or
 //!   `set_free` on a free one (a double free) is an error that leaves the
 //!   state unchanged (DPDK silently accepts both);
-//! - the lock is a process-shared [`RwLock`](crate::shm::lock::RwLock) that
+//! - the lock is a process-shared [`RwLock`] that
 //!   names its writer's pid, so a writer that died holding it is reported
 //!   rather than hanging everyone (see [`FbArray::write_lock_timeout`]).
 //!

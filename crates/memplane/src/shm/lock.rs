@@ -1040,7 +1040,14 @@ mod tests {
 
 #[cfg(all(test, loom))]
 mod loom_tests {
-    //! Run: `RUSTFLAGS="--cfg loom" cargo test -p memplane --release --lib shm::lock::loom_tests`
+    //! Run (needs `[target.'cfg(loom)'.dependencies] loom.workspace = true`
+    //! in crates/memplane/Cargo.toml):
+    //! `RUSTFLAGS="--cfg loom" cargo test -p memplane --release --lib shm::lock::loom_tests`
+    //!
+    //! Until then, a scratch crate that depends on loom, rustix (thread,
+    //! process), thiserror and tracing and whose lib.rs is
+    //! `#[path = ".../crates/memplane/src/shm/lock.rs"] pub mod lock;` runs the
+    //! same models with `RUSTFLAGS="--cfg loom" cargo test --release`.
     use super::*;
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
@@ -1081,9 +1088,16 @@ mod loom_tests {
         });
     }
 
+    /// Bounded preemptions keep the spin-with-yield loops tractable.
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(2);
+        b.check(f);
+    }
+
     #[test]
     fn rwlock_writer_and_reader() {
-        loom::model(|| {
+        model(|| {
             let s = Arc::new(Shared {
                 lock: RwLock::new(),
                 v: UnsafeCell::new(0),
@@ -1096,13 +1110,32 @@ mod loom_tests {
                     s.v.with_mut(|p| unsafe { *p += 1 });
                 })
             };
-            let r = {
+            {
+                let _g = s.lock.read();
+                // SAFETY: under the read lock.
+                let v = s.v.with(|p| unsafe { *p });
+                assert!(v <= 1);
+            }
+            w.join().unwrap();
+            let _g = s.lock.read();
+            // SAFETY: under the read lock.
+            assert_eq!(s.v.with(|p| unsafe { *p }), 1);
+        });
+    }
+
+    #[test]
+    fn rwlock_two_writers() {
+        model(|| {
+            let s = Arc::new(Shared {
+                lock: RwLock::new(),
+                v: UnsafeCell::new(0),
+            });
+            let w = {
                 let s = s.clone();
                 thread::spawn(move || {
-                    let _g = s.lock.read();
-                    // SAFETY: under the read lock.
-                    let v = s.v.with(|p| unsafe { *p });
-                    assert!(v <= 2);
+                    let _g = s.lock.write();
+                    // SAFETY: under the write lock.
+                    s.v.with_mut(|p| unsafe { *p += 1 });
                 })
             };
             {
@@ -1111,7 +1144,6 @@ mod loom_tests {
                 s.v.with_mut(|p| unsafe { *p += 1 });
             }
             w.join().unwrap();
-            r.join().unwrap();
             let _g = s.lock.read();
             // SAFETY: under the read lock.
             assert_eq!(s.v.with(|p| unsafe { *p }), 2);
