@@ -22,6 +22,16 @@ pub enum Error {
     #[error(transparent)]
     Preflight(#[from] crate::preflight::PreflightError),
 
+    /// A shared-memory array operation failed (bad index, double free, lock
+    /// held by a dead process, ...).
+    #[error(transparent)]
+    FbArray(#[from] crate::fbarray::FbArrayError),
+
+    /// A process-shared lock could not be taken (timeout naming the holder,
+    /// or a holder that died).
+    #[error(transparent)]
+    Lock(#[from] crate::shm::lock::LockError),
+
     /// A system file or directory could not be read or written.
     #[error("{action} {path}: {source}")]
     Io {

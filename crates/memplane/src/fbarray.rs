@@ -52,7 +52,7 @@
 //! [`FbArray::count_used`] well-defined.
 
 use std::marker::PhantomData;
-use std::mem::{align_of, offset_of, size_of};
+use std::mem::{align_of, size_of};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -215,17 +215,17 @@ struct Header {
 const _: () = {
     assert!(size_of::<Header>() == 128);
     assert!(align_of::<Header>() == REGION_ALIGN);
-    assert!(offset_of!(Header, magic) == 0);
-    assert!(offset_of!(Header, version) == 8);
-    assert!(offset_of!(Header, capacity) == 12);
-    assert!(offset_of!(Header, elt_size) == 16);
-    assert!(offset_of!(Header, used) == 20);
-    assert!(offset_of!(Header, lock) == 24);
-    assert!(offset_of!(Header, name_len) == 28);
-    assert!(offset_of!(Header, bitmap_off) == 32);
-    assert!(offset_of!(Header, data_off) == 40);
-    assert!(offset_of!(Header, total_size) == 48);
-    assert!(offset_of!(Header, name) == 64);
+    assert!(std::mem::offset_of!(Header, magic) == 0);
+    assert!(std::mem::offset_of!(Header, version) == 8);
+    assert!(std::mem::offset_of!(Header, capacity) == 12);
+    assert!(std::mem::offset_of!(Header, elt_size) == 16);
+    assert!(std::mem::offset_of!(Header, used) == 20);
+    assert!(std::mem::offset_of!(Header, lock) == 24);
+    assert!(std::mem::offset_of!(Header, name_len) == 28);
+    assert!(std::mem::offset_of!(Header, bitmap_off) == 32);
+    assert!(std::mem::offset_of!(Header, data_off) == 40);
+    assert!(std::mem::offset_of!(Header, total_size) == 48);
+    assert!(std::mem::offset_of!(Header, name) == 64);
     assert!(size_of::<AtomicU64>() == 8 && align_of::<AtomicU64>() == 8);
 };
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Model checks that need their own build flags: loom permutes thread
+# interleavings of the lock-free and process-shared code.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUSTFLAGS="--cfg loom"
+export CARGO_TARGET_DIR=target/loom
+cargo test --quiet --release -p memplane --lib shm::lock::loom_tests
