@@ -470,3 +470,54 @@ umount {m}
         "{err}"
     );
 }
+
+/// Without privileges, reserve and mount say so, print the fix, and change
+/// nothing.
+#[test]
+fn unprivileged_reserve_and_mount_name_the_fix_and_change_nothing() {
+    let has_setpriv = Command::new("which")
+        .arg("setpriv")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !require(
+        is_root() && has_setpriv,
+        "needs root and setpriv (util-linux) to drop to an unprivileged user",
+    ) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let before = sys_counter(2048, "nr_hugepages");
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("m");
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(env!("CARGO_BIN_EXE_memplane"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = as_nobody(&["hugepages", "reserve", &format!("2M={}", before + 1)]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("permission denied") && err.contains("sudo memplane hugepages reserve 2M="),
+        "{err}"
+    );
+    assert_eq!(sys_counter(2048, "nr_hugepages"), before);
+    let o = as_nobody(&["hugepages", "mount", target.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("permission denied") || err.contains("Permission denied"),
+        "{err}"
+    );
+    assert!(!fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(target.to_str().unwrap()));
+}
