@@ -3,6 +3,7 @@
 //! input returning a typed error with nothing changed.
 #![cfg(not(loom))]
 
+use memplane_ring::RingMemory;
 use memplane_ring::{
     memsize, BulkError, HeapRegion, RawRing, Ring, RingConfig, RingError, SyncMode, MAGIC,
 };
@@ -111,6 +112,7 @@ fn bulk_is_all_or_nothing_burst_is_partial() {
 }
 
 #[test]
+#[allow(clippy::many_single_char_names)] // r/p/c/n/t read as the ring protocol's names
 fn wraps_around_many_times() {
     for cfg in ALL {
         let r = ring::<u64>(8, cfg);
@@ -415,7 +417,6 @@ fn init_failure_leaves_existing_ring_intact() {
     // The region was consumed by the failed init; rebuild from the snapshot
     // to show the header that was there is still a valid ring.
     let fresh = region(bytes);
-    use memplane_ring::RingMemory;
     // SAFETY: test-only write into a region no ring uses yet.
     unsafe { std::ptr::copy_nonoverlapping(snapshot.as_ptr(), fresh.as_ptr(), bytes) };
     let r = Ring::<u64, _>::attach(fresh).unwrap();
