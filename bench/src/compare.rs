@@ -46,7 +46,16 @@ fn run_dpdk() -> Result<String, String> {
     // clashing with any other DPDK process on the machine.
     let prefix = format!("mpring{}", std::process::id());
     let mut child = Command::new("dpdk-test")
-        .args(["--no-huge", "-m", "512", "--no-pci", "-l", "0-1", "--file-prefix", &prefix])
+        .args([
+            "--no-huge",
+            "-m",
+            "512",
+            "--no-pci",
+            "-l",
+            "0-1",
+            "--file-prefix",
+            &prefix,
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -78,7 +87,10 @@ fn run_memplane(sizes: &[u32]) -> Result<String, String> {
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("memplane ring-perf failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "memplane ring-perf failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -122,9 +134,14 @@ pub fn ring(runs: usize, sizes: &[u32]) -> i32 {
         "\nring_perf_autotest (DPDK 22.11, dpdk-test) vs memplane mirror: medians of {runs} alternating runs"
     );
     println!("units as DPDK 22.11 prints them: single/burst/bulk/empty rows = cycles per enqueue+dequeue call pair");
-    println!("(divide by n for cycles per element); two-core rows = enqueue+dequeue cycles per element.");
+    println!(
+        "(divide by n for cycles per element); two-core rows = enqueue+dequeue cycles per element."
+    );
     println!("ratio = memplane / DPDK (< 1.00 means memplane is faster)\n");
-    println!("{:<84} {:>10} {:>10} {:>7}", "test", "DPDK", "memplane", "ratio");
+    println!(
+        "{:<84} {:>10} {:>10} {:>7}",
+        "test", "DPDK", "memplane", "ratio"
+    );
     let mut worst: f64 = 0.0;
     for k in &order {
         let d = dpdk.get_mut(k).map(|v| median(v));

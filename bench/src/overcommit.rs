@@ -50,7 +50,10 @@ fn one(cfg: RingConfig, threads: u64, total: u64, burst: usize) -> f64 {
 pub fn run() {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     println!("overcommit: ns per element (median of 5), {cpus} CPUs, burst 32, 2*10^7 elements");
-    println!("{:>18} {:>10} {:>10} {:>10}", "threads (P+C)", "MP/MC", "RTS", "HTS");
+    println!(
+        "{:>18} {:>10} {:>10} {:>10}",
+        "threads (P+C)", "MP/MC", "RTS", "HTS"
+    );
     for threads in [1u64, 2, 4] {
         let mut row = Vec::new();
         for cfg in [RingConfig::MPMC, RingConfig::RTS, RingConfig::HTS] {

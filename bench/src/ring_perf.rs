@@ -20,11 +20,20 @@ fn make<E: Element>(cfg: RingConfig) -> R<E> {
     let bytes = R::<E>::memsize(RING_SIZE, false).expect("ring size");
     // Hugepage-backed rings would need the memzone layer; DPDK here runs
     // with --no-huge too, so both sides use ordinary pages.
-    Ring::init(HeapRegion::new(bytes).expect("alloc"), "RING_PERF", RING_SIZE, cfg).expect("init")
+    Ring::init(
+        HeapRegion::new(bytes).expect("alloc"),
+        "RING_PERF",
+        RING_SIZE,
+        cfg,
+    )
+    .expect("init")
 }
 
 fn label(esize: Option<usize>) -> String {
-    esize.map_or_else(|| "legacy APIs".to_string(), |e| format!("elem APIs: element size {e}B"))
+    esize.map_or_else(
+        || "legacy APIs".to_string(),
+        |e| format!("elem APIs: element size {e}B"),
+    )
 }
 
 fn line(esize: Option<usize>, mode: &str, what: &str, v: f64) {
@@ -96,7 +105,12 @@ fn esize_run<E: Element + Default>(esize: Option<usize>, sizes: &[u32]) {
             let _ = black_box(c.dequeue_bulk(&mut burst[..n]));
         }
         let end = rdtsc();
-        line(esize, m, &format!("bulk (size: {})", sizes[0]), (end - start) as f64 / iterations as f64);
+        line(
+            esize,
+            m,
+            &format!("bulk (size: {})", sizes[0]),
+            (end - start) as f64 / iterations as f64,
+        );
     }
 
     println!("\n### Testing using two physical cores ###");
@@ -126,7 +140,12 @@ fn esize_run<E: Element + Default>(esize: Option<usize>, sizes: &[u32]) {
 
 /// `enqueue_dequeue_bulk_helper`: 2^15 bulks per mode, retried with a
 /// pause until they succeed; returns cycles per element for [SP/SC, MP/MC].
-fn pair_side<E: Element + Default>(enq: bool, rings: &[(&str, R<E>)], size: usize, count: &AtomicU32) -> [f64; 2] {
+fn pair_side<E: Element + Default>(
+    enq: bool,
+    rings: &[(&str, R<E>)],
+    size: usize,
+    count: &AtomicU32,
+) -> [f64; 2] {
     if count.fetch_add(1, Ordering::Relaxed) + 1 != 2 {
         while count.load(Ordering::Relaxed) != 2 {
             core::hint::spin_loop();

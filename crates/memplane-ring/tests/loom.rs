@@ -25,23 +25,6 @@ fn ring(cap: usize, cfg: RingConfig) -> Arc<Ring<u64, HeapRegion>> {
     Arc::new(Ring::init(HeapRegion::new(bytes).unwrap(), "loom", cap, cfg).unwrap())
 }
 
-fn push(r: &Ring<u64, HeapRegion>, v: u64) {
-    let p = r.producer().unwrap();
-    while p.try_enqueue(v).is_err() {
-        thread::yield_now();
-    }
-}
-
-fn pop(r: &Ring<u64, HeapRegion>) -> u64 {
-    let c = r.consumer().unwrap();
-    loop {
-        if let Some(v) = c.dequeue() {
-            return v;
-        }
-        thread::yield_now();
-    }
-}
-
 /// SP/SC, capacity 2, three elements: wraps and fills; FIFO order holds.
 #[test]
 fn spsc_fifo_with_wrap() {
@@ -71,45 +54,51 @@ fn spsc_fifo_with_wrap() {
     });
 }
 
-/// Two producers, one consumer, capacity 1 (forces full-ring waits).
-fn two_producers(cfg: RingConfig) {
+/// Drains whatever is left after all threads joined.
+fn drain(r: &Ring<u64, HeapRegion>) -> Vec<u64> {
+    let c = r.consumer().unwrap();
+    std::iter::from_fn(|| c.dequeue()).collect()
+}
+
+/// Two producers race one enqueue each while a consumer tries one dequeue.
+/// With capacity 2 both reserve concurrently, so the second must wait for
+/// the first to publish (the MP tail hand-off); with capacity 1 one producer
+/// may find the ring full. Every accepted element arrives exactly once.
+fn two_producers(cfg: RingConfig, cap: usize) {
     model(move || {
-        let r = ring(1, cfg);
-        let ts: Vec<_> = [10u64, 20]
+        let r = ring(cap, cfg);
+        let ts: Vec<_> = [11u64, 21]
             .into_iter()
-            .map(|base| {
+            .map(|v| {
                 let r = r.clone();
-                thread::spawn(move || push(&r, base + 1))
+                thread::spawn(move || r.producer().unwrap().try_enqueue(v).is_ok().then_some(v))
             })
             .collect();
-        // Capacity 1: the second producer must wait for the consumer.
-        let mut got: Vec<u64> = (0..2).map(|_| pop(&r)).collect();
-        for t in ts {
-            t.join().unwrap();
-        }
+        let early = r.consumer().unwrap().dequeue();
+        let mut sent: Vec<u64> = ts.into_iter().filter_map(|t| t.join().unwrap()).collect();
+        let mut got: Vec<u64> = early.into_iter().chain(drain(&r)).collect();
+        sent.sort_unstable();
         got.sort_unstable();
-        assert_eq!(got, [11, 21]);
+        assert_eq!(got, sent);
+        assert!(!sent.is_empty());
         assert!(r.is_empty());
     });
 }
 
-/// One producer (bulk of 2), two consumers racing for the elements.
+/// A producer bulk-enqueues [1, 2] while two consumers try one dequeue
+/// each; nothing is lost or duplicated and each consumer sees FIFO order.
 fn two_consumers(cfg: RingConfig) {
     model(move || {
         let r = ring(2, cfg);
         let cs: Vec<_> = (0..2)
             .map(|_| {
                 let r = r.clone();
-                thread::spawn(move || pop(&r))
+                thread::spawn(move || r.consumer().unwrap().dequeue())
             })
             .collect();
-        {
-            let p = r.producer().unwrap();
-            while p.enqueue_bulk(&[1, 2]).is_err() {
-                thread::yield_now();
-            }
-        }
-        let mut got: Vec<u64> = cs.into_iter().map(|t| t.join().unwrap()).collect();
+        r.producer().unwrap().enqueue_bulk(&[1, 2]).unwrap();
+        let mut got: Vec<u64> = cs.into_iter().filter_map(|t| t.join().unwrap()).collect();
+        got.extend(drain(&r));
         got.sort_unstable();
         assert_eq!(got, [1, 2]);
         assert!(r.is_empty());
@@ -118,10 +107,24 @@ fn two_consumers(cfg: RingConfig) {
 
 #[test]
 fn mp_two_producers() {
-    two_producers(RingConfig {
-        consumer: SyncMode::Single,
-        ..RingConfig::MPMC
-    });
+    two_producers(
+        RingConfig {
+            consumer: SyncMode::Single,
+            ..RingConfig::MPMC
+        },
+        2,
+    );
+}
+
+#[test]
+fn mp_two_producers_full_ring() {
+    two_producers(
+        RingConfig {
+            consumer: SyncMode::Single,
+            ..RingConfig::MPMC
+        },
+        1,
+    );
 }
 
 #[test]
@@ -134,10 +137,13 @@ fn mc_two_consumers() {
 
 #[test]
 fn rts_two_producers() {
-    two_producers(RingConfig {
-        consumer: SyncMode::Single,
-        ..RingConfig::RTS
-    });
+    two_producers(
+        RingConfig {
+            consumer: SyncMode::Single,
+            ..RingConfig::RTS
+        },
+        2,
+    );
 }
 
 #[test]
@@ -150,10 +156,13 @@ fn rts_two_consumers() {
 
 #[test]
 fn hts_two_producers() {
-    two_producers(RingConfig {
-        consumer: SyncMode::Single,
-        ..RingConfig::HTS
-    });
+    two_producers(
+        RingConfig {
+            consumer: SyncMode::Single,
+            ..RingConfig::HTS
+        },
+        2,
+    );
 }
 
 #[test]

@@ -59,8 +59,9 @@ fn make_fd() -> OwnedFd {
         Ok((fd, _)) => fd,
         Err(e) => {
             eprintln!("note: hugetlb memfd unavailable ({e}); using a plain memfd");
-            let fd = rustix::fs::memfd_create("memplane-ring-test", rustix::fs::MemfdFlags::empty())
-                .unwrap();
+            let fd =
+                rustix::fs::memfd_create("memplane-ring-test", rustix::fs::MemfdFlags::empty())
+                    .unwrap();
             rustix::fs::ftruncate(&fd, REGION as u64).unwrap();
             fd
         }
@@ -77,7 +78,9 @@ fn child(role: &str) {
     // SAFETY: everyone maps this memfd only to use the ring and atomics.
     let region = unsafe { MmapRegion::map_fd(fd, REGION) }.unwrap();
     eprintln!("child {role}: mapped at {:p}", region.as_ptr());
-    let shared = Shared { base: region.as_ptr() };
+    let shared = Shared {
+        base: region.as_ptr(),
+    };
     let ring = Ring::<u64, _>::attach(region).unwrap();
     let per = per_producer();
     let (kind, id) = role.split_once(':').unwrap();
@@ -117,10 +120,13 @@ fn child(role: &str) {
                     }
                     last[p as usize] = Some(seq);
                     let bit = 1u64 << (seq % 64);
-                    let old = shared.bitmap(p)[(seq / 64) as usize].fetch_or(bit, Ordering::Relaxed);
+                    let old =
+                        shared.bitmap(p)[(seq / 64) as usize].fetch_or(bit, Ordering::Relaxed);
                     assert_eq!(old & bit, 0, "producer {p} seq {seq} twice");
                 }
-                shared.received().fetch_add(u64::from(t.count), Ordering::Relaxed);
+                shared
+                    .received()
+                    .fetch_add(u64::from(t.count), Ordering::Relaxed);
             }
         }
         _ => panic!("unknown role {role}"),
@@ -146,7 +152,12 @@ fn two_processes_share_a_hugetlb_ring() {
         .iter()
         .map(|role| {
             Command::new(&exe)
-                .args(["two_processes_share_a_hugetlb_ring", "--exact", "--nocapture", "--test-threads=1"])
+                .args([
+                    "two_processes_share_a_hugetlb_ring",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env(ROLE_ENV, role)
                 .env(FD_ENV, fd.as_raw_fd().to_string())
                 .spawn()
@@ -161,9 +172,16 @@ fn two_processes_share_a_hugetlb_ring() {
         base: ring.memory().as_ptr(),
     };
     for p in 0..PRODUCERS {
-        let got: u64 = shared.bitmap(p).iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum();
+        let got: u64 = shared
+            .bitmap(p)
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
         assert_eq!(got, per_producer(), "producer {p}");
     }
     assert!(ring.is_empty());
-    assert_eq!(shared.received().load(Ordering::Relaxed), per_producer() * PRODUCERS);
+    assert_eq!(
+        shared.received().load(Ordering::Relaxed),
+        per_producer() * PRODUCERS
+    );
 }

@@ -78,9 +78,15 @@ fn run(cfg: RingConfig, producers: u64, consumers: u64, total: u64) {
                     }
                     for &v in &buf[..n] {
                         let (p, seq) = ((v >> 48) as usize, v & ((1 << 48) - 1));
-                        assert!(p < producers as usize && seq < per, "garbage element {v:#x}");
+                        assert!(
+                            p < producers as usize && seq < per,
+                            "garbage element {v:#x}"
+                        );
                         if let Some(l) = last[p] {
-                            assert!(seq > l, "producer {p}: {seq} after {l} (reordered or duplicated)");
+                            assert!(
+                                seq > l,
+                                "producer {p}: {seq} after {l} (reordered or duplicated)"
+                            );
                         }
                         last[p] = Some(seq);
                         let bit = 1u64 << (seq % 64);
@@ -93,7 +99,10 @@ fn run(cfg: RingConfig, producers: u64, consumers: u64, total: u64) {
         }
     });
     for (p, words) in seen.iter().enumerate() {
-        let got: u64 = words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum();
+        let got: u64 = words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
         assert_eq!(got, per, "producer {p}: {got} of {per} elements arrived");
     }
     assert!(ring.is_empty());
