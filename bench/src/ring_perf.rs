@@ -53,7 +53,7 @@ fn esize_run<E: Element + Default>(esize: Option<usize>, sizes: &[u32]) {
         let mut v = E::default();
         let start = rdtsc();
         for _ in 0..iterations {
-            let _ = p.try_enqueue(black_box(v));
+            let _ = p.try_enqueue(v);
             if let Some(x) = c.dequeue() {
                 v = x;
             }
@@ -102,7 +102,7 @@ fn esize_run<E: Element + Default>(esize: Option<usize>, sizes: &[u32]) {
         let n = black_box(sizes[0]) as usize;
         let start = rdtsc();
         for _ in 0..iterations {
-            let _ = black_box(c.dequeue_bulk(&mut burst[..n]));
+            let _ = c.dequeue_bulk(&mut burst[..n]);
         }
         let end = rdtsc();
         line(

@@ -418,13 +418,17 @@ impl Core {
         let base = self.slots.as_ptr().cast::<U>();
         let idx = (head & self.mask) as usize;
         let n = n as usize;
-        let first = n.min(self.size as usize - idx);
+        let first = self.size as usize - idx;
         // SAFETY: idx + first <= size and n - first <= size slots lie inside
         // the slot array (caller: n <= size); the reservation gives us
         // exclusive access to them; src is valid per the caller.
         unsafe {
-            core::ptr::copy_nonoverlapping(src, base.add(idx * unit), first * unit);
-            if first < n {
+            if idx + n <= self.size as usize {
+                // Common case, and with a constant `n` (single-element ops)
+                // a fixed-size move instead of a memcpy call.
+                core::ptr::copy_nonoverlapping(src, base.add(idx * unit), n * unit);
+            } else {
+                core::ptr::copy_nonoverlapping(src, base.add(idx * unit), first * unit);
                 core::ptr::copy_nonoverlapping(src.add(first * unit), base, (n - first) * unit);
             }
         }
@@ -444,13 +448,15 @@ impl Core {
         let base = self.slots.as_ptr().cast::<U>();
         let idx = (head & self.mask) as usize;
         let n = n as usize;
-        let first = n.min(self.size as usize - idx);
+        let first = self.size as usize - idx;
         // SAFETY: as in copy_in; the entries were published by producers
         // (acquired through the producer tail) and are ours until we
         // publish our consumer tail.
         unsafe {
-            core::ptr::copy_nonoverlapping(base.add(idx * unit), dst, first * unit);
-            if first < n {
+            if idx + n <= self.size as usize {
+                core::ptr::copy_nonoverlapping(base.add(idx * unit), dst, n * unit);
+            } else {
+                core::ptr::copy_nonoverlapping(base.add(idx * unit), dst, first * unit);
                 core::ptr::copy_nonoverlapping(base, dst.add(first * unit), (n - first) * unit);
             }
         }
