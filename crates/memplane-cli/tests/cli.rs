@@ -25,9 +25,10 @@ fn sys_counter(size_kb: u64, name: &str) -> u64 {
     .map_or(0, |t| t.trim().parse().unwrap())
 }
 
-/// Serializes tests that change the hugepage pool against tests that compare
-/// pool totals, across threads and processes: exclusive to change, shared to
-/// compare. Released when the returned file is dropped.
+/// Serializes tests that touch the hugepage pool, across threads and
+/// processes: exclusive to change the pool or to assert that free pages did
+/// not move; shared to take pages or to compare totals. Released when the
+/// returned file is dropped.
 fn pool_lock(exclusive: bool) -> std::fs::File {
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -246,7 +247,7 @@ fn bad_reserve_input_is_refused_and_changes_nothing() {
 
 #[test]
 fn check_refuses_too_much_and_explains() {
-    let _pool = pool_lock(false);
+    let _pool = pool_lock(true);
     let total =
         sys_counter(2048, "nr_hugepages") * 2 + sys_counter(1_048_576, "nr_hugepages") * 1024;
     let ask = (total + 64).to_string();
@@ -337,6 +338,7 @@ fn clear_removes_stale_files_and_keeps_live_ones() {
     ) {
         return;
     }
+    let _pool = pool_lock(false);
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().display().to_string();
     let bin = env!("CARGO_BIN_EXE_memplane");

@@ -267,7 +267,7 @@ fn real_machine_refuses_more_than_free_and_maps_nothing() {
     if !common::need_hugepages(2048, 1) {
         return;
     }
-    let _pool = common::pool_lock(false);
+    let _pool = common::pool_lock(true);
     let total = common::real_counter(2048, "nr_hugepages");
     let free_before = common::real_counter(2048, "free_hugepages");
     let files_before = hugetlbfs_files();

@@ -105,9 +105,10 @@ pub fn need_hugepages(size_kb: u64, pages: u64) -> bool {
     false
 }
 
-/// Serializes tests that change the hugepage pool against tests that compare
-/// pool totals, across threads and processes: exclusive to change, shared to
-/// compare. Released when the returned file is dropped.
+/// Serializes tests that touch the hugepage pool, across threads and
+/// processes: exclusive to change the pool or to assert that free pages did
+/// not move; shared to take pages or to compare totals. Released when the
+/// returned file is dropped.
 pub fn pool_lock(exclusive: bool) -> std::fs::File {
     let f = std::fs::OpenOptions::new()
         .create(true)
