@@ -401,9 +401,9 @@ pub fn check(req: &Request, discovery: &Discovery) -> Result<Plan> {
             .collect();
         return Err(PreflightError { shortfalls }.into());
     }
-    if rustix::process::geteuid().is_root() {
-        // root has CAP_IPC_LOCK: memlock does not bind.
-    } else if let Some(soft) = snap.memlock.soft {
+    // root has CAP_IPC_LOCK, so memlock does not bind it.
+    let memlock_binds = !rustix::process::geteuid().is_root();
+    if let (true, Some(soft)) = (memlock_binds, snap.memlock.soft) {
         if plan.bytes() > soft {
             plan.warnings.push(format!(
                 "RLIMIT_MEMLOCK is {} but {} will be preallocated: DMA mapping (VFIO) of all of it needs 'ulimit -l unlimited' or CAP_IPC_LOCK",
