@@ -32,6 +32,10 @@ pub enum Error {
     #[error(transparent)]
     Lock(#[from] crate::shm::lock::LockError),
 
+    /// A memseg list or page allocation error.
+    #[error(transparent)]
+    Memseg(#[from] crate::memseg::MemsegError),
+
     /// A system file or directory could not be read or written.
     #[error("{action} {path}: {source}")]
     Io {

@@ -32,6 +32,7 @@
 pub mod error;
 pub mod fbarray;
 pub mod hugepages;
+pub mod memseg;
 pub mod options;
 pub mod preflight;
 pub mod runtime_dir;

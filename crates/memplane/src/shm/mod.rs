@@ -2,3 +2,4 @@
 //! processes at once.
 
 pub mod lock;
+pub mod vaspace;
