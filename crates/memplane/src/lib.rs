@@ -32,7 +32,9 @@
 pub mod error;
 pub mod fbarray;
 pub mod hugepages;
+pub mod iova;
 pub mod memseg;
+pub mod numa;
 pub mod options;
 pub mod preflight;
 pub mod runtime_dir;
