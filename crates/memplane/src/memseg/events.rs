@@ -133,7 +133,11 @@ impl Registry {
         v: Validator,
     ) -> Result<(), MemsegError> {
         check_name(name)?;
-        if self.validators.iter().any(|(n, s, ..)| n == name && *s == node) {
+        if self
+            .validators
+            .iter()
+            .any(|(n, s, ..)| n == name && *s == node)
+        {
             return Err(MemsegError::CallbackName {
                 name: name.to_string(),
                 why: "is already registered for this node",
@@ -146,7 +150,8 @@ impl Registry {
     pub(crate) fn remove_validator(&mut self, name: &str, node: u32) -> Result<(), MemsegError> {
         check_name(name)?;
         let before = self.validators.len();
-        self.validators.retain(|(n, s, ..)| !(n == name && *s == node));
+        self.validators
+            .retain(|(n, s, ..)| !(n == name && *s == node));
         if self.validators.len() == before {
             return Err(MemsegError::NoSuchCallback {
                 name: name.to_string(),
@@ -161,53 +166,68 @@ impl Registry {
         self.callbacks.iter().map(|(_, c)| Arc::clone(c)).collect()
     }
 
-    /// Runs the validators of `node` whose limit `new_total` reaches; the
-    /// first refusal names itself.
-    pub(crate) fn validate(
-        &self,
-        node: u32,
-        asked: u64,
-        new_total: u64,
-    ) -> Result<(), MemsegError> {
-        for (name, _, limit, v) in self
-            .validators
+    /// Snapshot of the validators of `node`, so they can run without the
+    /// registry lock (a validator may register another).
+    pub(crate) fn validators_for(&self, node: u32) -> Vec<(String, u64, Validator)> {
+        self.validators
             .iter()
-            .filter(|(_, s, l, _)| *s == node && new_total > *l)
-        {
-            let allowed = in_callback(|| v(node, *limit, new_total));
-            if !allowed {
-                return Err(MemsegError::LimitExceeded {
-                    node,
-                    asked,
-                    new_total,
-                    limit: *limit,
-                    by: format!("validator {name:?}"),
-                });
-            }
-        }
-        Ok(())
+            .filter(|(_, s, ..)| *s == node)
+            .map(|(n, _, l, v)| (n.clone(), *l, Arc::clone(v)))
+            .collect()
     }
 }
 
-thread_local! {
-    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+/// Runs the validators whose limit `new_total` passes; the first refusal
+/// names itself.
+pub(crate) fn validate(
+    instance: usize,
+    validators: &[(String, u64, Validator)],
+    node: u32,
+    asked: u64,
+    new_total: u64,
+) -> Result<(), MemsegError> {
+    for (name, limit, v) in validators.iter().filter(|(_, l, _)| new_total > *l) {
+        let allowed = in_callback(instance, || v(node, *limit, new_total));
+        if !allowed {
+            return Err(MemsegError::LimitExceeded {
+                node,
+                asked,
+                new_total,
+                limit: *limit,
+                by: format!("validator {name:?}"),
+            });
+        }
+    }
+    Ok(())
 }
 
-/// Runs `f` marked as inside a callback (locked calls then refuse).
-pub(crate) fn in_callback<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
+thread_local! {
+    /// The instance (its config address) whose callback this thread is
+    /// running, 0 when none.
+    static IN_CALLBACK: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `f` marked as inside a callback of `instance` (its locked calls
+/// then refuse, its walks skip the lock this thread already holds).
+pub(crate) fn in_callback<R>(instance: usize, f: impl FnOnce() -> R) -> R {
+    struct Reset(usize);
     impl Drop for Reset {
         fn drop(&mut self) {
             IN_CALLBACK.with(|c| c.set(self.0));
         }
     }
-    let _reset = Reset(IN_CALLBACK.with(|c| c.replace(true)));
+    let _reset = Reset(IN_CALLBACK.with(|c| c.replace(instance)));
     f()
 }
 
-/// Refuses when called from inside a callback.
-pub(crate) fn not_in_callback(what: &'static str) -> Result<(), MemsegError> {
-    if IN_CALLBACK.with(Cell::get) {
+/// Whether this thread runs a callback of `instance`.
+pub(crate) fn is_in_callback(instance: usize) -> bool {
+    IN_CALLBACK.with(Cell::get) == instance
+}
+
+/// Refuses when called from inside a callback of `instance`.
+pub(crate) fn not_in_callback(instance: usize, what: &'static str) -> Result<(), MemsegError> {
+    if is_in_callback(instance) {
         Err(MemsegError::Reentrant { what })
     } else {
         Ok(())
@@ -215,11 +235,11 @@ pub(crate) fn not_in_callback(what: &'static str) -> Result<(), MemsegError> {
 }
 
 /// Fires `events` through `callbacks` in order.
-pub(crate) fn fire(callbacks: &[EventCallback], events: &[MemEvent]) {
+pub(crate) fn fire(instance: usize, callbacks: &[EventCallback], events: &[MemEvent]) {
     if callbacks.is_empty() {
         return;
     }
-    in_callback(|| {
+    in_callback(instance, || {
         for ev in events {
             for cb in callbacks {
                 cb(ev);

@@ -87,7 +87,12 @@ pub struct VaReservation {
 
 impl fmt::Debug for VaReservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VaReservation({:#x}..{:#x})", self.base, self.base + self.len)
+        write!(
+            f,
+            "VaReservation({:#x}..{:#x})",
+            self.base,
+            self.base + self.len
+        )
     }
 }
 
@@ -101,7 +106,10 @@ impl VaReservation {
             return Err(VaError::Misaligned { addr, align: page });
         }
         if len == 0 || len % page != 0 {
-            return Err(VaError::Misaligned { addr: len, align: page });
+            return Err(VaError::Misaligned {
+                addr: len,
+                align: page,
+            });
         }
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so
         // no memory anyone uses is affected; the new mapping is PROT_NONE.
@@ -146,12 +154,16 @@ impl VaReservation {
             }
         }
         // SAFETY: the range is our fresh PROT_NONE mapping.
-        if let Err(e) =
-            unsafe { rustix::mm::madvise(addr as *mut _, len, rustix::mm::Advice::LinuxDontDump) }
-        {
+        let advised =
+            unsafe { rustix::mm::madvise(addr as *mut _, len, rustix::mm::Advice::LinuxDontDump) };
+        if let Err(e) = advised {
             tracing::debug!(error = %e, "MADV_DONTDUMP refused on the reservation");
         }
-        tracing::debug!(base = format_args!("{addr:#x}"), len, "address space reserved");
+        tracing::debug!(
+            base = format_args!("{addr:#x}"),
+            len,
+            "address space reserved"
+        );
         Ok(VaReservation { base: addr, len })
     }
 
@@ -174,7 +186,10 @@ impl VaReservation {
                 Err(e) => return Err(e),
             }
         }
-        Err(first_err.unwrap_or(VaError::Misaligned { addr: hint, align: 0 }))
+        Err(first_err.unwrap_or(VaError::Misaligned {
+            addr: hint,
+            align: 0,
+        }))
     }
 
     /// First address of the reservation.
@@ -327,7 +342,7 @@ mod tests {
 
     #[test]
     fn reserve_twice_at_one_address_names_the_first() {
-        let a = VaReservation::reserve_near(DEFAULT_BASE_VA + 0x77 * BASE_VA_STRIDE, 1 << 30, true)
+        let a = VaReservation::reserve_near(DEFAULT_BASE_VA + 0x50 * BASE_VA_STRIDE, 1 << 30, true)
             .unwrap();
         let err = VaReservation::reserve_at(a.base() + (1 << 20), 1 << 21).unwrap_err();
         let msg = err.to_string();
@@ -349,7 +364,7 @@ mod tests {
             VaReservation::reserve_at(0x2000_0000_0000, 0),
             Err(VaError::Misaligned { .. })
         ));
-        let r = VaReservation::reserve_near(DEFAULT_BASE_VA + 0x78 * BASE_VA_STRIDE, 1 << 21, true)
+        let r = VaReservation::reserve_near(DEFAULT_BASE_VA + 0x52 * BASE_VA_STRIDE, 1 << 21, true)
             .unwrap();
         // SAFETY: nothing uses the range.
         let e = unsafe { r.unmap(1 << 20, 1 << 21) }.unwrap_err();
