@@ -14,6 +14,9 @@
 //!   really give before anything is mapped, and explains any shortfall.
 //! - [`options`]: [`MemOptions`], the typed form of DPDK's EAL memory flags.
 //! - [`runtime_dir`]: the per-prefix runtime directory and primary lock.
+//! - [`Memory`]: one instance: the shared config and memseg lists in one
+//!   address-space reservation, pages mapped and unmapped at run time
+//!   ([`memseg`]), with [`numa`] placement and [`iova`] addresses.
 //!
 //! # Example
 //!
@@ -34,6 +37,7 @@ pub mod fbarray;
 pub mod hugepages;
 pub mod iova;
 pub mod memseg;
+mod memory;
 pub mod numa;
 pub mod options;
 pub mod preflight;
@@ -42,5 +46,6 @@ pub mod shm;
 pub mod units;
 
 pub use error::{Error, Result};
+pub use memory::{Memory, MemoryLayout};
 pub use options::MemOptions;
 pub use units::PageSize;

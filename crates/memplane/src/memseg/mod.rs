@@ -11,6 +11,7 @@
 //! types, the shared layout and the page stores.
 
 pub mod events;
+pub mod hugetlbfs;
 pub mod layout;
 pub mod store;
 

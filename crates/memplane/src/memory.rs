@@ -1,0 +1,1418 @@
+//! [`Memory`]: one memplane instance. Init builds the shared config and the
+//! memseg lists inside one address-space reservation, preallocates
+//! `--socket-mem`/`-m`, and then maps and unmaps pages on request; drop
+//! gives everything back.
+
+use std::fmt;
+use std::ops::ControlFlow;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::fbarray::FbArray;
+use crate::hugepages::{Discovery, SystemRoots};
+use crate::iova::{Pagemap, BAD_IOVA};
+use crate::memseg::events::{self, EventCallback, Registry, Validator};
+use crate::memseg::hugetlbfs::{reclaim_stale, HugetlbfsStore};
+use crate::memseg::layout::{
+    self, ConfigHeader, ConfigLayout, ListHeader, Memseg, Section, CFG_IN_MEMORY, CFG_IOVA_PA,
+    CFG_LEGACY, CFG_NO_HUGE, CFG_SINGLE_FILE, CONFIG_MAGIC, LAYOUT_VERSION, LIST_NAME_LEN,
+    MEMSEG_DIRTY, MEMSEG_DO_NOT_FREE, SECTION_LISTS,
+};
+use crate::memseg::store::{Freshness, MemfdStore, PageStore};
+use crate::memseg::{
+    ContigRun, ListInfo, MemEvent, MemEventKind, MemsegError, MemsegInfo, PageRequest, PageRun,
+};
+use crate::numa::Topology;
+use crate::options::{IovaMode, MemOptions, ProcType, NO_HUGE_DEFAULT_MEMORY};
+use crate::preflight::{self, Backing, Plan};
+use crate::runtime_dir::{PrimaryLock, RuntimeDir};
+use crate::shm::vaspace::{VaReservation, DEFAULT_BASE_VA};
+use crate::units::{format_size, PageSize};
+use crate::{Error, Result};
+
+/// One list as this process sees it: the shared header and fbarray, and
+/// the process-local store holding the backing descriptors.
+struct List {
+    header: NonNull<ListHeader>,
+    segs: FbArray<'static>,
+    store: Box<dyn PageStore>,
+    index: u32,
+    name: String,
+    node: u32,
+    page_size: PageSize,
+    /// Offset of the list's first slot inside the reservation.
+    va_off: usize,
+    base_va: usize,
+    capacity: u32,
+}
+
+impl List {
+    fn header(&self) -> &ListHeader {
+        // SAFETY: the header lives in the config mapping, which outlives
+        // every `List` (both are owned by `Memory`, lists dropped first).
+        unsafe { self.header.as_ref() }
+    }
+
+    fn slot_va(&self, slot: u32) -> usize {
+        self.base_va + slot as usize * self.page_size.bytes() as usize
+    }
+
+    fn seg(&self, slot: u32) -> Memseg {
+        match self.segs.get_ptr::<Memseg>(slot) {
+            // SAFETY: slot < capacity and the element is a plain-data
+            // Memseg; callers hold the hotplug lock (or are inside its
+            // holder's callback), so nobody writes it concurrently.
+            Ok(p) => unsafe { p.as_ptr().read() },
+            Err(_) => Memseg::default(),
+        }
+    }
+
+    fn set_seg(&self, slot: u32, seg: Memseg) {
+        if let Ok(p) = self.segs.get_ptr::<Memseg>(slot) {
+            // SAFETY: as in `seg`, with the hotplug lock held for writing.
+            unsafe { p.as_ptr().write(seg) };
+        }
+    }
+
+    fn info(&self) -> ListInfo {
+        let h = self.header();
+        ListInfo {
+            index: self.index,
+            name: self.name.clone(),
+            node: self.node,
+            page_size: self.page_size,
+            base_va: self.base_va,
+            len: self.capacity as usize * self.page_size.bytes() as usize,
+            capacity: self.capacity,
+            used: h.used.load(Ordering::Relaxed),
+            pinned: h.pinned.load(Ordering::Relaxed),
+            backing: self.store.kind(),
+            version: h.version.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The memory of one memplane instance (one file prefix).
+///
+/// There is no global state: two instances with different prefixes can
+/// live in one process. Dropping the handle unmaps every page, gives the
+/// hugepages back to the kernel, removes files and the runtime directory.
+///
+/// # Example
+///
+/// ```no_run
+/// use memplane::{Memory, MemOptions, PageSize};
+/// use memplane::memseg::PageRequest;
+///
+/// let opts = MemOptions::new().file_prefix("example").build()?;
+/// let mem = Memory::init(&opts)?;
+/// let runs = mem.alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 4))?;
+/// let run = runs[0];
+/// // SAFETY: the run is ours until freed.
+/// unsafe { std::ptr::write_bytes(run.va as *mut u8, 0xab, run.len) };
+/// mem.free_pages(run.va, run.len)?;
+/// # Ok::<(), memplane::Error>(())
+/// ```
+pub struct Memory {
+    // Field order is drop order: the lists (and their fbarray views) go
+    // before the config mapping and the reservation they point into.
+    lists: Vec<List>,
+    registry: std::sync::RwLock<Registry>,
+    config: NonNull<ConfigHeader>,
+    config_fd: OwnedFd,
+    reservation: VaReservation,
+    topology: Topology,
+    pagemap: Option<Pagemap>,
+    iova_mode: IovaMode,
+    socket_limits: Vec<u64>,
+    fixed: Option<&'static str>,
+    opts: MemOptions,
+    plan: Plan,
+    primary: Option<(RuntimeDir, PrimaryLock)>,
+}
+
+// SAFETY: the raw pointers point into the shared config mapping owned by
+// this value; everything reachable through them is either atomic, guarded
+// by the process-shared hotplug lock, or guarded by the fbarray locks.
+unsafe impl Send for Memory {}
+// SAFETY: as above; `&Memory` methods synchronise through those locks.
+unsafe impl Sync for Memory {}
+
+impl fmt::Debug for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Memory")
+            .field("prefix", &self.opts.file_prefix)
+            .field("reservation", &self.reservation)
+            .field("lists", &self.lists.len())
+            .field("iova_mode", &self.iova_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One memory type to build a list for.
+struct ListPlan {
+    node: u32,
+    page_size: PageSize,
+    capacity: u32,
+    va_off: usize,
+}
+
+impl Memory {
+    /// Starts an instance as primary: validates the options, checks the
+    /// request against the machine (preflight), reserves the address space,
+    /// builds the shared config and memseg lists, and preallocates
+    /// `--socket-mem` / `-m`. A failed init leaves nothing behind.
+    pub fn init(opts: &MemOptions) -> Result<Memory> {
+        Self::init_with_roots(opts, &SystemRoots::real())
+    }
+
+    /// [`init`](Self::init) reading the machine's facts under other roots
+    /// (tests).
+    pub fn init_with_roots(opts: &MemOptions, roots: &SystemRoots) -> Result<Memory> {
+        let started = std::time::Instant::now();
+        opts.validate()?;
+        if opts.proc_type == ProcType::Secondary {
+            return Err(Error::System(
+                "--proc-type secondary: attaching to a primary is not supported by this build yet; \
+                 start a primary with another --file-prefix"
+                    .into(),
+            ));
+        }
+        let primary = if opts.shared_config() {
+            let dir = RuntimeDir::create(&opts.file_prefix, opts.runtime_dir.as_deref())?;
+            let lock = dir.try_lock_primary()?;
+            Some((dir, lock))
+        } else {
+            None
+        };
+
+        let discovery = Discovery::new(roots.clone());
+        let plan = preflight::check_options(opts, &discovery)?;
+        for w in &plan.warnings {
+            tracing::warn!("{w}");
+        }
+        let topology = Topology::discover(roots).map_err(|e| Error::System(e.to_string()))?;
+        let snapshot = if opts.no_huge {
+            None
+        } else {
+            Some(discovery.discover()?)
+        };
+        let pa_possible = snapshot
+            .as_ref()
+            .is_some_and(|s| s.pagemap == crate::hugepages::PagemapAccess::PhysicalAddresses);
+        let iova_mode = match opts.iova_mode {
+            Some(IovaMode::Pa) if !pa_possible => {
+                return Err(Error::Permission {
+                    what: "--iova-mode pa needs physical addresses from /proc/self/pagemap".into(),
+                    fix: "run as root (CAP_SYS_ADMIN), or use --iova-mode va".into(),
+                })
+            }
+            Some(m) => m,
+            None if pa_possible => IovaMode::Pa,
+            None => IovaMode::Va,
+        };
+        let pagemap = if iova_mode == IovaMode::Pa {
+            Some(Pagemap::open().map_err(|e| Error::System(e.to_string()))?)
+        } else {
+            None
+        };
+
+        let backing = preflight::Request::from_options(opts).backing;
+        let types = plan_lists(opts, &plan, &topology)?;
+        let caps: Vec<u32> = types.iter().map(|t| t.capacity).collect();
+        let layout = ConfigLayout::new(opts.max_memseg_lists, &caps)?;
+        let lists_end = types
+            .iter()
+            .map(|t| t.va_off + t.capacity as usize * t.page_size.bytes() as usize)
+            .max()
+            .unwrap_or(0);
+        let config_off = lists_end.next_multiple_of(rustix::param::page_size());
+        let total = config_off + layout.total;
+        let max_page = types
+            .iter()
+            .map(|t| t.page_size.bytes() as usize)
+            .max()
+            .unwrap_or(4096);
+
+        let reservation = match opts.base_virtaddr {
+            Some(hint) => {
+                let hint = usize::try_from(hint).unwrap_or(usize::MAX);
+                if hint % max_page != 0 {
+                    return Err(Error::System(format!(
+                        "--base-virtaddr {hint:#x} is not aligned to the largest page size in use ({}); \
+                         use {:#x}",
+                        format_size(max_page as u64),
+                        hint.next_multiple_of(max_page)
+                    )));
+                }
+                VaReservation::reserve_near(hint, total, true).map_err(MemsegError::from)?
+            }
+            None => VaReservation::reserve_near(DEFAULT_BASE_VA, total, false)
+                .map_err(MemsegError::from)?,
+        };
+
+        // The config: a memfd mapped at the end of the reservation.
+        let config_fd = rustix::fs::memfd_create(
+            format!("{}config", opts.file_prefix),
+            rustix::fs::MemfdFlags::CLOEXEC,
+        )
+        .map_err(|e| Error::io("creating", "config memfd", e.into()))?;
+        rustix::fs::ftruncate(&config_fd, layout.total as u64)
+            .map_err(|e| Error::io("sizing", "config memfd", e.into()))?;
+        // SAFETY: the config range of the fresh reservation is unused.
+        let config_ptr = unsafe {
+            reservation.map_shared(config_off, layout.total, config_fd.as_fd(), 0, false)
+        }
+        .map_err(MemsegError::from)?;
+        // The mapping is page-aligned, more than any config structure needs.
+        #[allow(clippy::cast_ptr_alignment)]
+        let config = NonNull::new(config_ptr.cast::<ConfigHeader>())
+            .ok_or_else(|| Error::System("config mapped at address 0".into()))?;
+
+        let mut flags = 0;
+        if opts.legacy_mem {
+            flags |= CFG_LEGACY;
+        }
+        if opts.single_file_segments {
+            flags |= CFG_SINGLE_FILE;
+        }
+        if opts.no_huge {
+            flags |= CFG_NO_HUGE;
+        }
+        if opts.in_memory {
+            flags |= CFG_IN_MEMORY;
+        }
+        if iova_mode == IovaMode::Pa {
+            flags |= CFG_IOVA_PA;
+        }
+        let mut sections = [Section::default(); layout::SECTION_SLOTS];
+        sections[SECTION_LISTS] = Section {
+            offset: layout.lists_off as u64,
+            len: u64::from(opts.max_memseg_lists) * size_of::<ListHeader>() as u64,
+        };
+        // SAFETY: the config mapping is fresh (zero-filled), at least
+        // `layout.total` bytes and page-aligned; nobody else has it yet.
+        unsafe {
+            config.as_ptr().write(ConfigHeader {
+                magic: 0.into(),
+                layout_version: LAYOUT_VERSION,
+                header_size: size_of::<ConfigHeader>() as u32,
+                build_id: layout::build_id(),
+                config_va: config_ptr as u64,
+                config_len: layout.total as u64,
+                mem_va: reservation.base() as u64,
+                mem_len: reservation.len() as u64,
+                primary_pid: std::process::id(),
+                flags,
+                n_lists: types.len() as u32,
+                max_lists: opts.max_memseg_lists,
+                hotplug_lock: crate::shm::lock::RwLock::new(),
+                reserved0: 0,
+                sections,
+                reserved: [0; 24],
+            });
+        }
+
+        if let Backing::Hugetlbfs(dir) = &backing {
+            match reclaim_stale(dir, &opts.file_prefix) {
+                Ok(report) if !report.removed.is_empty() => tracing::info!(
+                    dir = %dir.display(),
+                    files = report.removed.len(),
+                    "removed stale hugepage files of dead processes"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot reclaim stale hugepage files");
+                }
+            }
+        }
+
+        let mut lists = Vec::with_capacity(types.len());
+        for (i, t) in types.iter().enumerate() {
+            let index = i as u32;
+            let name = format!("memseg-{}k-{}", t.page_size.kib(), t.node);
+            let store: Box<dyn PageStore> = match &backing {
+                Backing::Hugetlbfs(dir) => Box::new(HugetlbfsStore::create(
+                    dir,
+                    &opts.file_prefix,
+                    index,
+                    t.page_size,
+                    t.capacity,
+                    opts.single_file_segments,
+                    opts.effective_huge_unlink(),
+                )?),
+                Backing::Memfd | Backing::Anonymous => Box::new(MemfdStore::create(
+                    &format!("{}seg_{index}", opts.file_prefix),
+                    t.page_size,
+                    t.capacity,
+                )?),
+            };
+            let (fb_off, fb_len) = layout.fbarrays[i];
+            // SAFETY: inside the config mapping (layout computed the range),
+            // unused by anyone else yet; the mapping lives as long as `List`.
+            let segs = unsafe {
+                FbArray::init(
+                    config_ptr.add(fb_off),
+                    fb_len,
+                    &name,
+                    t.capacity,
+                    size_of::<Memseg>() as u32,
+                )
+            }?;
+            let mut name_buf = [0u8; LIST_NAME_LEN];
+            name_buf[..name.len().min(LIST_NAME_LEN)]
+                .copy_from_slice(&name.as_bytes()[..name.len().min(LIST_NAME_LEN)]);
+            let base_va = reservation.base() + t.va_off;
+            // lists_off and 128-byte entries keep 8-byte alignment.
+            #[allow(clippy::cast_ptr_alignment)]
+            // SAFETY: the header table lies inside the config mapping
+            // (lists_off + max_lists * 128 <= layout.total) and i < n_lists
+            // <= max_lists.
+            let header = unsafe {
+                let p = config_ptr
+                    .add(layout.lists_off + i * size_of::<ListHeader>())
+                    .cast::<ListHeader>();
+                p.write(ListHeader {
+                    base_va: base_va as u64,
+                    len: u64::from(t.capacity) * t.page_size.bytes(),
+                    page_size: t.page_size.bytes(),
+                    version: 0.into(),
+                    fbarray_off: fb_off as u64,
+                    fbarray_len: fb_len as u64,
+                    node: t.node,
+                    capacity: t.capacity,
+                    backing: store.kind() as u32,
+                    index,
+                    used: 0.into(),
+                    pinned: 0.into(),
+                    name: name_buf,
+                    reserved: [0; 3],
+                });
+                NonNull::new_unchecked(p)
+            };
+            lists.push(List {
+                header,
+                segs,
+                store,
+                index,
+                name,
+                node: t.node,
+                page_size: t.page_size,
+                va_off: t.va_off,
+                base_va,
+                capacity: t.capacity,
+            });
+        }
+
+        let socket_limits = opts.socket_limit.clone().unwrap_or_default();
+        let mut mem = Memory {
+            lists,
+            registry: std::sync::RwLock::new(Registry::default()),
+            config,
+            config_fd,
+            reservation,
+            topology,
+            pagemap,
+            iova_mode,
+            socket_limits,
+            fixed: None,
+            opts: opts.clone(),
+            plan,
+            primary,
+        };
+
+        // Preallocate what was asked for, pinned until shutdown.
+        let entries = mem.plan.entries.clone();
+        for e in &entries {
+            let count = u32::try_from(e.pages).map_err(|_| {
+                Error::System(format!("{} pages of {} is too many", e.pages, e.page_size))
+            })?;
+            let req = PageRequest::new(e.node, e.page_size, count).best_effort_contiguity();
+            mem.alloc_inner(&req, true)?;
+        }
+        if opts.no_huge {
+            let bytes = opts.requested_memory().unwrap_or(NO_HUGE_DEFAULT_MEMORY);
+            let pages = bytes.div_ceil(PageSize::SIZE_4K.bytes());
+            if pages > 0 {
+                let count = u32::try_from(pages).map_err(|_| {
+                    Error::System(format!("{bytes} bytes of 4 KiB pages is too many"))
+                })?;
+                let req = PageRequest::new(0, PageSize::SIZE_4K, count).best_effort_contiguity();
+                mem.alloc_inner(&req, true)?;
+            }
+            mem.fixed = Some("--no-huge");
+        } else if opts.legacy_mem {
+            mem.fixed = Some("--legacy-mem");
+        }
+
+        // Complete: other processes may attach from now on.
+        mem.config_header()
+            .magic
+            .store(CONFIG_MAGIC, Ordering::Release);
+        tracing::info!(
+            prefix = %opts.file_prefix,
+            lists = mem.lists.len(),
+            preallocated = %format_size(mem.plan.bytes()),
+            base = format_args!("{:#x}", mem.reservation.base()),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "memory initialised"
+        );
+        Ok(mem)
+    }
+
+    fn config_header(&self) -> &ConfigHeader {
+        // SAFETY: the config mapping lives as long as `self`.
+        unsafe { self.config.as_ref() }
+    }
+
+    /// A stable id of this instance, for the per-thread callback marker.
+    fn id(&self) -> usize {
+        self.config.as_ptr() as usize
+    }
+
+    /// The options the instance was started with.
+    pub fn options(&self) -> &MemOptions {
+        &self.opts
+    }
+
+    /// NUMA topology seen at init.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The IOVA mode in effect.
+    pub fn iova_mode(&self) -> IovaMode {
+        self.iova_mode
+    }
+
+    /// First address of the instance's address-space reservation.
+    pub fn base_va(&self) -> usize {
+        self.reservation.base()
+    }
+
+    /// Bytes of the reservation (all lists and the config).
+    pub fn va_len(&self) -> usize {
+        self.reservation.len()
+    }
+
+    /// The shared config's memfd (secondaries map it).
+    pub fn config_fd(&self) -> BorrowedFd<'_> {
+        self.config_fd.as_fd()
+    }
+
+    /// The preallocation plan carried out at init.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Snapshots of all memseg lists.
+    pub fn lists(&self) -> Vec<ListInfo> {
+        self.lists.iter().map(List::info).collect()
+    }
+
+    /// Bytes of pages mapped on `node` (all sizes).
+    pub fn node_total(&self, node: u32) -> u64 {
+        self.lists
+            .iter()
+            .filter(|l| l.node == node)
+            .map(|l| u64::from(l.header().used.load(Ordering::Relaxed)) * l.page_size.bytes())
+            .sum()
+    }
+
+    /// Bytes of pages mapped, all nodes.
+    pub fn total_mapped(&self) -> u64 {
+        self.lists
+            .iter()
+            .map(|l| u64::from(l.header().used.load(Ordering::Relaxed)) * l.page_size.bytes())
+            .sum()
+    }
+
+    fn list_for(&self, node: u32, page_size: PageSize) -> Result<&List, MemsegError> {
+        if !self.topology.contains(node) {
+            return Err(MemsegError::NoSuchNode {
+                node,
+                nodes: self.topology.nodes().iter().map(|n| n.id).collect(),
+            });
+        }
+        self.lists
+            .iter()
+            .find(|l| l.node == node && l.page_size == page_size)
+            .ok_or_else(|| MemsegError::NoSuchPageSize {
+                node,
+                page_size,
+                available: self
+                    .lists
+                    .iter()
+                    .filter(|l| l.node == node)
+                    .map(|l| l.page_size)
+                    .collect(),
+                fix: if self.opts.no_huge {
+                    "--no-huge uses 4 KiB pages only".into()
+                } else {
+                    format!(
+                        "lists exist for page sizes that had free pages at init; reserve {page_size} pages \
+                         (`memplane hugepages reserve {page_size}=<count>`) before starting"
+                    )
+                },
+            })
+    }
+
+    fn list_of_addr(&self, addr: usize) -> Option<&List> {
+        self.lists.iter().find(|l| {
+            addr >= l.base_va
+                && addr - l.base_va < l.capacity as usize * l.page_size.bytes() as usize
+        })
+    }
+
+    /// Runs `f` with the hotplug lock held for reading, or directly when
+    /// this thread is inside one of this instance's callbacks (it holds the
+    /// lock for writing already).
+    fn read_locked<R>(&self, f: impl FnOnce() -> R) -> R {
+        if events::is_in_callback(self.id()) {
+            f()
+        } else {
+            let _g = self.config_header().hotplug_lock.read();
+            f()
+        }
+    }
+
+    /// Maps pages: `req.count` pages of `req.page_size` on `req.node`, into
+    /// free slots of that memory type's list. Returns the runs mapped (one
+    /// when `req.contiguous`). Pages are reserved from the kernel before they
+    /// are mapped (a shortfall is [`MemsegError::OutOfPages`], never
+    /// SIGBUS), validators and `--socket-limit` are consulted first, and
+    /// [`MemEventKind::Alloc`] events fire after the mapping. On error
+    /// nothing changed.
+    pub fn alloc_pages(&self, req: &PageRequest) -> Result<Vec<PageRun>> {
+        if let Some(mode) = self.fixed {
+            return Err(MemsegError::FixedMemory {
+                what: "allocating pages at run time",
+                mode,
+            }
+            .into());
+        }
+        self.alloc_inner(req, false)
+    }
+
+    fn alloc_inner(&self, req: &PageRequest, pin: bool) -> Result<Vec<PageRun>> {
+        events::not_in_callback(self.id(), "alloc_pages")?;
+        if req.count == 0 {
+            return Err(MemsegError::ZeroPages.into());
+        }
+        let list = self.list_for(req.node, req.page_size)?;
+        let psz = req.page_size.bytes();
+        let _g = self.config_header().hotplug_lock.write();
+
+        let asked = u64::from(req.count) * psz;
+        let current = self.node_total(req.node);
+        let new_total = current + asked;
+        if let Some(&limit) = self.socket_limits.get(req.node as usize) {
+            if limit > 0 && new_total > limit {
+                return Err(MemsegError::LimitExceeded {
+                    node: req.node,
+                    asked,
+                    new_total,
+                    limit,
+                    by: "--socket-limit".into(),
+                }
+                .into());
+            }
+        }
+        let validators = self
+            .registry
+            .read()
+            .map_err(|_| Error::System("callback registry poisoned".into()))?
+            .validators_for(req.node);
+        events::validate(self.id(), &validators, req.node, asked, new_total)?;
+
+        // Slots.
+        let runs = find_slots(list, req)?;
+        // Pages from the kernel, on the right node.
+        let _policy = if self.topology.nodes().len() > 1 {
+            Some(
+                crate::numa::PolicyGuard::bind_thread(req.node, true)
+                    .map_err(|e| Error::System(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let mut reserved: Vec<(u32, u32, Freshness)> = Vec::new();
+        let rollback = |reserved: &[(u32, u32, Freshness)]| {
+            for &(first, count, _) in reserved {
+                if let Err(e) = list.store.release(first, count) {
+                    tracing::error!(list = %list.name, first, count, error = %e, "cannot give pages back during rollback");
+                }
+            }
+        };
+        let mut shortfall = None;
+        for &(first, count) in &runs {
+            match list.store.reserve(first, count) {
+                Ok(f) => reserved.push((first, count, f)),
+                Err(e @ MemsegError::OutOfPages { .. }) if !req.exact => {
+                    // As many as possible: one page at a time until the
+                    // kernel says no.
+                    for s in first..first + count {
+                        match list.store.reserve(s, 1) {
+                            Ok(f) => reserved.push((s, 1, f)),
+                            Err(_) => break,
+                        }
+                    }
+                    shortfall = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    rollback(&reserved);
+                    return Err(e.into());
+                }
+            }
+        }
+        if reserved.is_empty() {
+            return Err(shortfall.unwrap_or(MemsegError::ZeroPages).into());
+        }
+        let reserved = merge_runs(reserved);
+
+        // Map, then learn IOVAs and check placement.
+        let mut mapped: Vec<(u32, u32)> = Vec::new();
+        let unmap_all = |mapped: &[(u32, u32)]| {
+            for &(first, count) in mapped {
+                let off = list.va_off + first as usize * psz as usize;
+                // SAFETY: these slots were mapped by this call and nobody
+                // was told about them yet.
+                let undone = unsafe { self.reservation.unmap(off, count as usize * psz as usize) };
+                if let Err(e) = undone {
+                    tracing::error!(error = %e, "cannot unmap during rollback");
+                }
+            }
+        };
+        let mut segs: Vec<(u32, Memseg)> = Vec::new();
+        let result: Result<(), MemsegError> = (|| {
+            for &(first, count, fresh) in &reserved {
+                list.store.extents(first, count, &mut |ext| {
+                    let off = list.va_off + ext.first as usize * psz as usize;
+                    let len = ext.count as usize * psz as usize;
+                    // SAFETY: the slots are free (claimed under the hotplug
+                    // lock), so nobody uses that part of the reservation.
+                    unsafe {
+                        self.reservation
+                            .map_shared(off, len, ext.fd, ext.file_offset, true)
+                    }?;
+                    mapped.push((ext.first, ext.count));
+                    for k in 0..ext.count {
+                        let slot = ext.first + k;
+                        segs.push((
+                            slot,
+                            Memseg {
+                                va: list.slot_va(slot) as u64,
+                                iova: BAD_IOVA,
+                                len: psz,
+                                page_size: psz,
+                                node: req.node,
+                                flags: if pin { MEMSEG_DO_NOT_FREE } else { 0 }
+                                    | if fresh == Freshness::Dirty {
+                                        MEMSEG_DIRTY
+                                    } else {
+                                        0
+                                    },
+                                file_offset: ext.file_offset + u64::from(k) * psz,
+                            },
+                        ));
+                    }
+                    Ok(())
+                })?;
+            }
+            self.fill_iovas(&mut segs, psz)?;
+            self.check_nodes(&segs, req.node)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            unmap_all(&mapped);
+            rollback(
+                &reserved
+                    .iter()
+                    .map(|&(a, b, f)| (a, b, f))
+                    .collect::<Vec<_>>(),
+            );
+            return Err(e.into());
+        }
+
+        // Record.
+        {
+            let w = list.segs.write_lock();
+            for &(slot, seg) in &segs {
+                list.set_seg(slot, seg);
+                w.set_used(slot)?;
+            }
+        }
+        let h = list.header();
+        h.used.fetch_add(segs.len() as u32, Ordering::Relaxed);
+        if pin {
+            h.pinned.fetch_add(segs.len() as u32, Ordering::Relaxed);
+        }
+        h.version.fetch_add(1, Ordering::Release);
+
+        let out: Vec<PageRun> = reserved
+            .iter()
+            .map(|&(first, count, fresh)| PageRun {
+                list: list.index,
+                first,
+                count,
+                va: list.slot_va(first),
+                len: count as usize * psz as usize,
+                page_size: req.page_size,
+                node: req.node,
+                zeroed: fresh == Freshness::Zeroed,
+            })
+            .collect();
+        let evs: Vec<MemEvent> = out
+            .iter()
+            .map(|r| MemEvent {
+                kind: MemEventKind::Alloc,
+                addr: r.va,
+                len: r.len,
+                page_size: r.page_size,
+                node: r.node,
+            })
+            .collect();
+        self.fire(&evs);
+        tracing::debug!(list = %list.name, pages = segs.len(), runs = out.len(), "pages mapped");
+        Ok(out)
+    }
+
+    fn fill_iovas(&self, segs: &mut [(u32, Memseg)], psz: u64) -> Result<(), MemsegError> {
+        match &self.pagemap {
+            None => {
+                for (_, s) in segs.iter_mut() {
+                    s.iova = s.va;
+                }
+            }
+            Some(pm) => {
+                // Consecutive slots are consecutive VAs: read in one go.
+                let mut i = 0;
+                while i < segs.len() {
+                    let mut j = i + 1;
+                    while j < segs.len() && segs[j].0 == segs[j - 1].0 + 1 {
+                        j += 1;
+                    }
+                    let va = segs[i].1.va as usize;
+                    let pas = pm.phys_addrs(va, j - i, psz as usize).map_err(|e| {
+                        MemsegError::NoPhysAddr {
+                            addr: va,
+                            detail: e.to_string(),
+                        }
+                    })?;
+                    for (k, pa) in pas.into_iter().enumerate() {
+                        let seg = &mut segs[i + k].1;
+                        seg.iova = pa.ok_or_else(|| MemsegError::NoPhysAddr {
+                            addr: seg.va as usize,
+                            detail: "page not present or frame number hidden".into(),
+                        })?;
+                    }
+                    i = j;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_nodes(&self, segs: &[(u32, Memseg)], node: u32) -> Result<(), MemsegError> {
+        if self.topology.nodes().len() < 2 {
+            return Ok(());
+        }
+        for (_, s) in segs {
+            match crate::numa::node_of_address(s.va as usize) {
+                Ok(Some(got)) if got != node => {
+                    return Err(MemsegError::WrongNode {
+                        addr: s.va as usize,
+                        wanted: node,
+                        got,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(addr = format_args!("{:#x}", s.va), error = %e, "cannot verify the page's node");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fire(&self, evs: &[MemEvent]) {
+        let cbs = match self.registry.read() {
+            Ok(r) => r.callbacks(),
+            Err(_) => return,
+        };
+        events::fire(self.id(), &cbs, evs);
+    }
+
+    /// Unmaps the pages of `[addr, addr + len)` and gives them back to the
+    /// kernel at once. The range must be whole allocated pages of one list,
+    /// none of them preallocated. [`MemEventKind::Free`] fires before the
+    /// unmap. On error nothing changed.
+    pub fn free_pages(&self, addr: usize, len: usize) -> Result<()> {
+        if let Some(mode) = self.fixed {
+            return Err(MemsegError::FixedMemory {
+                what: "freeing pages at run time",
+                mode,
+            }
+            .into());
+        }
+        events::not_in_callback(self.id(), "free_pages")?;
+        let list = self
+            .list_of_addr(addr)
+            .ok_or(MemsegError::NotInAnyList { addr })?;
+        let psz = list.page_size.bytes() as usize;
+        let off = addr - list.base_va;
+        let list_len = list.capacity as usize * psz;
+        if len == 0 || off % psz != 0 || len % psz != 0 || off + len > list_len {
+            return Err(MemsegError::BadRange {
+                addr,
+                len,
+                list: list.name.clone(),
+                page_size: psz as u64,
+            }
+            .into());
+        }
+        let first = (off / psz) as u32;
+        let count = (len / psz) as u32;
+        let _g = self.config_header().hotplug_lock.write();
+        for s in first..first + count {
+            if !list.segs.is_used(s)? {
+                return Err(MemsegError::NotAllocated {
+                    addr: list.slot_va(s),
+                    list: list.name.clone(),
+                }
+                .into());
+            }
+            if list.seg(s).flags & MEMSEG_DO_NOT_FREE != 0 {
+                return Err(MemsegError::Pinned {
+                    addr: list.slot_va(s),
+                }
+                .into());
+            }
+        }
+        self.release_slots(list, first, count)?;
+        Ok(())
+    }
+
+    /// Frees a run returned by [`alloc_pages`](Self::alloc_pages).
+    pub fn free_run(&self, run: &PageRun) -> Result<()> {
+        self.free_pages(run.va, run.len)
+    }
+
+    /// Fires FREE, unmaps, releases and records. The caller holds the
+    /// hotplug write lock and checked the slots are used.
+    fn release_slots(&self, list: &List, first: u32, count: u32) -> Result<(), MemsegError> {
+        let psz = list.page_size.bytes() as usize;
+        self.fire(&[MemEvent {
+            kind: MemEventKind::Free,
+            addr: list.slot_va(first),
+            len: count as usize * psz,
+            page_size: list.page_size,
+            node: list.node,
+        }]);
+        // SAFETY: the pages are ours and their owner gave them up; the
+        // range goes straight back to PROT_NONE.
+        unsafe {
+            self.reservation
+                .unmap(list.va_off + first as usize * psz, count as usize * psz)
+        }?;
+        if let Err(e) = list.store.release(first, count) {
+            // The VA is already gone; keep the books straight anyway.
+            tracing::error!(list = %list.name, first, count, error = %e, "cannot give pages back to the kernel");
+        }
+        let mut pinned = 0;
+        {
+            let w = list.segs.write_lock();
+            for s in first..first + count {
+                if list.seg(s).flags & MEMSEG_DO_NOT_FREE != 0 {
+                    pinned += 1;
+                }
+                list.set_seg(s, Memseg::default());
+                w.set_free(s)?;
+            }
+        }
+        let h = list.header();
+        h.used.fetch_sub(count, Ordering::Relaxed);
+        h.pinned.fetch_sub(pinned, Ordering::Relaxed);
+        h.version.fetch_add(1, Ordering::Release);
+        tracing::debug!(list = %list.name, first, count, "pages unmapped");
+        Ok(())
+    }
+
+    // --- walks and lookups ---------------------------------------------------
+
+    /// Calls `f` for every used page of every list, in address order per
+    /// list, with the hotplug lock held for reading (no lock inside a memory
+    /// callback of this instance, whose thread holds it already: DPDK's
+    /// `_thread_unsafe` variants are not needed). Stops when `f` breaks and
+    /// returns its value.
+    pub fn memseg_walk<B>(&self, mut f: impl FnMut(&MemsegInfo) -> ControlFlow<B>) -> Option<B> {
+        self.read_locked(|| {
+            for list in &self.lists {
+                let mut next = list.segs.find_next_used(0).ok().flatten();
+                while let Some(slot) = next {
+                    let seg = list.seg(slot);
+                    let info = MemsegInfo {
+                        list: list.index,
+                        slot,
+                        va: seg.va as usize,
+                        iova: seg.iova,
+                        len: seg.len as usize,
+                        node: seg.node,
+                        pinned: seg.flags & MEMSEG_DO_NOT_FREE != 0,
+                        dirty: seg.flags & MEMSEG_DIRTY != 0,
+                    };
+                    if let ControlFlow::Break(b) = f(&info) {
+                        return Some(b);
+                    }
+                    next = if slot + 1 < list.capacity {
+                        list.segs.find_next_used(slot + 1).ok().flatten()
+                    } else {
+                        None
+                    };
+                }
+            }
+            None
+        })
+    }
+
+    /// Calls `f` once per VA-contiguous run of used pages (per list), with
+    /// the same locking as [`memseg_walk`](Self::memseg_walk).
+    pub fn contig_walk<B>(&self, mut f: impl FnMut(&ContigRun) -> ControlFlow<B>) -> Option<B> {
+        self.read_locked(|| {
+            for list in &self.lists {
+                let mut start = 0;
+                while start < list.capacity {
+                    let Some(first) = list.segs.find_next_used(start).ok().flatten() else {
+                        break;
+                    };
+                    let count = list.segs.find_contig_used(first).unwrap_or(1).max(1);
+                    let psz = list.page_size.bytes() as usize;
+                    let run = ContigRun {
+                        list: list.index,
+                        first,
+                        count,
+                        va: list.slot_va(first),
+                        len: count as usize * psz,
+                        page_size: list.page_size,
+                        node: list.node,
+                    };
+                    if let ControlFlow::Break(b) = f(&run) {
+                        return Some(b);
+                    }
+                    start = first + count;
+                }
+            }
+            None
+        })
+    }
+
+    /// Calls `f` once per list.
+    pub fn list_walk<B>(&self, mut f: impl FnMut(&ListInfo) -> ControlFlow<B>) -> Option<B> {
+        self.read_locked(|| {
+            for list in &self.lists {
+                if let ControlFlow::Break(b) = f(&list.info()) {
+                    return Some(b);
+                }
+            }
+            None
+        })
+    }
+
+    /// The list whose address range covers `addr`.
+    pub fn virt2memseg_list(&self, addr: usize) -> Option<ListInfo> {
+        self.list_of_addr(addr).map(List::info)
+    }
+
+    /// The used page covering `addr`, if any.
+    pub fn virt2memseg(&self, addr: usize) -> Option<MemsegInfo> {
+        let list = self.list_of_addr(addr)?;
+        let slot = ((addr - list.base_va) / list.page_size.bytes() as usize) as u32;
+        self.read_locked(|| {
+            if !list.segs.is_used(slot).unwrap_or(false) {
+                return None;
+            }
+            let seg = list.seg(slot);
+            Some(MemsegInfo {
+                list: list.index,
+                slot,
+                va: seg.va as usize,
+                iova: seg.iova,
+                len: seg.len as usize,
+                node: seg.node,
+                pinned: seg.flags & MEMSEG_DO_NOT_FREE != 0,
+                dirty: seg.flags & MEMSEG_DIRTY != 0,
+            })
+        })
+    }
+
+    /// The IOVA of `addr` (inside a used page), or `None`.
+    pub fn virt2iova(&self, addr: usize) -> Option<u64> {
+        let seg = self.virt2memseg(addr)?;
+        (seg.iova != BAD_IOVA).then(|| seg.iova + (addr - seg.va) as u64)
+    }
+
+    /// The virtual address of `iova`, searching every used page.
+    pub fn iova2virt(&self, iova: u64) -> Option<usize> {
+        self.memseg_walk(|s| {
+            if s.iova != BAD_IOVA && iova >= s.iova && iova - s.iova < s.len as u64 {
+                ControlFlow::Break(s.va + (iova - s.iova) as usize)
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+    }
+
+    /// Whether `[addr, addr + len)` lies in used pages whose IOVAs are
+    /// contiguous (always, in VA mode, when the pages are used).
+    pub fn is_iova_contiguous(&self, addr: usize, len: usize) -> Result<bool> {
+        let list = self
+            .list_of_addr(addr)
+            .ok_or(MemsegError::NotInAnyList { addr })?;
+        let psz = list.page_size.bytes() as usize;
+        let end = addr
+            .checked_add(len)
+            .filter(|&e| len > 0 && e <= list.base_va + list.capacity as usize * psz);
+        let Some(end) = end else {
+            return Err(MemsegError::BadRange {
+                addr,
+                len,
+                list: list.name.clone(),
+                page_size: psz as u64,
+            }
+            .into());
+        };
+        let first = (addr - list.base_va) / psz;
+        let last = (end - 1 - list.base_va) / psz;
+        Ok(self.read_locked(|| {
+            let mut prev: Option<u64> = None;
+            for slot in first..=last {
+                let slot = slot as u32;
+                if !list.segs.is_used(slot).unwrap_or(false) {
+                    return false;
+                }
+                let iova = list.seg(slot).iova;
+                if iova == BAD_IOVA {
+                    return false;
+                }
+                if let Some(p) = prev {
+                    if iova != p + psz as u64 {
+                        return false;
+                    }
+                }
+                prev = Some(iova);
+            }
+            true
+        }))
+    }
+
+    // --- callbacks -----------------------------------------------------------
+
+    /// Registers a memory event callback under `name` (unique, 1..=63
+    /// bytes). It runs in this process for every run of pages mapped
+    /// (after) or unmapped (before), with the hotplug lock held: it may
+    /// walk, but not allocate or free.
+    pub fn register_event_callback(
+        &self,
+        name: &str,
+        cb: impl Fn(&MemEvent) + Send + Sync + 'static,
+    ) -> Result<()> {
+        self.refuse_if_fixed("memory event callbacks")?;
+        let cb: EventCallback = Arc::new(cb);
+        self.registry
+            .write()
+            .map_err(|_| Error::System("callback registry poisoned".into()))?
+            .add_callback(name, cb)?;
+        Ok(())
+    }
+
+    /// Removes the callback registered under `name`.
+    pub fn unregister_event_callback(&self, name: &str) -> Result<()> {
+        self.refuse_if_fixed("memory event callbacks")?;
+        self.registry
+            .write()
+            .map_err(|_| Error::System("callback registry poisoned".into()))?
+            .remove_callback(name)?;
+        Ok(())
+    }
+
+    /// Registers a validator for `node`: before the node's mapped memory
+    /// grows past `limit`, `v(node, limit, new_total)` is asked and may
+    /// refuse by returning false (the allocation fails with
+    /// [`MemsegError::LimitExceeded`] naming the validator).
+    pub fn register_validator(
+        &self,
+        name: &str,
+        node: u32,
+        limit: u64,
+        v: impl Fn(u32, u64, u64) -> bool + Send + Sync + 'static,
+    ) -> Result<()> {
+        self.refuse_if_fixed("allocation validators")?;
+        if !self.topology.contains(node) {
+            return Err(MemsegError::NoSuchNode {
+                node,
+                nodes: self.topology.nodes().iter().map(|n| n.id).collect(),
+            }
+            .into());
+        }
+        let v: Validator = Arc::new(v);
+        self.registry
+            .write()
+            .map_err(|_| Error::System("callback registry poisoned".into()))?
+            .add_validator(name, node, limit, v)?;
+        Ok(())
+    }
+
+    /// Removes the validator `name` of `node`.
+    pub fn unregister_validator(&self, name: &str, node: u32) -> Result<()> {
+        self.refuse_if_fixed("allocation validators")?;
+        self.registry
+            .write()
+            .map_err(|_| Error::System("callback registry poisoned".into()))?
+            .remove_validator(name, node)?;
+        Ok(())
+    }
+
+    fn refuse_if_fixed(&self, what: &'static str) -> Result<(), MemsegError> {
+        match self.fixed {
+            Some(mode) => Err(MemsegError::FixedMemory { what, mode }),
+            None => Ok(()),
+        }
+    }
+
+    // --- reporting -------------------------------------------------------------
+
+    /// A serialisable picture of the instance: lists and used runs.
+    pub fn layout(&self) -> MemoryLayout {
+        let mut runs = Vec::new();
+        self.contig_walk(|r| {
+            runs.push(*r);
+            ControlFlow::<()>::Continue(())
+        });
+        MemoryLayout {
+            prefix: self.opts.file_prefix.clone(),
+            base_va: self.reservation.base(),
+            va_len: self.reservation.len(),
+            iova_mode: self.iova_mode,
+            lists: self.lists(),
+            runs,
+            total_mapped: self.total_mapped(),
+        }
+    }
+
+    /// Writes one line per used page, in the style of DPDK's
+    /// `rte_dump_physmem_layout`, then the total.
+    pub fn dump(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut res = Ok(());
+        self.memseg_walk(|s| {
+            let r = writeln!(
+                out,
+                "Segment {}-{}: IOVA:{:#x}, len:{}, virt:{:#x}, node:{}, page_size:{}{}{}",
+                s.list,
+                s.slot,
+                s.iova,
+                s.len,
+                s.va,
+                s.node,
+                format_size(s.len as u64),
+                if s.pinned { ", pinned" } else { "" },
+                if s.dirty { ", dirty" } else { "" },
+            );
+            match r {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    res = Err(e);
+                    ControlFlow::Break(())
+                }
+            }
+        });
+        res?;
+        writeln!(
+            out,
+            "Total memory mapped: {}",
+            format_size(self.total_mapped())
+        )
+    }
+
+    /// Unmaps every page (preallocated ones too) and releases the backing,
+    /// as [`Drop`] does.
+    fn shutdown(&mut self) {
+        let _g = self.config_header().hotplug_lock.write();
+        for list in &self.lists {
+            let mut start = 0;
+            while start < list.capacity {
+                let Some(first) = list.segs.find_next_used(start).ok().flatten() else {
+                    break;
+                };
+                let count = list.segs.find_contig_used(first).unwrap_or(1).max(1);
+                if let Err(e) = self.release_slots(list, first, count) {
+                    tracing::error!(list = %list.name, error = %e, "cannot release pages at shutdown");
+                }
+                start = first + count;
+            }
+            list.store.shutdown();
+        }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some((dir, lock)) = self.primary.take() {
+            let config = dir.config_path();
+            drop(lock);
+            let _ = std::fs::remove_file(&config);
+            if let Err(e) = std::fs::remove_dir(dir.path()) {
+                tracing::debug!(dir = %dir.path().display(), error = %e, "runtime directory left in place");
+            }
+        }
+        tracing::debug!(prefix = %self.opts.file_prefix, "memory shut down");
+    }
+}
+
+/// What [`Memory::layout`] returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryLayout {
+    /// File prefix.
+    pub prefix: String,
+    /// Reservation start.
+    pub base_va: usize,
+    /// Reservation length.
+    pub va_len: usize,
+    /// IOVA mode.
+    pub iova_mode: IovaMode,
+    /// Lists.
+    pub lists: Vec<ListInfo>,
+    /// Used runs.
+    pub runs: Vec<ContigRun>,
+    /// Bytes mapped.
+    pub total_mapped: u64,
+}
+
+/// Memory types and list capacities from the options and the machine.
+fn plan_lists(opts: &MemOptions, plan: &Plan, topology: &Topology) -> Result<Vec<ListPlan>> {
+    let mut types = Vec::new();
+    if opts.no_huge {
+        let limit = opts
+            .socket_limit
+            .as_ref()
+            .and_then(|l| l.first().copied())
+            .filter(|&l| l > 0)
+            .or(opts.requested_memory())
+            .unwrap_or(NO_HUGE_DEFAULT_MEMORY)
+            .max(opts.requested_memory().unwrap_or(0));
+        let cap = limit.div_ceil(PageSize::SIZE_4K.bytes());
+        types.push((0u32, PageSize::SIZE_4K, cap));
+    } else {
+        let mut sizes = plan.usable_sizes.clone();
+        sizes.sort_by_key(|s| std::cmp::Reverse(s.bytes()));
+        for &size in &sizes {
+            for node in topology.nodes() {
+                let mut limit = opts.pagesz_limit(size).min(node.mem_total);
+                if let Some(&l) = opts
+                    .socket_limit
+                    .as_ref()
+                    .and_then(|v| v.get(node.id as usize))
+                {
+                    if l > 0 {
+                        limit = limit.min(l.next_multiple_of(size.bytes()));
+                    }
+                }
+                let cap = limit / size.bytes();
+                if cap > 0 {
+                    types.push((node.id, size, cap));
+                }
+            }
+        }
+    }
+    if types.len() > opts.max_memseg_lists as usize {
+        return Err(Error::System(format!(
+            "{} memory types (NUMA nodes x page sizes) need {} memseg lists but --max-memseg-lists is {}; raise it",
+            types.len(),
+            types.len(),
+            opts.max_memseg_lists
+        )));
+    }
+    let mut off = 0usize;
+    let mut out = Vec::with_capacity(types.len());
+    for (node, size, cap) in types {
+        let capacity = u32::try_from(cap).unwrap_or(u32::MAX);
+        let psz = size.bytes() as usize;
+        off = off.next_multiple_of(psz);
+        out.push(ListPlan {
+            node,
+            page_size: size,
+            capacity,
+            va_off: off,
+        });
+        off += capacity as usize * psz;
+    }
+    Ok(out)
+}
+
+/// Free slot runs for a request (one run when contiguous).
+fn find_slots(list: &List, req: &PageRequest) -> Result<Vec<(u32, u32)>, MemsegError> {
+    let no_room = |largest: u32| MemsegError::NoRoom {
+        list: list.name.clone(),
+        asked: req.count,
+        free: list.capacity - list.segs.count_used(),
+        capacity: list.capacity,
+        largest_run: largest,
+    };
+    let largest = || {
+        list.segs
+            .find_biggest_free(0)
+            .ok()
+            .flatten()
+            .map_or(0, |(_, n)| n)
+    };
+    if req.count > list.capacity {
+        return Err(no_room(largest()));
+    }
+    if req.contiguous {
+        return match list.segs.find_next_n_free(0, req.count)? {
+            Some(first) => Ok(vec![(first, req.count)]),
+            None if !req.exact => {
+                let big = largest();
+                match list.segs.find_biggest_free(0)? {
+                    Some((first, n)) if n > 0 => Ok(vec![(first, n.min(req.count))]),
+                    _ => Err(no_room(big)),
+                }
+            }
+            None => Err(no_room(largest())),
+        };
+    }
+    let mut runs = Vec::new();
+    let mut left = req.count;
+    let mut start = 0;
+    while left > 0 && start < list.capacity {
+        let Some(first) = list.segs.find_next_free(start)? else {
+            break;
+        };
+        let n = list.segs.find_contig_free(first)?.min(left);
+        runs.push((first, n));
+        left -= n;
+        start = first + n;
+    }
+    if left > 0 && (req.exact || runs.is_empty()) {
+        return Err(no_room(largest()));
+    }
+    Ok(runs)
+}
+
+/// Joins adjacent reserved runs (page-at-a-time fallback) into runs.
+fn merge_runs(mut runs: Vec<(u32, u32, Freshness)>) -> Vec<(u32, u32, Freshness)> {
+    runs.sort_by_key(|r| r.0);
+    let mut out: Vec<(u32, u32, Freshness)> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == r.0 && last.2 == r.2 => last.1 += r.1,
+            _ => out.push(r),
+        }
+    }
+    out
+}
