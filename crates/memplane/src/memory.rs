@@ -825,11 +825,15 @@ impl Memory {
         for (_, s) in segs {
             match crate::numa::node_of_address(s.va as usize) {
                 Ok(Some(got)) if got != node => {
-                    return Err(MemsegError::WrongNode {
+                    let e = MemsegError::WrongNode {
                         addr: s.va as usize,
                         wanted: node,
                         got,
-                    })
+                    };
+                    if !self.opts.numa_lenient {
+                        return Err(e);
+                    }
+                    tracing::warn!("{e} (--numa-lenient: kept)");
                 }
                 Ok(_) => {}
                 Err(e) => {

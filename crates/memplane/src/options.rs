@@ -384,6 +384,9 @@ pub struct MemOptions {
     /// `--match-allocations`: give hugepages back to the OS only in the
     /// exact chunks they were allocated in.
     pub match_allocations: bool,
+    /// `--numa-lenient`: a page the kernel placed on another NUMA node than
+    /// asked is a warning instead of an error (memplane extension).
+    pub numa_lenient: bool,
     /// `--base-virtaddr`: where memplane's address-space reservation starts.
     /// A multiple of [`BASE_VIRTADDR_ALIGN`]. `None` = memplane's default.
     pub base_virtaddr: Option<u64>,
@@ -420,6 +423,7 @@ impl Default for MemOptions {
             proc_type: ProcType::Primary,
             iova_mode: None,
             match_allocations: false,
+            numa_lenient: false,
             base_virtaddr: None,
             max_memzones: DEFAULT_MAX_MEMZONES,
             max_memseg_lists: DEFAULT_MAX_MEMSEG_LISTS,
@@ -460,6 +464,7 @@ enum Key {
     ProcType,
     IovaMode,
     MatchAllocations,
+    NumaLenient,
     BaseVirtaddr,
     MaxMemzones,
     MaxMemsegLists,
@@ -661,6 +666,17 @@ const SPECS: &[Spec] = &[
         value: "",
         expected: "",
         help: "Give hugepages back only in the exact chunks they were allocated in",
+    },
+    Spec {
+        key: Key::NumaLenient,
+        long: "--numa-lenient",
+        alias: None,
+        short: None,
+        display: "--numa-lenient",
+        arity: Arity::Flag,
+        value: "",
+        expected: "",
+        help: "Warn, instead of failing, when a page lands on another NUMA node than asked",
     },
     Spec {
         key: Key::BaseVirtaddr,
@@ -1292,6 +1308,7 @@ impl MemOptions {
             Key::NoHuge => self.no_huge = true,
             Key::NoShconf => self.no_shconf = true,
             Key::MatchAllocations => self.match_allocations = true,
+            Key::NumaLenient => self.numa_lenient = true,
             Key::HugeDir => self.huge_dir = Some(PathBuf::from(v)),
             Key::RuntimeDir => self.runtime_dir = Some(PathBuf::from(v)),
             Key::HugeUnlink => {
@@ -1652,6 +1669,7 @@ impl MemOptions {
             (self.no_huge, "--no-huge"),
             (self.no_shconf, "--no-shconf"),
             (self.match_allocations, "--match-allocations"),
+            (self.numa_lenient, "--numa-lenient"),
         ] {
             if set {
                 out.push(flag.to_string());
@@ -1865,6 +1883,13 @@ impl MemOptions {
     #[must_use]
     pub fn match_allocations(mut self, on: bool) -> Self {
         self.match_allocations = on;
+        self
+    }
+
+    /// Sets `--numa-lenient`.
+    #[must_use]
+    pub fn numa_lenient(mut self, on: bool) -> Self {
+        self.numa_lenient = on;
         self
     }
 
@@ -2163,6 +2188,11 @@ mod tests {
         let o = parse(&["--no-huge"]).unwrap();
         assert!(o.no_huge);
         assert!(!o.dynamic_memory());
+        let o = parse(&["--numa-lenient"]).unwrap();
+        assert!(o.numa_lenient);
+        let args = o.to_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(parse(&args).unwrap(), o);
         let e = err(&["--no-huge=1"]);
         assert!(
             matches!(&e, OptionsError::UnexpectedValue { option, value } if option == "--no-huge" && value == "1"),
