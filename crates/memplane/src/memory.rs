@@ -154,6 +154,7 @@ impl fmt::Debug for Memory {
 }
 
 /// One memory type to build a list for.
+#[derive(Debug)]
 struct ListPlan {
     node: u32,
     page_size: PageSize,
@@ -1419,4 +1420,96 @@ fn merge_runs(mut runs: Vec<(u32, u32, Freshness)>) -> Vec<(u32, u32, Freshness)
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a secondary will do: map the config memfd (here at an address
+    /// of the kernel's choosing), check the header, and attach the lists'
+    /// fbarrays through offsets only.
+    #[test]
+    #[allow(clippy::cast_ptr_alignment)] // the view is page-aligned
+    fn config_is_self_describing_through_its_descriptor() {
+        let rt = tempfile::tempdir().unwrap();
+        let opts = MemOptions::new()
+            .file_prefix(format!("cfg_{}", std::process::id()))
+            .runtime_dir(rt.path())
+            .no_huge(true)
+            .memory_size(1 << 20)
+            .build()
+            .unwrap();
+        let mem = Memory::init(&opts).unwrap();
+        let h = mem.config_header();
+        assert_eq!(h.magic.load(Ordering::Acquire), CONFIG_MAGIC);
+        assert_eq!(h.layout_version, LAYOUT_VERSION);
+        assert_eq!(h.build_id, layout::build_id());
+        assert_eq!(h.config_va, mem.config.as_ptr() as u64);
+        assert_eq!(h.mem_va, mem.base_va() as u64);
+        assert!(h.config_va >= h.mem_va && h.config_va + h.config_len <= h.mem_va + h.mem_len);
+        assert_eq!(h.n_lists, 1);
+        assert_eq!(h.flags & CFG_NO_HUGE, CFG_NO_HUGE);
+
+        let len = h.config_len as usize;
+        // SAFETY: a fresh read-only view of the memfd at a kernel-chosen
+        // address; unmapped below.
+        let view = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                mem.config_fd(),
+                0,
+            )
+        }
+        .unwrap()
+        .cast::<u8>();
+        // SAFETY: the view holds a complete config (magic checked below).
+        let vh = unsafe { &*view.cast::<ConfigHeader>() };
+        assert_eq!(vh.magic.load(Ordering::Acquire), CONFIG_MAGIC);
+        let lists = vh.sections[SECTION_LISTS];
+        // SAFETY: the section lies inside the view.
+        let lh = unsafe { &*view.add(lists.offset as usize).cast::<ListHeader>() };
+        assert_eq!(lh.page_size, 4096);
+        assert_eq!(lh.base_va, mem.lists()[0].base_va as u64);
+        // SAFETY: the fbarray region lies inside the view.
+        let fb =
+            unsafe { FbArray::attach(view.add(lh.fbarray_off as usize), lh.fbarray_len as usize) }
+                .unwrap();
+        assert_eq!(
+            fb.count_used(),
+            256,
+            "1 MiB of 4 KiB pages, seen through the other view"
+        );
+        let seg = fb.get_ptr::<Memseg>(0).unwrap();
+        // SAFETY: a plain-data element inside the view.
+        let seg = unsafe { seg.as_ptr().read() };
+        assert_eq!(seg.va, lh.base_va);
+        assert_eq!(seg.flags & MEMSEG_DO_NOT_FREE, MEMSEG_DO_NOT_FREE);
+        // SAFETY: our own view, unused from here on.
+        unsafe { rustix::mm::munmap(view.cast(), len) }.unwrap();
+    }
+
+    #[test]
+    fn list_plan_sizes_lists_from_limits_and_node_memory() {
+        let topo = Topology::discover(&SystemRoots::real()).unwrap();
+        let plan = Plan {
+            usable_sizes: vec![PageSize::SIZE_2M, PageSize::SIZE_1G],
+            ..Plan::default()
+        };
+        let opts = MemOptions::new().socket_limit([3 << 30]).build().unwrap();
+        let lists = plan_lists(&opts, &plan, &topo).unwrap();
+        let node0: Vec<_> = lists.iter().filter(|l| l.node == 0).collect();
+        assert_eq!(node0[0].page_size, PageSize::SIZE_1G, "largest first");
+        assert_eq!(node0[0].capacity, 3);
+        assert_eq!(node0[1].capacity, 1536);
+        for l in &lists {
+            assert_eq!(l.va_off % l.page_size.bytes() as usize, 0);
+        }
+        let opts = MemOptions::new().max_memseg_lists(1).build().unwrap();
+        let e = plan_lists(&opts, &plan, &topo).unwrap_err();
+        assert!(e.to_string().contains("--max-memseg-lists"), "{e}");
+    }
 }

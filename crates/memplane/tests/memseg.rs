@@ -716,3 +716,54 @@ fn files_of_a_killed_process_are_reclaimed_at_the_next_start() {
     assert_eq!(free_2m(), before);
     drop(mem);
 }
+
+#[test]
+fn threads_allocating_and_freeing_at_once_never_share_a_page() {
+    if !need_hugepages(2048, 16) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts("threads");
+    let mem = Memory::init(&o).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let mem = &mem;
+            s.spawn(move || {
+                for round in 0..50u32 {
+                    let n = 1 + (round + u32::from(t)) % 3;
+                    let req = PageRequest::new(0, PageSize::SIZE_2M, n);
+                    let r = match mem.alloc_pages(&req) {
+                        Ok(r) => r[0],
+                        // Other tests may hold pages: running short is fine.
+                        Err(Error::Memseg(MemsegError::OutOfPages { .. })) => continue,
+                        Err(e) => panic!("{e}"),
+                    };
+                    // Stamp every page; another thread stamping ours would
+                    // show up when we read it back.
+                    for p in 0..n as usize {
+                        let va = r.va + p * 2 * MB as usize;
+                        // SAFETY: our pages until freed below.
+                        unsafe {
+                            std::ptr::write_volatile(va as *mut u32, u32::from(t) << 16 | round)
+                        };
+                    }
+                    std::thread::yield_now();
+                    for p in 0..n as usize {
+                        let va = r.va + p * 2 * MB as usize;
+                        // SAFETY: as above.
+                        let v = unsafe { std::ptr::read_volatile(va as *const u32) };
+                        assert_eq!(v, u32::from(t) << 16 | round, "page shared between threads");
+                    }
+                    mem.free_run(&r).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(mem.total_mapped(), 0);
+    let lists = mem.lists();
+    let l = lists
+        .iter()
+        .find(|l| l.page_size == PageSize::SIZE_2M)
+        .unwrap();
+    assert!(l.version >= 2, "every map and unmap bumps the version");
+}
