@@ -744,8 +744,8 @@ fn threads_allocating_and_freeing_at_once_never_share_a_page() {
                         let va = r.va + p * 2 * MB as usize;
                         // SAFETY: our pages until freed below.
                         unsafe {
-                            std::ptr::write_volatile(va as *mut u32, u32::from(t) << 16 | round)
-                        };
+                            std::ptr::write_volatile(va as *mut u32, u32::from(t) << 16 | round);
+                        }
                     }
                     std::thread::yield_now();
                     for p in 0..n as usize {
