@@ -6,7 +6,9 @@
 //! - File per page (the default): slot `s` of list `l` is the one-page file
 //!   `<dir>/<prefix>map_<l>_<s>` (DPDK's current naming, e.g. `mpmap_0_17`).
 //! - File per list (`--single-file-segments`): the whole list is the sparse
-//!   file `<dir>/<prefix>map_<l>`, slot `s` at offset `s * page_size`.
+//!   file `<dir>/<prefix>map_<l>`, slot `s` at offset `s * page_size`. It is
+//!   created on the first reserve and kept open, with its shared lock, until
+//!   the store shuts down; released pages are punched out of it.
 //!
 //! # Locks
 //!
@@ -190,8 +192,9 @@ impl HugetlbfsStore {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent at every await-free step; a panic in a
-        // caller's extent callback does not leave it half-updated.
+        // The state is only updated after the fallible work, in steps that
+        // cannot panic, so a panic elsewhere (an extent callback) cannot
+        // leave it half-updated.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -586,7 +589,9 @@ impl HugetlbfsStore {
         }
         let _dir = self
             .lock_dir()
-            .map_err(|e| tracing::warn!(error = %e, "closing hugepage files without the directory lock"))
+            .map_err(
+                |e| tracing::warn!(error = %e, "closing hugepage files without the directory lock"),
+            )
             .ok();
         for (slot, fd) in std::mem::take(&mut st.pages) {
             self.close_page_file(&self.file_name(slot), fd);
@@ -755,10 +760,7 @@ pub fn reclaim_stale(dir: &Path, prefix: &str) -> Result<ClearReport, MemsegErro
         false,
     )
     .map_err(|e| MemsegError::Backing {
-        what: format!(
-            "reclaiming stale {prefix}map_* files in {}",
-            dir.display()
-        ),
+        what: format!("reclaiming stale {prefix}map_* files in {}", dir.display()),
         source: io::Error::other(e.to_string()),
     })
 }
@@ -778,7 +780,7 @@ fn open_hugetlbfs_dir(
         what: format!(
             "opening hugepage directory {} ({})",
             dir.display(),
-            mount_fix(dir, want)
+            mount_fix(dir, want, false)
         ),
         source: e.into(),
     })?;
@@ -786,34 +788,41 @@ fn open_hugetlbfs_dir(
         what: format!("statfs {}", dir.display()),
         source: e.into(),
     })?;
-    let bad = |why: String| MemsegError::Backing {
+    let bad = |why: String, on_hugetlbfs: bool| MemsegError::Backing {
         what: format!(
-            "{} cannot hold {} hugepage files",
+            "{} cannot hold {}hugepage files",
             dir.display(),
-            want.map_or_else(|| "its".to_string(), |p| p.to_string())
+            want.map_or_else(String::new, |p| format!("{p} "))
         ),
         source: io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{why}; {}", mount_fix(dir, want)),
+            format!("{why}; {}", mount_fix(dir, want, on_hugetlbfs)),
         ),
     };
     if st.f_type as u32 != HUGETLBFS_MAGIC {
-        return Err(bad(format!(
-            "it is not on a hugetlbfs mount (file system type {:#x})",
-            st.f_type
-        )));
+        return Err(bad(
+            format!(
+                "it is not on a hugetlbfs mount (file system type {:#x})",
+                st.f_type
+            ),
+            false,
+        ));
     }
     let Some(page_size) = PageSize::new(st.f_bsize as u64) else {
-        return Err(bad(format!(
-            "its hugetlbfs reports an unknown page size ({} bytes)",
-            st.f_bsize
-        )));
+        return Err(bad(
+            format!(
+                "its hugetlbfs reports an unknown page size ({} bytes)",
+                st.f_bsize
+            ),
+            true,
+        ));
     };
     if let Some(want) = want {
         if page_size != want {
-            return Err(bad(format!(
-                "it is on a hugetlbfs of {page_size} pages, not {want}"
-            )));
+            return Err(bad(
+                format!("it is on a hugetlbfs of {page_size} pages, not {want}"),
+                true,
+            ));
         }
     }
     Ok((fd, page_size))
@@ -821,7 +830,7 @@ fn open_hugetlbfs_dir(
 
 /// How to get a hugetlbfs directory of `page_size` pages: the mounts there
 /// are, and the mount command.
-fn mount_fix(dir: &Path, page_size: Option<PageSize>) -> String {
+fn mount_fix(dir: &Path, page_size: Option<PageSize>, on_hugetlbfs: bool) -> String {
     let size = page_size.map_or_else(|| "<size>".to_string(), |p| p.to_string());
     let discovery = Discovery::new(SystemRoots::real());
     let default = discovery.default_page_size().ok().flatten();
@@ -840,8 +849,12 @@ fn mount_fix(dir: &Path, page_size: Option<PageSize>) -> String {
             mounts.join(", ")
         )
     };
-    format!(
-        "{have}; to mount one: mount -t hugetlbfs -o pagesize={size} nodev {}",
-        dir.display()
-    )
+    // A hugetlbfs of another size cannot be mounted over: suggest a
+    // directory of its own.
+    let target = if on_hugetlbfs {
+        format!("/dev/hugepages-{size}")
+    } else {
+        dir.display().to_string()
+    };
+    format!("{have}; to mount one: mkdir -p {target} && mount -t hugetlbfs -o pagesize={size} nodev {target}")
 }
