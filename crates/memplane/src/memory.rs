@@ -318,7 +318,10 @@ impl Memory {
             });
         }
 
-        if let Backing::Hugetlbfs(dir) = &backing {
+        // Under --huge-unlink=never, files left by an earlier run are kept
+        // for reuse (their pages come back as dirty), as DPDK does.
+        let reclaim = opts.effective_huge_unlink() != crate::options::HugeUnlink::Never;
+        if let (Backing::Hugetlbfs(dir), true) = (&backing, reclaim) {
             match reclaim_stale(dir, &opts.file_prefix) {
                 Ok(report) if !report.removed.is_empty() => tracing::info!(
                     dir = %dir.display(),

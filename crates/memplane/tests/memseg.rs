@@ -767,3 +767,54 @@ fn threads_allocating_and_freeing_at_once_never_share_a_page() {
         .unwrap();
     assert!(l.version >= 2, "every map and unmap bumps the version");
 }
+
+#[test]
+fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
+    if !need_hugepages(2048, 2) || !hugetlbfs_mounted() {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let before = free_2m();
+    let (mut o, _rt) = opts("never");
+    o.huge_dir = Some("/dev/hugepages".into());
+    o.huge_unlink = memplane::options::HugeUnlink::Never;
+    let prefix = o.file_prefix.clone();
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for f in files_of(&self.0) {
+                let _ = std::fs::remove_file(format!("/dev/hugepages/{f}"));
+            }
+        }
+    }
+    let _cleanup = Cleanup(prefix.clone());
+    let mem = Memory::init(&o).unwrap();
+    let r = mem
+        .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))
+        .unwrap()[0];
+    assert!(r.zeroed);
+    touch(r.va, r.len, 0x77);
+    drop(mem);
+    assert_eq!(files_of(&prefix).len(), 1, "never: the file survives");
+    let mem = Memory::init(&o).unwrap();
+    assert_eq!(
+        files_of(&prefix).len(),
+        1,
+        "never: init does not reclaim it"
+    );
+    let r2 = mem
+        .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))
+        .unwrap()[0];
+    assert_eq!(r2.first, r.first);
+    assert!(!r2.zeroed, "a reused file is dirty");
+    // SAFETY: our page.
+    assert_eq!(
+        unsafe { *(r2.va as *const u8) },
+        0x77,
+        "old content is back"
+    );
+    assert!(mem.virt2memseg(r2.va).unwrap().dirty);
+    drop(mem);
+    drop(_cleanup);
+    assert_eq!(free_2m(), before);
+}
