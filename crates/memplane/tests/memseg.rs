@@ -768,6 +768,17 @@ fn threads_allocating_and_freeing_at_once_never_share_a_page() {
     assert!(l.version >= 2, "every map and unmap bumps the version");
 }
 
+/// Removes a prefix's hugepage files when dropped.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in files_of(&self.0) {
+            let _ = std::fs::remove_file(format!("/dev/hugepages/{f}"));
+        }
+    }
+}
+
 #[test]
 fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
     if !need_hugepages(2048, 2) || !hugetlbfs_mounted() {
@@ -779,14 +790,6 @@ fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
     o.huge_dir = Some("/dev/hugepages".into());
     o.huge_unlink = memplane::options::HugeUnlink::Never;
     let prefix = o.file_prefix.clone();
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for f in files_of(&self.0) {
-                let _ = std::fs::remove_file(format!("/dev/hugepages/{f}"));
-            }
-        }
-    }
     let _cleanup = Cleanup(prefix.clone());
     let mem = Memory::init(&o).unwrap();
     let r = mem
@@ -808,11 +811,8 @@ fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
     assert_eq!(r2.first, r.first);
     assert!(!r2.zeroed, "a reused file is dirty");
     // SAFETY: our page.
-    assert_eq!(
-        unsafe { *(r2.va as *const u8) },
-        0x77,
-        "old content is back"
-    );
+    let old = unsafe { *(r2.va as *const u8) };
+    assert_eq!(old, 0x77, "old content is back");
     assert!(mem.virt2memseg(r2.va).unwrap().dirty);
     drop(mem);
     drop(_cleanup);
