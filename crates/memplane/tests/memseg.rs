@@ -790,7 +790,7 @@ fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
     o.huge_dir = Some("/dev/hugepages".into());
     o.huge_unlink = memplane::options::HugeUnlink::Never;
     let prefix = o.file_prefix.clone();
-    let _cleanup = Cleanup(prefix.clone());
+    let cleanup = Cleanup(prefix.clone());
     let mem = Memory::init(&o).unwrap();
     let r = mem
         .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))
@@ -815,6 +815,6 @@ fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
     assert_eq!(old, 0x77, "old content is back");
     assert!(mem.virt2memseg(r2.va).unwrap().dirty);
     drop(mem);
-    drop(_cleanup);
+    drop(cleanup);
     assert_eq!(free_2m(), before);
 }
