@@ -670,12 +670,12 @@ impl Memory {
                 }
                 Err(e) => {
                     rollback(&reserved);
-                    return Err(e.into());
+                    return Err(explain_shortfall(e, req).into());
                 }
             }
         }
         if reserved.is_empty() {
-            return Err(shortfall.unwrap_or(MemsegError::ZeroPages).into());
+            return Err(explain_shortfall(shortfall.unwrap_or(MemsegError::ZeroPages), req).into());
         }
         let reserved = merge_runs(reserved);
 
@@ -1410,6 +1410,60 @@ fn find_slots(list: &List, req: &PageRequest) -> Result<Vec<(u32, u32)>, MemsegE
         return Err(no_room(largest()));
     }
     Ok(runs)
+}
+
+/// Adds the likely cause to an [`MemsegError::OutOfPages`]: when the
+/// node had enough free pages, a hugetlb cgroup limit stopped it.
+fn explain_shortfall(e: MemsegError, req: &PageRequest) -> MemsegError {
+    let MemsegError::OutOfPages {
+        asked,
+        page_size,
+        detail,
+    } = e
+    else {
+        return e;
+    };
+    let free = std::fs::read_to_string(format!(
+        "/sys/devices/system/node/node{}/hugepages/{}/free_hugepages",
+        req.node,
+        req.page_size.sysfs_dir_name()
+    ))
+    .or_else(|_| {
+        std::fs::read_to_string(format!(
+            "/sys/kernel/mm/hugepages/{}/free_hugepages",
+            req.page_size.sysfs_dir_name()
+        ))
+    })
+    .ok()
+    .and_then(|t| t.trim().parse::<u64>().ok());
+    let mut detail = detail;
+    if let Some(free) = free {
+        detail.push_str(&format!("; {free} are free on node {}", req.node));
+        if free >= u64::from(asked) {
+            let limit = Discovery::new(SystemRoots::real())
+                .discover()
+                .ok()
+                .and_then(|snap| snap.cgroup_limit(req.page_size).cloned());
+            match limit {
+                Some(l) => detail.push_str(&format!(
+                    ", so the hugetlb cgroup limit stopped it: {} in {}{}",
+                    format_size(l.limit.unwrap_or(0)),
+                    l.source.display(),
+                    l.usage
+                        .map(|u| format!(" ({} in use)", format_size(u)))
+                        .unwrap_or_default()
+                )),
+                None => {
+                    detail.push_str(", so a limit of this process (a hugetlb cgroup?) stopped it")
+                }
+            }
+        }
+    }
+    MemsegError::OutOfPages {
+        asked,
+        page_size,
+        detail,
+    }
 }
 
 /// Joins adjacent reserved runs (page-at-a-time fallback) into runs.

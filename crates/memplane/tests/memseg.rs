@@ -818,3 +818,97 @@ fn huge_unlink_never_keeps_files_for_the_next_run_and_marks_pages_dirty() {
     drop(cleanup);
     assert_eq!(free_2m(), before);
 }
+
+/// The cgroup2 mount point with the hugetlb controller available, if any.
+fn cgroup2_with_hugetlb() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let dir = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| std::path::PathBuf::from(f[1]))?;
+    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).ok()?;
+    controllers
+        .split_whitespace()
+        .any(|c| c == "hugetlb")
+        .then_some(dir)
+}
+
+/// Child role: join the cgroup named in MS_CGROUP, then allocate past its
+/// hugetlb limit.
+#[test]
+fn child_in_limited_cgroup() {
+    if procs::role().as_deref() != Some("cgroup") {
+        return;
+    }
+    let cg = std::env::var("MS_CGROUP").unwrap();
+    std::fs::write(format!("{cg}/cgroup.procs"), "0").unwrap();
+    let o = MemOptions::new()
+        .file_prefix(std::env::var("MS_PREFIX").unwrap())
+        .runtime_dir(std::env::var("MS_RUNTIME").unwrap())
+        .build()
+        .unwrap();
+    let mem = Memory::init(&o).unwrap();
+    let over = mem.alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 3));
+    let over = match over {
+        Ok(_) => "over:ok".to_string(),
+        Err(Error::Memseg(e @ MemsegError::OutOfPages { .. })) => {
+            let msg = e.to_string();
+            if msg.contains("cgroup limit stopped it") && msg.contains("hugetlb.2MB.max") {
+                "over:OutOfPages".to_string()
+            } else {
+                format!("over:OutOfPages without naming the cgroup: {msg}")
+            }
+        }
+        Err(e) => format!("over:{e}"),
+    };
+    let within = mem
+        .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 2))
+        .map(|r| {
+            touch(r[0].va, r[0].len, 5);
+            "within:ok"
+        })
+        .unwrap_or("within:err");
+    drop(mem);
+    procs::report_and_exit(&format!("{over} {within}"));
+}
+
+#[test]
+fn hugetlb_cgroup_limit_is_an_error_not_sigbus() {
+    if procs::role().is_some() || !need_hugepages(2048, 3) {
+        return;
+    }
+    let Some(root) = cgroup2_with_hugetlb().filter(|_| rustix::process::geteuid().is_root()) else {
+        eprintln!("SKIPPED: needs root and a cgroup2 mount with the hugetlb controller");
+        return;
+    };
+    let _pool = pool_lock(false);
+    let subtree = root.join("cgroup.subtree_control");
+    if std::fs::write(&subtree, "+hugetlb").is_err() {
+        eprintln!(
+            "SKIPPED: cannot enable the hugetlb controller in {}",
+            subtree.display()
+        );
+        return;
+    }
+    let cg = root.join(format!("memplane_test_{}", std::process::id()));
+    std::fs::create_dir(&cg).unwrap();
+    struct RmCgroup(std::path::PathBuf);
+    impl Drop for RmCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = RmCgroup(cg.clone());
+    std::fs::write(cg.join("hugetlb.2MB.max"), (4 * MB).to_string()).unwrap();
+    let rt = tempfile::tempdir().unwrap();
+    let mut cmd = procs::self_command("child_in_limited_cgroup", "cgroup");
+    cmd.env("MS_CGROUP", &cg)
+        .env("MS_PREFIX", format!("ms_cg_{}", std::process::id()))
+        .env("MS_RUNTIME", rt.path());
+    let result = procs::run_for_result(cmd);
+    assert_eq!(
+        result, "over:OutOfPages within:ok",
+        "past the cgroup limit: a typed error, and the child lived to say so"
+    );
+}

@@ -71,8 +71,8 @@ pub enum MemsegError {
     },
     /// The kernel has fewer free pages than asked for.
     #[error(
-        "not enough free {} hugepages for {asked} page(s) ({detail}); free some or reserve more \
-         (`memplane hugepages reserve {}=<count>`), and see `memplane hugepages status`",
+        "the kernel would not give {asked} {} hugepage(s) ({detail}); free some, reserve more \
+         (`memplane hugepages reserve {}=<count>`) or raise the limit, and see `memplane hugepages status`",
         format_size(*.page_size), format_size(*.page_size)
     )]
     OutOfPages {
