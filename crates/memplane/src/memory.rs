@@ -3,7 +3,7 @@
 //! `--socket-mem`/`-m`, and then maps and unmaps pages on request; drop
 //! gives everything back.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::ops::ControlFlow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -1438,23 +1438,26 @@ fn explain_shortfall(e: MemsegError, req: &PageRequest) -> MemsegError {
     .and_then(|t| t.trim().parse::<u64>().ok());
     let mut detail = detail;
     if let Some(free) = free {
-        detail.push_str(&format!("; {free} are free on node {}", req.node));
+        let _ = write!(detail, "; {free} are free on node {}", req.node);
         if free >= u64::from(asked) {
             let limit = Discovery::new(SystemRoots::real())
                 .discover()
                 .ok()
                 .and_then(|snap| snap.cgroup_limit(req.page_size).cloned());
             match limit {
-                Some(l) => detail.push_str(&format!(
-                    ", so the hugetlb cgroup limit stopped it: {} in {}{}",
-                    format_size(l.limit.unwrap_or(0)),
-                    l.source.display(),
-                    l.usage
-                        .map(|u| format!(" ({} in use)", format_size(u)))
-                        .unwrap_or_default()
-                )),
+                Some(l) => {
+                    let _ = write!(
+                        detail,
+                        ", so the hugetlb cgroup limit stopped it: {} in {}{}",
+                        format_size(l.limit.unwrap_or(0)),
+                        l.source.display(),
+                        l.usage
+                            .map(|u| format!(" ({} in use)", format_size(u)))
+                            .unwrap_or_default()
+                    );
+                }
                 None => {
-                    detail.push_str(", so a limit of this process (a hugetlb cgroup?) stopped it")
+                    detail.push_str(", so a limit of this process (a hugetlb cgroup?) stopped it");
                 }
             }
         }

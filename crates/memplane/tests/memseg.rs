@@ -864,13 +864,21 @@ fn child_in_limited_cgroup() {
     };
     let within = mem
         .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 2))
-        .map(|r| {
+        .map_or("within:err", |r| {
             touch(r[0].va, r[0].len, 5);
             "within:ok"
-        })
-        .unwrap_or("within:err");
+        });
     drop(mem);
     procs::report_and_exit(&format!("{over} {within}"));
+}
+
+/// Removes a cgroup directory when dropped.
+struct RmCgroup(std::path::PathBuf);
+
+impl Drop for RmCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 #[test]
@@ -893,12 +901,6 @@ fn hugetlb_cgroup_limit_is_an_error_not_sigbus() {
     }
     let cg = root.join(format!("memplane_test_{}", std::process::id()));
     std::fs::create_dir(&cg).unwrap();
-    struct RmCgroup(std::path::PathBuf);
-    impl Drop for RmCgroup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
     let _rm = RmCgroup(cg.clone());
     std::fs::write(cg.join("hugetlb.2MB.max"), (4 * MB).to_string()).unwrap();
     let rt = tempfile::tempdir().unwrap();
