@@ -17,7 +17,7 @@ use crate::layout::{
     NAME_MAX, REGION_ALIGN,
 };
 use crate::memory::RingMemory;
-use crate::sync::{spin, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{wait_round, AtomicU32, AtomicU64, Ordering};
 
 use Ordering::{AcqRel, Acquire, Relaxed, Release};
 
@@ -306,10 +306,11 @@ impl Core {
             }
             SyncMode::MultiHts => {
                 let mut cur = own.head.load(Acquire);
+                let mut rounds = 0;
                 loop {
                     let (h, t) = (cur as u32, (cur >> 32) as u32);
                     if h != t {
-                        spin();
+                        wait_round(&mut rounds);
                         cur = own.head.load(Acquire);
                         continue;
                     }
@@ -331,11 +332,12 @@ impl Core {
             SyncMode::MultiRts => {
                 let max = own.htd_max.load(Relaxed);
                 let mut cur = own.head.load(Acquire);
+                let mut rounds = 0;
                 loop {
                     let h = cur as u32;
                     let t = own.tail.load(Acquire) as u32;
                     if h.wrapping_sub(t) > max {
-                        spin();
+                        wait_round(&mut rounds);
                         cur = own.head.load(Acquire);
                         continue;
                     }
@@ -369,8 +371,9 @@ impl Core {
                 // Wait for the ops reserved before ours. Acquire, so their
                 // slot accesses happen-before our Release below and reach
                 // whoever acquires our tail.
+                let mut rounds = 0;
                 while own.tail.load(Acquire) as u32 != head {
-                    spin();
+                    wait_round(&mut rounds);
                 }
                 own.tail.store(u64::from(new), Release);
             }
