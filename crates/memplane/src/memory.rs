@@ -450,6 +450,29 @@ impl Memory {
             }
             mem.fixed = Some("--no-huge");
         } else if opts.legacy_mem {
+            if opts.requested_memory().is_none() {
+                // DPDK's legacy mode without -m maps every available page.
+                let wanted: Vec<(u32, PageSize, u32)> = mem
+                    .lists
+                    .iter()
+                    .map(|l| {
+                        let free = snapshot
+                            .as_ref()
+                            .and_then(|s| s.node_size(l.node, l.page_size))
+                            .map_or(0, |n| n.free);
+                        (l.node, l.page_size, free.min(u64::from(l.capacity)) as u32)
+                    })
+                    .filter(|w| w.2 > 0)
+                    .collect();
+                for (node, size, count) in wanted {
+                    let req = PageRequest::new(node, size, count)
+                        .best_effort_contiguity()
+                        .as_many_as_possible();
+                    if let Err(e) = mem.alloc_inner(&req, true) {
+                        tracing::warn!(node, %size, error = %e, "--legacy-mem: could not map the available pages");
+                    }
+                }
+            }
             mem.fixed = Some("--legacy-mem");
         }
 

@@ -914,3 +914,38 @@ fn hugetlb_cgroup_limit_is_an_error_not_sigbus() {
         "past the cgroup limit: a typed error, and the child lived to say so"
     );
 }
+
+#[test]
+fn legacy_mem_maps_at_init_and_stays_fixed() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let before = free_2m();
+    let before_1g = free_1g();
+    let (mut o, _rt) = opts("legacy");
+    o.legacy_mem = true;
+    o.memory_size = Some(16 * MB);
+    let mem = Memory::init(&o).unwrap();
+    assert_eq!(free_2m(), before - 8, "16M in 2M pages, not a 1G page");
+    let e = memseg_err(
+        mem.alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))
+            .unwrap_err(),
+    );
+    assert!(matches!(e, MemsegError::FixedMemory { .. }), "{e}");
+    let e = memseg_err(mem.register_event_callback("x", |_| {}).unwrap_err());
+    assert!(matches!(e, MemsegError::FixedMemory { .. }), "{e}");
+    drop(mem);
+    assert_eq!(free_2m(), before);
+
+    // Without -m: every available page of every usable size.
+    let (mut o, _rt) = opts("legacy_all");
+    o.legacy_mem = true;
+    let mem = Memory::init(&o).unwrap();
+    assert_eq!(free_2m(), 0, "legacy mode without -m maps all 2M pages");
+    assert_eq!(free_1g(), 0, "and all 1G pages");
+    assert_eq!(mem.total_mapped(), before * 2 * MB + before_1g * 1024 * MB);
+    drop(mem);
+    assert_eq!(free_2m(), before);
+    assert_eq!(free_1g(), before_1g);
+}
