@@ -3,10 +3,12 @@
 //! `memplane hugepages` is the tool DPDK users know as `dpdk-hugepages.py`,
 //! made better: it shows where every hugepage went, reserves and mounts, and
 //! clears stale files without touching live ones. `memplane check` runs the
-//! preflight of a set of EAL-style memory options.
+//! preflight of a set of EAL-style memory options. `memplane memory` starts
+//! a real instance with such options and shows where its memory went.
 
 mod check;
 mod hugepages;
+mod memory;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +52,10 @@ enum Command {
     /// Check whether EAL-style memory options can be served on this machine,
     /// without mapping anything (e.g. `memplane check --socket-mem 1024`).
     Check(check::Args),
+    /// Start an instance with EAL-style memory options, show its memseg lists
+    /// and mapped pages, tear it down and check every hugepage went back
+    /// (e.g. `memplane memory --socket-mem 64 --alloc 2M=4`).
+    Memory(memory::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Hugepages(args) => hugepages::run(&discovery, args),
         Command::Check(args) => check::run(&discovery, &args),
+        Command::Memory(args) => memory::run(&discovery, args),
     };
     match result {
         Ok(code) => code,

@@ -519,3 +519,270 @@ fn unprivileged_reserve_and_mount_name_the_fix_and_change_nothing() {
         .unwrap()
         .contains(target.to_str().unwrap()));
 }
+
+/// Returns false (after printing why) when fewer than `pages` 2 MiB
+/// hugepages are free; panics instead under CI, where they must be there.
+/// (The CLI tests' copy of `memplane/tests/common::need_hugepages`.)
+fn need_hugepages(pages: u64) -> bool {
+    let free = sys_counter(2048, "free_hugepages");
+    require(
+        free >= pages,
+        &format!(
+            "needs {pages} free 2048 kB hugepages, found {free}; reserve them with: \
+             memplane hugepages reserve 2M={pages} (as root)"
+        ),
+    )
+}
+
+/// Free pages of every hugepage size, to compare before and after a run.
+fn free_counts() -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = fs::read_dir("/sys/kernel/mm/hugepages")
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let free = fs::read_to_string(e.path().join("free_hugepages"))
+                        .map_or(0, |t| t.trim().parse().unwrap());
+                    (n, free)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A file prefix no other test or process uses.
+fn unique_prefix(tag: &str) -> String {
+    format!("cli{tag}{}_", std::process::id())
+}
+
+/// `memplane memory ARGS --json`, asserting success and that every
+/// hugepage came back; returns the report.
+fn memory_json(args: &[&str]) -> serde_json::Value {
+    let before = free_counts();
+    let mut all = vec!["memory"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let o = memplane(&all);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{args:?}: {out}\n{err}");
+    assert_eq!(free_counts(), before, "{args:?} did not give pages back");
+    if before.iter().any(|(_, f)| *f > 0) {
+        assert!(err.contains("all hugepages given back"), "{err}");
+    }
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn list_of_size(v: &serde_json::Value, page_size: u64) -> serde_json::Value {
+    v["layout"]["lists"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["page_size"] == page_size && l["node"] == 0)
+        .unwrap_or_else(|| panic!("no {page_size} list on node 0: {v}"))
+        .clone()
+}
+
+#[test]
+fn memory_json_shows_the_preallocated_run() {
+    if !need_hugepages(4) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let prefix = unique_prefix("mj");
+    let v = memory_json(&["--socket-mem", "8", "--file-prefix", &prefix]);
+    assert!(v["init_us"].as_u64().unwrap() > 0, "{v}");
+    let layout = &v["layout"];
+    assert_eq!(layout["prefix"], prefix.as_str());
+    assert_eq!(layout["total_mapped"], 8 << 20);
+    let runs = layout["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{layout}");
+    assert_eq!(runs[0]["count"], 4);
+    assert_eq!(runs[0]["page_size"], 2 << 20);
+    assert_eq!(runs[0]["len"], 8 << 20);
+    let list = list_of_size(&v, 2 << 20);
+    assert_eq!(runs[0]["list"], list["index"]);
+    assert_eq!((&list["used"], &list["pinned"]), (&4.into(), &4.into()));
+    let base = layout["base_va"].as_u64().unwrap();
+    let va = runs[0]["va"].as_u64().unwrap();
+    assert!(va >= base && va < base + layout["va_len"].as_u64().unwrap());
+    assert!(v.get("pages").is_none());
+}
+
+#[test]
+fn memory_alloc_adds_pages_and_shows_them() {
+    if !need_hugepages(6) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let prefix = unique_prefix("ma");
+    // The flags may come before or after the EAL options.
+    let v = memory_json(&[
+        "--socket-mem",
+        "8",
+        "--alloc",
+        "2M=2",
+        "--pages",
+        "--file-prefix",
+        &prefix,
+    ]);
+    assert_eq!(v["layout"]["total_mapped"], 12 << 20, "{v}");
+    let list = list_of_size(&v, 2 << 20);
+    assert_eq!((&list["used"], &list["pinned"]), (&6.into(), &4.into()));
+    let pages = v["pages"].as_array().unwrap();
+    assert_eq!(pages.len(), 6);
+    assert_eq!(pages.iter().filter(|p| p["pinned"] == true).count(), 4);
+
+    // Human output: the summary, the lists, the runs, the pages, teardown.
+    let before = free_counts();
+    let o = memplane(&[
+        "memory",
+        "--pages",
+        "--socket-mem",
+        "8",
+        "--file-prefix",
+        &prefix,
+        "--alloc=2M=2@0",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(free_counts(), before);
+    for want in [
+        &format!("prefix '{prefix}'") as &str,
+        "init ",
+        "alloc 2M=2@0 ",
+        "node 0: 2 x 2M at 0x",
+        "reservation ",
+        " 12M (node 0: 12M)",
+        "memseg lists:",
+        "memseg-2048k-0",
+        "6/",
+        "mapped runs (VA-contiguous):",
+        "Total memory mapped: 12M",
+        "teardown ",
+        "all hugepages given back",
+    ] {
+        assert!(out.contains(want), "missing {want:?}:\n{out}");
+    }
+    assert_eq!(out.matches("Segment ").count(), 6, "{out}");
+}
+
+#[test]
+fn memory_rejects_bad_alloc_specs_before_mapping_anything() {
+    let _pool = pool_lock(true);
+    let before = free_counts();
+    for (spec, why) in [
+        ("2M=0", "a page count of 0 maps nothing"),
+        ("3M=1", "'3M' is not a page size"),
+        ("2M=x", "'x' is not a page count"),
+        ("2M", "expected SIZE=COUNT[@NODE]"),
+        ("2M=1@n", "'n' is not a NUMA node number"),
+    ] {
+        let o = memplane(&["memory", "--socket-mem", "8", "--alloc", spec]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{spec}: {out}\n{err}");
+        assert!(
+            err.contains(&format!("invalid value '{spec}' for --alloc")) && err.contains(why),
+            "{spec}: {err}"
+        );
+        assert!(out.is_empty(), "{spec} started an instance: {out}");
+        assert_eq!(free_counts(), before, "{spec}");
+    }
+    let o = memplane(&["memory", "--socket-mem", "8", "--alloc"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("'--alloc' needs a value"),
+        "{:?}",
+        text(&o)
+    );
+    let o = memplane(&["memory", "--no-such-option"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("unknown option '--no-such-option'"));
+}
+
+#[test]
+fn memory_no_huge_works_without_hugepages() {
+    let _pool = pool_lock(true);
+    let prefix = unique_prefix("nh");
+    let v = memory_json(&["--no-huge", "-m", "4", "--file-prefix", &prefix]);
+    assert_eq!(v["layout"]["total_mapped"], 4 << 20, "{v}");
+    let lists = v["layout"]["lists"].as_array().unwrap();
+    assert_eq!(lists.len(), 1);
+    assert_eq!(lists[0]["page_size"], 4096);
+    assert_eq!(lists[0]["pinned"], 1024);
+    let runs = v["layout"]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["count"], 1024);
+    // Memory is fixed with --no-huge: an extra allocation is refused, and
+    // the library's message says why.
+    let o = memplane(&[
+        "memory",
+        "--no-huge",
+        "-m",
+        "4",
+        "--file-prefix",
+        &prefix,
+        "--alloc",
+        "4K=1",
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("not possible with --no-huge"), "{err}");
+}
+
+/// `--hold`: the pages are held while it waits (seen from outside), and
+/// Ctrl-C ends the wait with a normal teardown.
+#[test]
+fn memory_hold_keeps_pages_until_interrupted() {
+    use std::io::BufRead as _;
+    if !need_hugepages(4) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let before = free_counts();
+    let free_2m = sys_counter(2048, "free_hugepages");
+    let prefix = unique_prefix("ho");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memplane"))
+        .args([
+            "memory",
+            "--socket-mem",
+            "8",
+            "--file-prefix",
+            &prefix,
+            "--json",
+            "--hold",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The JSON is printed (and flushed) before the wait starts.
+    let mut json = String::new();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        json.push_str(&line);
+        json.push('\n');
+        if line == "}" {
+            break;
+        }
+    }
+    let held = sys_counter(2048, "free_hugepages");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let v: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(v["layout"]["total_mapped"], 8 << 20);
+    assert_eq!(held, free_2m - 4, "4 pages held while waiting");
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("holding the instance for 60 s") && err.contains("interrupted"),
+        "{err}"
+    );
+    assert!(err.contains("all hugepages given back"), "{err}");
+    assert_eq!(free_counts(), before);
+}
