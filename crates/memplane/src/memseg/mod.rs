@@ -141,7 +141,9 @@ pub enum MemsegError {
         mode: &'static str,
     },
     /// A page landed on another NUMA node than asked.
-    #[error("page {addr:#x} was asked for on node {wanted} but the kernel placed it on node {got}")]
+    #[error(
+        "page {addr:#x} was asked for on node {wanted} but the kernel placed it on node {got}"
+    )]
     WrongNode {
         /// Address.
         addr: usize,
