@@ -348,7 +348,8 @@ fn over_ask_is_out_of_pages_and_leaves_nothing() {
         );
         eprintln!("over-ask (single={single}): {err}");
         assert!(
-            err.to_string().contains("not enough free 2M hugepages"),
+            err.to_string().contains("would not give")
+                && err.to_string().contains("hugepages reserve 2M"),
             "{err}"
         );
         assert_eq!(env.files(), Vec::<String>::new(), "single={single}");
