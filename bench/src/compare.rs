@@ -30,7 +30,7 @@ pub fn parse(out: &str) -> Results {
     res
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -68,7 +68,10 @@ fn run_dpdk() -> Result<String, String> {
             .write_all(b"ring_perf_autotest\nquit\n")
             .map_err(|e| format!("writing to dpdk-test: {e}"))?;
     }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string());
+    // DPDK 22.11 leaves its runtime directory (/var/run/dpdk/<prefix>).
+    crate::compare_mem::remove_dpdk_runtime_dir(&prefix);
+    let out = out?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !text.contains("Test OK") {
         return Err(format!(

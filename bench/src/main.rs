@@ -7,10 +7,21 @@
 //!   prints medians side by side with the ratio.
 //! - `memplane-bench overcommit`: MP/MC vs RTS vs HTS with more threads than
 //!   CPUs (memplane only; DPDK's perf test has no such row).
+//! - `memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]`: DPDK 22.11
+//!   `malloc_perf_autotest` rte_malloc rows (2M..1G) vs memplane's page
+//!   allocator running the same workload (`memseg-perf --prefix P`), with
+//!   per-page latency and the kernel floor.
+//! - `memplane-bench compare startup --eal-bin B [--eal-bin-static S]
+//!   [--runs N]`: `rte_eal_init -m 1024` (B = `bench/dpdk/eal_startup.c`,
+//!   built by bench/compare) vs `Memory::init` with 1 GiB
+//!   (`startup-once --prefix P`), with the kernel floor.
 
 mod compare;
+mod compare_mem;
+mod memseg_perf;
 mod overcommit;
 mod ring_perf;
+mod startup;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,16 +33,43 @@ fn main() {
                 .collect()
         },
     );
-    match args.first().map(String::as_str) {
-        Some("ring-perf") => ring_perf::run(&sizes),
-        Some("compare") if args.get(1).map(String::as_str) == Some("ring") => {
-            let runs = flag(&args, "--runs").map_or(5, |s| s.parse().expect("--runs N"));
-            std::process::exit(compare::ring(runs, &sizes));
+    let runs = || -> usize {
+        let n = flag(&args, "--runs").map_or(5, |s| s.parse().expect("--runs N"));
+        assert!(n > 0, "--runs must be at least 1");
+        n
+    };
+    let prefix = || flag(&args, "--prefix").unwrap_or_else(|| format!("mpb{}", std::process::id()));
+    match (
+        args.first().map(String::as_str),
+        args.get(1).map(String::as_str),
+    ) {
+        (Some("ring-perf"), _) => ring_perf::run(&sizes),
+        (Some("compare"), Some("ring")) => std::process::exit(compare::ring(runs(), &sizes)),
+        (Some("compare"), Some("memseg")) => std::process::exit(compare_mem::memseg(
+            runs(),
+            args.iter().any(|a| a == "--memplane-hugetlbfs"),
+        )),
+        (Some("compare"), Some("startup")) => {
+            let Some(bin) = flag(&args, "--eal-bin") else {
+                eprintln!("compare startup needs --eal-bin <eal_startup binary> (bench/compare builds it)");
+                std::process::exit(2);
+            };
+            let stat = flag(&args, "--eal-bin-static");
+            std::process::exit(compare_mem::startup(
+                runs(),
+                std::path::Path::new(&bin),
+                stat.as_deref().map(std::path::Path::new),
+            ));
         }
-        Some("overcommit") => overcommit::run(),
+        (Some("memseg-perf"), _) => std::process::exit(memseg_perf::run(
+            &prefix(),
+            flag(&args, "--huge-dir").as_deref(),
+        )),
+        (Some("startup-once"), _) => std::process::exit(startup::run(&prefix())),
+        (Some("overcommit"), _) => overcommit::run(),
         _ => {
             eprintln!(
-                "usage: memplane-bench ring-perf [--sizes 8,32]\n       memplane-bench compare ring [--runs N] [--sizes 8,32,64,128,256]\n       memplane-bench overcommit"
+                "usage: memplane-bench ring-perf [--sizes 8,32]\n       memplane-bench compare ring [--runs N] [--sizes 8,32,64,128,256]\n       memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]\n       memplane-bench compare startup --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench memseg-perf [--prefix P] [--huge-dir D]\n       memplane-bench startup-once [--prefix P]\n       memplane-bench overcommit"
             );
             std::process::exit(2);
         }
