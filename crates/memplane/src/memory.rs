@@ -71,6 +71,21 @@ impl List {
         }
     }
 
+    /// The public snapshot of slot `slot` (same locking rule as `seg`).
+    fn seg_info(&self, slot: u32) -> MemsegInfo {
+        let seg = self.seg(slot);
+        MemsegInfo {
+            list: self.index,
+            slot,
+            va: seg.va as usize,
+            iova: seg.iova,
+            len: seg.len as usize,
+            node: seg.node,
+            pinned: seg.flags & MEMSEG_DO_NOT_FREE != 0,
+            dirty: seg.flags & MEMSEG_DIRTY != 0,
+        }
+    }
+
     fn set_seg(&self, slot: u32, seg: Memseg) {
         if let Ok(p) = self.segs.get_ptr::<Memseg>(slot) {
             // SAFETY: as in `seg`, with the hotplug lock held for writing.
@@ -986,18 +1001,7 @@ impl Memory {
             for list in &self.lists {
                 let mut next = list.segs.find_next_used(0).ok().flatten();
                 while let Some(slot) = next {
-                    let seg = list.seg(slot);
-                    let info = MemsegInfo {
-                        list: list.index,
-                        slot,
-                        va: seg.va as usize,
-                        iova: seg.iova,
-                        len: seg.len as usize,
-                        node: seg.node,
-                        pinned: seg.flags & MEMSEG_DO_NOT_FREE != 0,
-                        dirty: seg.flags & MEMSEG_DIRTY != 0,
-                    };
-                    if let ControlFlow::Break(b) = f(&info) {
+                    if let ControlFlow::Break(b) = f(&list.seg_info(slot)) {
                         return Some(b);
                     }
                     next = if slot + 1 < list.capacity {
@@ -1067,17 +1071,7 @@ impl Memory {
             if !list.segs.is_used(slot).unwrap_or(false) {
                 return None;
             }
-            let seg = list.seg(slot);
-            Some(MemsegInfo {
-                list: list.index,
-                slot,
-                va: seg.va as usize,
-                iova: seg.iova,
-                len: seg.len as usize,
-                node: seg.node,
-                pinned: seg.flags & MEMSEG_DO_NOT_FREE != 0,
-                dirty: seg.flags & MEMSEG_DIRTY != 0,
-            })
+            Some(list.seg_info(slot))
         })
     }
 
