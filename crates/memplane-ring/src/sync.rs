@@ -11,6 +11,7 @@ pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// we wait for may be preempted; spinning on then burns its whole time
 /// slice (DPDK's MP/MC mode has this problem; its RTS/HTS modes exist
 /// because of it). Uncontended operations never get here.
+#[cfg(not(loom))]
 pub(crate) const SPINS_BEFORE_YIELD: u32 = 256;
 
 /// One round of waiting for another thread: a spin hint, and after

@@ -17,7 +17,7 @@
 //! at the same address in every process, so both mean the same everywhere.
 //! No process-local pointer ever lands here.
 
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::shm::lock::RwLock;
@@ -164,16 +164,16 @@ pub struct ConfigHeader {
 #[cfg(not(loom))]
 const _: () = {
     assert!(size_of::<Memseg>() == 48);
-    assert!(offset_of!(Memseg, node) == 32);
-    assert!(offset_of!(Memseg, file_offset) == 40);
+    assert!(std::mem::offset_of!(Memseg, node) == 32);
+    assert!(std::mem::offset_of!(Memseg, file_offset) == 40);
     assert!(size_of::<ListHeader>() == 128);
-    assert!(offset_of!(ListHeader, version) == 24);
-    assert!(offset_of!(ListHeader, node) == 48);
-    assert!(offset_of!(ListHeader, name) == 72);
-    assert!(offset_of!(ConfigHeader, build_id) == 16);
-    assert!(offset_of!(ConfigHeader, config_va) == 80);
-    assert!(offset_of!(ConfigHeader, hotplug_lock) == 128);
-    assert!(offset_of!(ConfigHeader, sections) == 136);
+    assert!(std::mem::offset_of!(ListHeader, version) == 24);
+    assert!(std::mem::offset_of!(ListHeader, node) == 48);
+    assert!(std::mem::offset_of!(ListHeader, name) == 72);
+    assert!(std::mem::offset_of!(ConfigHeader, build_id) == 16);
+    assert!(std::mem::offset_of!(ConfigHeader, config_va) == 80);
+    assert!(std::mem::offset_of!(ConfigHeader, hotplug_lock) == 128);
+    assert!(std::mem::offset_of!(ConfigHeader, sections) == 136);
     assert!(size_of::<ConfigHeader>() == 456);
 };
 
