@@ -22,10 +22,25 @@ pub struct Args {
 }
 
 pub fn run(discovery: &Discovery, args: &Args) -> Result<ExitCode, Error> {
-    let opts = MemOptions::parse_args(&args.options)?;
+    // Everything after the first EAL option reaches us unparsed: pick our
+    // own `--json` out of it (up to a `--`), wherever the user put it.
+    let end = args
+        .options
+        .iter()
+        .position(|a| a == "--")
+        .unwrap_or(args.options.len());
+    let json = args.json || args.options[..end].iter().any(|a| a == "--json");
+    let eal: Vec<&String> = args
+        .options
+        .iter()
+        .enumerate()
+        .filter(|&(i, a)| !(i < end && a == "--json") && i != end)
+        .map(|(_, a)| a)
+        .collect();
+    let opts = MemOptions::parse_args(&eal)?;
     match memplane::preflight::check_options(&opts, discovery) {
         Ok(plan) => {
-            if args.json {
+            if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&plan).expect("plan serializes")
@@ -50,7 +65,7 @@ pub fn run(discovery: &Discovery, args: &Args) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(Error::Preflight(p)) if args.json => {
+        Err(Error::Preflight(p)) if json => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&p).expect("error serializes")

@@ -280,6 +280,11 @@ fn check_rejects_bad_options() {
     );
     let o = memplane(&["check", "--no-huge", "-m", "64"]);
     assert!(o.status.success(), "{:?}", text(&o));
+    // --json works after the EAL options too.
+    let o = memplane(&["check", "--no-huge", "-m", "64", "--json"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["entries"].is_array(), "{v}");
 }
 
 #[test]
