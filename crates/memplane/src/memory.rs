@@ -772,12 +772,7 @@ impl Memory {
         })();
         if let Err(e) = result {
             unmap_all(&mapped);
-            rollback(
-                &reserved
-                    .iter()
-                    .map(|&(a, b, f)| (a, b, f))
-                    .collect::<Vec<_>>(),
-            );
+            rollback(&reserved);
             return Err(e.into());
         }
 
