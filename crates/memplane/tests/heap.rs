@@ -232,6 +232,7 @@ fn alignment_bound_and_contiguity_hold() {
 }
 
 #[test]
+#[allow(clippy::many_single_char_names)]
 fn realloc_in_place_and_moving_keeps_contents() {
     if !need_hugepages(2048, 8) {
         return;
@@ -356,8 +357,9 @@ fn an_overrun_is_caught_as_corruption() {
         "b right after a"
     );
     // Overrun a into b's header.
-    // SAFETY: deliberately writes past `a` into b's header (heap memory).
+    // SAFETY: reads b's header (heap memory, mapped).
     let saved = unsafe { std::ptr::read(a.as_ptr().add(64).cast::<[u8; 16]>()) };
+    // SAFETY: deliberately writes past `a` into b's header (heap memory).
     unsafe { std::ptr::write_bytes(a.as_ptr().add(64), 0x41, 16) };
     let e = heap_err(mem.heap_validate().unwrap_err());
     match &e {
