@@ -481,7 +481,7 @@ impl Memory {
             } else {
                 PageSizes::ANY
             };
-            for &idx in &targets {
+            for &idx in targets.as_slice() {
                 if let Some((data, dirty)) = self.alloc_from(idx, req, size, align, sizes, &mut why)
                 {
                     if req.zero && dirty {
@@ -528,7 +528,7 @@ impl Memory {
         self.not_in_callback("malloc_biggest")?;
         let (_, align) = check_size(1, align, 0)?;
         let mut best: Option<(u16, u64)> = None;
-        for idx in self.targets(socket)? {
+        for &idx in self.targets(socket)?.as_slice() {
             let l = self.heap.lock(idx);
             let seg_ok = |seg: u32| self.seg_page_size(seg).is_some_and(|p| sizes.accepts(p));
             if let Some((_, _, len)) = l.biggest(align, Some(&seg_ok)) {
@@ -754,33 +754,24 @@ impl Memory {
     }
 
     /// Heap slots to try for `socket`, in order.
-    fn targets(&self, socket: i32) -> Result<Vec<u16>, HeapError> {
-        if socket == SOCKET_ID_ANY {
-            let here = if self.topology().nodes().len() > 1 {
-                crate::numa::current_cpu_and_node().1
-            } else {
-                u32::MAX
-            };
-            let mut v: Vec<u16> = Vec::with_capacity(self.heap.native.len());
-            if let Some(i) = self.heap.native_of_node(here) {
-                v.push(i);
+    fn targets(&self, socket: i32) -> Result<Targets, HeapError> {
+        if socket == SOCKET_ID_ANY
+            || (self.opts_no_huge() && (0..super::EXTERNAL_SOCKET_BASE).contains(&socket))
+        {
+            // Without hugepages any native socket means any, as in DPDK.
+            let native = &self.heap.native;
+            if native.len() == 1 {
+                return Ok(Targets::one(native[0].1));
             }
-            v.extend(
-                self.heap
-                    .native
-                    .iter()
-                    .map(|n| n.1)
-                    .filter(|&i| Some(i) != self.heap.native_of_node(here)),
-            );
-            return Ok(v);
-        }
-        if self.opts_no_huge() && (0..super::EXTERNAL_SOCKET_BASE).contains(&socket) {
-            // As DPDK: without hugepages any native socket means any.
-            return self.targets(SOCKET_ID_ANY);
+            let here = crate::numa::current_cpu_and_node().1;
+            let local = self.heap.native_of_node(here);
+            let mut v: Vec<u16> = local.into_iter().collect();
+            v.extend(native.iter().map(|n| n.1).filter(|&i| Some(i) != local));
+            return Ok(Targets::Many(v));
         }
         self.heap
             .by_socket(socket)
-            .map(|i| vec![i])
+            .map(Targets::one)
             .ok_or_else(|| HeapError::NoSuchSocket {
                 socket,
                 known: self.heap.known(),
@@ -1050,6 +1041,26 @@ impl Memory {
                 HeapError::NotFromHeap { addr }
             }
             hc::BlockFault::AlreadyFree => HeapError::DoubleFree { addr },
+        }
+    }
+}
+
+/// The heaps an allocation tries, in order (one without a Vec: the hot
+/// path on a one-node machine).
+enum Targets {
+    One([u16; 1]),
+    Many(Vec<u16>),
+}
+
+impl Targets {
+    fn one(idx: u16) -> Targets {
+        Targets::One([idx])
+    }
+
+    fn as_slice(&self) -> &[u16] {
+        match self {
+            Targets::One(a) => a,
+            Targets::Many(v) => v,
         }
     }
 }
