@@ -33,17 +33,23 @@
 //! # Ok::<(), memplane::Error>(())
 //! ```
 
+mod allocator;
+mod boxed;
 mod classes;
 mod core;
 mod extmem;
+mod global;
 mod malloc;
 
 use std::fmt;
 
 use serde::Serialize;
 
+pub use self::allocator::HeapAllocator;
+pub use self::boxed::{HeapBox, HeapSlice, Zeroable};
 pub use self::core::{Corruption, ElemInfo, HeapStats};
 pub use self::extmem::ExtChunkInfo;
+pub use self::global::{HugepageGlobalAlloc, InstallError};
 pub(crate) use self::malloc::Heaps;
 pub use self::malloc::{AllocRequest, HeapInfo, PageSizes};
 
