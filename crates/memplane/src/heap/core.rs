@@ -367,11 +367,21 @@ impl<'a> Locked<'a> {
         unsafe { wr(addr, e) }
     }
 
-    /// Sets a field that the cookie does not cover.
-    fn patch(&mut self, addr: u64, f: impl FnOnce(&mut Elem)) {
-        let mut e = self.get(addr);
-        f(&mut e);
-        self.put(addr, e);
+    /// Sets one link field (not covered by the cookie) of the element at
+    /// `addr` in place: no read-modify-write of the whole header, no
+    /// cookie to recompute.
+    #[allow(clippy::unused_self)] // the lock guard is the proof of access
+    fn set_link(&mut self, addr: u64, field: Link, v: u64) {
+        let p = addr as *mut Elem;
+        // SAFETY: as in `get`; a single aligned u64 field of the header.
+        unsafe {
+            match field {
+                Link::Prev => std::ptr::addr_of_mut!((*p).prev).write(v),
+                Link::Next => std::ptr::addr_of_mut!((*p).next).write(v),
+                Link::FreePrev => std::ptr::addr_of_mut!((*p).link_a).write(v),
+                Link::FreeNext => std::ptr::addr_of_mut!((*p).link_b).write(v),
+            }
+        }
     }
 
     fn adjacent(&self, a_addr: u64, a: &Elem, b_addr: u64, b: &Elem) -> bool {
@@ -384,12 +394,10 @@ impl<'a> Locked<'a> {
         let e = self.get(addr);
         let (fl, sl) = class_of(e.size);
         let head = self.head(fl, sl);
-        self.patch(addr, |e| {
-            e.link_a = 0;
-            e.link_b = head;
-        });
+        self.set_link(addr, Link::FreePrev, 0);
+        self.set_link(addr, Link::FreeNext, head);
         if head != 0 {
-            self.patch(head, |h| h.link_a = addr);
+            self.set_link(head, Link::FreePrev, addr);
         }
         self.set_head(fl, sl, addr);
         hset!(self, free_count, hf!(self, free_count) + 1);
@@ -402,10 +410,10 @@ impl<'a> Locked<'a> {
         if e.link_a == 0 {
             self.set_head(fl, sl, e.link_b);
         } else {
-            self.patch(e.link_a, |p| p.link_b = e.link_b);
+            self.set_link(e.link_a, Link::FreeNext, e.link_b);
         }
         if e.link_b != 0 {
-            self.patch(e.link_b, |n| n.link_a = e.link_a);
+            self.set_link(e.link_b, Link::FreePrev, e.link_a);
         }
         hset!(self, free_count, hf!(self, free_count) - 1);
         hset!(self, free_bytes, hf!(self, free_bytes) - e.size);
@@ -540,7 +548,7 @@ impl<'a> Locked<'a> {
             if e.next == 0 {
                 hset!(self, last, tail);
             } else {
-                self.patch(e.next, |n| n.prev = tail);
+                self.set_link(e.next, Link::Prev, tail);
             }
             tail
         } else {
@@ -571,12 +579,12 @@ impl<'a> Locked<'a> {
         if prev == 0 {
             hset!(self, first, mid);
         } else {
-            self.patch(prev, |p| p.next = mid);
+            self.set_link(prev, Link::Next, mid);
         }
         if next == 0 {
             hset!(self, last, mid);
         } else {
-            self.patch(next, |n| n.prev = mid);
+            self.set_link(next, Link::Prev, mid);
         }
     }
 
@@ -684,7 +692,7 @@ impl<'a> Locked<'a> {
         if b.next == 0 {
             hset!(self, last, a_addr);
         } else {
-            self.patch(b.next, |n| n.prev = a_addr);
+            self.set_link(b.next, Link::Prev, a_addr);
         }
     }
 
@@ -713,7 +721,7 @@ impl<'a> Locked<'a> {
             if n.next == 0 {
                 hset!(self, last, addr);
             } else {
-                self.patch(n.next, |x| x.prev = addr);
+                self.set_link(n.next, Link::Prev, addr);
             }
         }
         e.link_a = asked;
@@ -733,7 +741,7 @@ impl<'a> Locked<'a> {
             if t.next == 0 {
                 hset!(self, last, tail);
             } else {
-                self.patch(t.next, |x| x.prev = tail);
+                self.set_link(t.next, Link::Prev, tail);
             }
             e.size = need;
             e.next = tail;
@@ -815,7 +823,7 @@ impl<'a> Locked<'a> {
             if e.next == 0 {
                 hset!(self, last, b);
             } else {
-                self.patch(e.next, |n| n.prev = b);
+                self.set_link(e.next, Link::Prev, b);
             }
             next = b;
         }
@@ -835,12 +843,12 @@ impl<'a> Locked<'a> {
         if prev == 0 {
             hset!(self, first, next);
         } else {
-            self.patch(prev, |p| p.next = next);
+            self.set_link(prev, Link::Next, next);
         }
         if next == 0 {
             hset!(self, last, prev);
         } else {
-            self.patch(next, |n| n.prev = prev);
+            self.set_link(next, Link::Prev, prev);
         }
         hset!(self, total, hf!(self, total) - (b - a));
     }
@@ -1153,6 +1161,15 @@ impl<'a> Locked<'a> {
         }
         Ok(())
     }
+}
+
+/// A link field of an element header.
+#[derive(Clone, Copy)]
+enum Link {
+    Prev,
+    Next,
+    FreePrev,
+    FreeNext,
 }
 
 /// Why a pointer handed to free/realloc is not a live block.
