@@ -238,6 +238,9 @@ impl Memory {
         let idx = self.ext_heap(name, "given memory")?;
         let i = self.ext_insert(va, len, iovas, page_size, Some(idx))?;
         let seg = super::extmem::EXT_SEG_BASE + i;
+        // Subscribers (DMA mapping) learn of the memory before any block of
+        // it can be handed out, as for a native heap's growth.
+        self.fire_ext(MemEventKind::Alloc, va.as_ptr() as usize, len, page_size);
         let mut l = self.heap.lock(idx);
         // User memory is not known to be zero.
         l.add_memory(
@@ -248,7 +251,6 @@ impl Memory {
             (len / page_size) as u32,
         );
         drop(l);
-        self.fire_ext(MemEventKind::Alloc, va.as_ptr() as usize, len, page_size);
         Ok(())
     }
 
