@@ -296,10 +296,12 @@ impl Memory {
         };
         l.take_range(addr, c.va, c.va + c.len);
         drop(l);
+        // Out of the heap, but subscribers (DMA unmapping) still translate
+        // it, as native pages before their unmap.
+        self.fire_ext(MemEventKind::Free, va.as_ptr() as usize, len, page_size);
         let table = c.iova_table;
         c.state.store(CHUNK_UNUSED, Ordering::Release);
         drop(guard);
-        self.fire_ext(MemEventKind::Free, va.as_ptr() as usize, len, page_size);
         if let Some(t) = NonNull::new(table as *mut u8) {
             // SAFETY: the table block was allocated for this chunk only.
             if let Err(e) = unsafe { self.free(t) } {
@@ -346,9 +348,11 @@ impl Memory {
             })?;
         let table = c.iova_table;
         let page_size = c.page_size as usize;
+        // Subscribers (DMA unmapping) still translate it, as native pages
+        // before their unmap.
+        self.fire_ext(MemEventKind::Free, va.as_ptr() as usize, len, page_size);
         c.state.store(CHUNK_UNUSED, Ordering::Release);
         drop(g);
-        self.fire_ext(MemEventKind::Free, va.as_ptr() as usize, len, page_size);
         if let Some(t) = NonNull::new(table as *mut u8) {
             // SAFETY: the table block was allocated for this chunk only.
             if let Err(e) = unsafe { self.free(t) } {
