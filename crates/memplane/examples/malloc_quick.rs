@@ -51,8 +51,16 @@ fn main() -> Result<(), memplane::Error> {
             unsafe { mem.free(p)? };
         }
         let free = t.elapsed();
+        // Interleaved: allocate and free at once (a packet path's shape).
+        let t = Instant::now();
+        for _ in 0..runs * 10 {
+            let p = mem.malloc(size, 0)?;
+            // SAFETY: not used afterwards.
+            unsafe { mem.free(std::hint::black_box(p))? };
+        }
+        let pair = t.elapsed().as_secs_f64() * 1e6 / (runs * 10) as f64;
         println!(
-            "{size:>8} x {runs:>5}: alloc {:.3} us, free {:.3} us",
+            "{size:>8} x {runs:>5}: malloc+free pair {pair:.3} us, alloc {:.3} us, free {:.3} us",
             alloc.as_secs_f64() * 1e6 / runs as f64,
             free.as_secs_f64() * 1e6 / runs as f64
         );

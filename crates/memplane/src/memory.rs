@@ -21,6 +21,7 @@ use crate::memseg::layout::{
     self, ConfigHeader, ConfigLayout, ListHeader, Memseg, Section, CFG_IN_MEMORY, CFG_IOVA_PA,
     CFG_LEGACY, CFG_NO_HUGE, CFG_SINGLE_FILE, CONFIG_MAGIC, LAYOUT_VERSION, LIST_NAME_LEN,
     MEMSEG_DIRTY, MEMSEG_DO_NOT_FREE, MEMSEG_HEAP, SECTION_EXTMEM, SECTION_HEAPS, SECTION_LISTS,
+    SECTION_TCACHE,
 };
 use crate::memseg::store::{Freshness, MemfdStore, PageStore};
 use crate::memseg::{
@@ -246,6 +247,7 @@ impl Memory {
             &caps,
             opts.max_heaps,
             opts.max_memseg_lists,
+            topology.nodes().len() as u32,
         )?;
         let lists_end = types
             .iter()
@@ -319,6 +321,10 @@ impl Memory {
         sections[SECTION_HEAPS] = Section {
             offset: layout.heaps_off as u64,
             len: u64::from(opts.max_heaps) * crate::heap::HEAP_HEADER_SIZE as u64,
+        };
+        sections[SECTION_TCACHE] = Section {
+            offset: layout.tcache_off as u64,
+            len: (topology.nodes().len() * crate::heap::TCACHE_BYTES_PER_HEAP) as u64,
         };
         sections[SECTION_EXTMEM] = Section {
             offset: layout.extmem_off as u64,
@@ -451,6 +457,7 @@ impl Memory {
                 opts.max_heaps,
                 config_ptr.add(layout.extmem_off),
                 opts.max_memseg_lists,
+                config_ptr.add(layout.tcache_off),
                 &topology,
                 opts.match_allocations,
             )
@@ -1001,6 +1008,20 @@ impl Memory {
         })
     }
 
+    /// List index, node and memseg flags of the page holding `addr`, in
+    /// one lookup; `None` outside every list. An unused page has flags 0.
+    #[inline]
+    pub(crate) fn page_of(&self, addr: usize) -> Option<(u32, u32, u32)> {
+        let list = self.list_of_addr(addr)?;
+        let slot = ((addr - list.base_va) / list.page_size.bytes() as usize) as u32;
+        let flags = list.segs.get_ptr::<Memseg>(slot).ok().map_or(0, |p| {
+            // SAFETY: the element lies in the config mapping; an aligned
+            // u32 read cannot tear. Only the page's owner changes it.
+            unsafe { std::ptr::addr_of!((*p.as_ptr()).flags).read_volatile() }
+        });
+        Some((list.index, list.node, flags))
+    }
+
     /// Index, node and page size of the list holding `addr`.
     pub(crate) fn list_at(&self, addr: usize) -> Option<(u32, u32, PageSize)> {
         self.list_of_addr(addr)
@@ -1426,6 +1447,9 @@ impl Memory {
 
 impl Drop for Memory {
     fn drop(&mut self) {
+        // Thread-exit hooks of the caches must not touch the config once
+        // it goes: wait for running ones, stop later ones.
+        self.heap.token().kill();
         self.shutdown();
         if let Some((dir, lock)) = self.primary.take() {
             let config = dir.config_path();

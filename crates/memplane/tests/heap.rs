@@ -91,6 +91,12 @@ fn malloc_free_grows_and_gives_every_page_back() {
     // SAFETY: as above.
     unsafe { mem.free(a).unwrap() };
     mem.heap_validate().unwrap();
+    // The small block waits in this thread's cache: free for the stats,
+    // and it keeps its page until the cache is flushed.
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!((st.alloc_count, st.cached_count), (0, 1));
+    assert_eq!(st.total_bytes, 2 * MB as u64);
+    mem.heap_cache_flush();
     let st = mem.heap_stats(0).unwrap();
     assert_eq!((st.total_bytes, st.alloc_count, st.free_count), (0, 0, 0));
     assert_eq!(mem.total_mapped(), 0);
@@ -227,6 +233,7 @@ fn alignment_bound_and_contiguity_hold() {
         // SAFETY: not used afterwards.
         unsafe { mem.free(p).unwrap() };
     }
+    mem.heap_cache_flush();
     mem.heap_validate().unwrap();
     assert_eq!(mem.heap_stats(0).unwrap().total_bytes, 0);
 }
@@ -349,18 +356,19 @@ fn an_overrun_is_caught_as_corruption() {
     let _pool = pool_lock(false);
     let (o, _rt) = opts_with("corrupt", &["--socket-mem", "2", "--pagesz-mem", "1G:0"]);
     let mem = Memory::init(&o).unwrap();
-    let a = mem.malloc(64, 0).unwrap();
-    let b = mem.malloc(64, 0).unwrap();
+    // Larger than the thread caches' classes: carved one after the other.
+    let a = mem.malloc(576, 0).unwrap();
+    let b = mem.malloc(576, 0).unwrap();
     assert_eq!(
         b.as_ptr() as usize,
-        a.as_ptr() as usize + 128,
+        a.as_ptr() as usize + 640,
         "b right after a"
     );
     // Overrun a into b's header.
     // SAFETY: reads b's header (heap memory, mapped).
-    let saved = unsafe { std::ptr::read(a.as_ptr().add(64).cast::<[u8; 16]>()) };
+    let saved = unsafe { std::ptr::read(a.as_ptr().add(576).cast::<[u8; 16]>()) };
     // SAFETY: deliberately writes past `a` into b's header (heap memory).
-    unsafe { std::ptr::write_bytes(a.as_ptr().add(64), 0x41, 16) };
+    unsafe { std::ptr::write_bytes(a.as_ptr().add(576), 0x41, 16) };
     let e = heap_err(mem.heap_validate().unwrap_err());
     match &e {
         HeapError::Corrupt { addr, what, .. } => {
@@ -374,7 +382,7 @@ fn an_overrun_is_caught_as_corruption() {
     assert!(matches!(e, HeapError::Corrupt { .. }), "{e}");
     // Repair and everything is fine again.
     // SAFETY: restores the header bytes saved above.
-    unsafe { std::ptr::write(a.as_ptr().add(64).cast::<[u8; 16]>(), saved) };
+    unsafe { std::ptr::write(a.as_ptr().add(576).cast::<[u8; 16]>(), saved) };
     mem.heap_validate().unwrap();
     // SAFETY: live blocks.
     unsafe {
@@ -470,8 +478,16 @@ fn threads_allocate_and_free_concurrently() {
     }
     mem.heap_validate().unwrap();
     let st = mem.heap_stats(SOCKET_ID_ANY.max(0)).unwrap();
-    assert_eq!(st.alloc_count, 0);
+    assert_eq!(
+        st.alloc_count, 0,
+        "blocks in exited threads' caches count as free"
+    );
+    // The exited threads' caches are flushed by the next trim.
+    assert!(mem.heap_trim() > 0);
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!((st.alloc_count, st.cached_count), (0, 0));
     assert_eq!(st.total_bytes, 0, "every page given back");
+    mem.heap_validate().unwrap();
 }
 
 #[test]
@@ -539,6 +555,7 @@ fn one_gig_pages_on_request() {
         mem.free(p).unwrap();
         mem.free(q).unwrap();
     }
+    mem.heap_cache_flush();
     assert_eq!(
         real_counter(1_048_576, "free_hugepages"),
         before_1g,
@@ -575,7 +592,9 @@ fn socket_limit_and_validators_bound_growth() {
         mem.free(a).unwrap();
         mem.free(b).unwrap();
     }
-    // All pages went back; 5M needs 6M, over the validator's 4M.
+    // All pages went back (once the cached small block is flushed); 5M
+    // needs 6M, over the validator's 4M.
+    mem.heap_cache_flush();
     assert_eq!(mem.heap_stats(0).unwrap().total_bytes, 0);
     let e = mem.malloc(5 * MB, 0).unwrap_err();
     assert!(e.to_string().contains("no-more"), "{e}");
@@ -640,10 +659,11 @@ fn another_process_allocates_in_the_same_heap() {
         let mut ptrs = [0usize; 64];
         let mut ok = true;
         for (i, slot) in ptrs.iter_mut().enumerate() {
-            match mem.malloc(512 + i * 64, 0) {
+            // Small sizes: the child's frees go into its thread cache.
+            match mem.malloc(64 * (1 + i % 8), 0) {
                 Ok(p) => {
-                    // SAFETY: fresh block of at least 512 bytes.
-                    unsafe { std::ptr::write_bytes(p.as_ptr(), i as u8, 512) };
+                    // SAFETY: fresh block of at least 64 bytes.
+                    unsafe { std::ptr::write_bytes(p.as_ptr(), i as u8, 64) };
                     *slot = p.as_ptr() as usize;
                 }
                 Err(_) => ok = false,
@@ -689,7 +709,7 @@ fn another_process_allocates_in_the_same_heap() {
         let p = usize::from_ne_bytes(c.try_into().unwrap());
         let p = NonNull::new(p as *mut u8).unwrap();
         if i % 2 == 0 {
-            assert!(all(p, 512, i as u8), "block {i} written by the child");
+            assert!(all(p, 64, i as u8), "block {i} written by the child");
             // SAFETY: the child's block, handed over.
             unsafe { mem.free(p).unwrap() };
         } else {
@@ -707,7 +727,53 @@ fn another_process_allocates_in_the_same_heap() {
     }
     // SAFETY: not used afterwards.
     unsafe { mem.free(mine).unwrap() };
+    // The child's thread cache (a dead process's slot) and ours go back.
+    assert!(mem.heap_trim() >= 32);
     let st = mem.heap_stats(0).unwrap();
-    assert_eq!((st.alloc_count, st.free_count), (0, 1));
+    assert_eq!((st.alloc_count, st.free_count, st.cached_count), (0, 1, 0));
     mem.heap_validate().unwrap();
+}
+
+#[test]
+fn thread_cache_reuses_blocks_zeroes_dirty_ones_and_counts_them_free() {
+    if !need_hugepages(2048, 2) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("tcache", &["--socket-mem", "2", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let p = mem.malloc(100, 0).unwrap();
+    fill(p, 100, 0xff);
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(p).unwrap() };
+    let st = mem.heap_stats(0).unwrap();
+    // The block, and the blocks the first miss carved ahead.
+    assert_eq!(st.alloc_count, 0);
+    assert!(st.cached_count >= 1, "{st:?}");
+    // The cached block comes back for the same class, zeroed on request.
+    let q = mem.zmalloc(128, 0).unwrap();
+    assert_eq!(q, p, "the thread cache hands the block back");
+    assert!(all(q, 128, 0), "a dirty cached block is cleared by zmalloc");
+    assert_eq!(mem.heap_stats(0).unwrap().alloc_count, 1);
+    // Overflowing a bin gives half of it back to the heap, merged.
+    let blocks: Vec<_> = (0..200).map(|_| mem.malloc(64, 0).unwrap()).collect();
+    for b in blocks {
+        // SAFETY: not used afterwards.
+        unsafe { mem.free(b).unwrap() };
+    }
+    mem.heap_validate().unwrap();
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!(st.alloc_count, 1);
+    // Two classes in use (64 and 128 bytes), at most a full bin each.
+    assert!(st.cached_count <= 64, "{st:?}");
+    // The dump shows cached blocks as such.
+    let mut out = Vec::new();
+    mem.heap_dump(&mut out, true).unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("CACHED"));
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(q).unwrap() };
+    mem.heap_cache_flush();
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!((st.alloc_count, st.cached_count, st.free_count), (0, 0, 1));
+    mem.heap_validate_deep().unwrap();
 }

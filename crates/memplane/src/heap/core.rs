@@ -47,6 +47,9 @@ pub(crate) const STATE_FREE: u8 = b'F';
 pub(crate) const STATE_BUSY: u8 = b'B';
 /// Element flag: the data may hold old bytes (else it is all zero).
 pub(crate) const ELEM_DIRTY: u8 = 1;
+/// Element flag (busy elements): the block sits in a thread cache, freed
+/// by its user.
+pub(crate) const ELEM_CACHED: u8 = 2;
 
 /// Heap flag: `--match-allocations` (merge only within the same growth
 /// chunk, give back only whole chunks).
@@ -116,8 +119,10 @@ pub(crate) struct HeapHeader {
     pub grow_bytes: u64,
     pub shrink_count: u64,
     pub shrink_bytes: u64,
+    /// Thread-cache slots orphaned by exited threads, not yet flushed.
+    pub orphans: std::sync::atomic::AtomicU64,
     /// Room to grow.
-    pub reserved: [u64; 4],
+    pub reserved: [u64; 3],
     /// Bit `sl` set: list `(fl, sl)` is not empty.
     pub sl_bitmap: [u32; FL_COUNT],
     /// Heads of the free lists.
@@ -214,6 +219,9 @@ pub struct HeapStats {
     pub shrink_count: u64,
     /// Bytes given back, all time.
     pub shrink_bytes: u64,
+    /// Freed small blocks waiting in threads' caches (counted as free
+    /// above, not as allocations).
+    pub cached_count: u64,
 }
 
 /// One element, for walks and dumps.
@@ -231,6 +239,8 @@ pub struct ElemInfo {
     pub seg: u32,
     /// Busy: the size asked for.
     pub asked: u64,
+    /// Busy, but freed by its user and waiting in a thread's cache.
+    pub cached: bool,
 }
 
 /// A heap whose lock this thread holds.
@@ -512,6 +522,19 @@ impl<'a> Locked<'a> {
         Some((data, self.carve(addr, data, want.size, asked)))
     }
 
+    /// [`alloc`](Self::alloc) of a block whose element holds exactly
+    /// `want.size` bytes of data (for the thread caches' size classes);
+    /// `None` when the block found would be larger.
+    pub(crate) fn alloc_exact(&mut self, want: &Want<'_>, asked: u64) -> Option<(u64, bool)> {
+        let (data, dirty) = self.alloc(want, asked)?;
+        let elem = data - HDR;
+        if self.get(elem).size != HDR + want.size {
+            self.free(elem, false);
+            return None;
+        }
+        Some((data, dirty))
+    }
+
     /// Turns the part of free element `addr` holding `[data, data+size)`
     /// into a busy element; gap and tail stay free.
     fn carve(&mut self, addr: u64, data: u64, size: u64, asked: u64) -> bool {
@@ -597,7 +620,7 @@ impl<'a> Locked<'a> {
         if e.heap != self.idx {
             return Err(BlockFault::OtherHeap { heap: e.heap });
         }
-        if e.state == STATE_FREE {
+        if e.state == STATE_FREE || e.flags & ELEM_CACHED != 0 {
             return Err(BlockFault::AlreadyFree);
         }
         Ok(e)
@@ -639,7 +662,7 @@ impl<'a> Locked<'a> {
             addr,
             Elem {
                 state: STATE_FREE,
-                flags: e.flags | ELEM_DIRTY,
+                flags: (e.flags & !ELEM_CACHED) | ELEM_DIRTY,
                 link_a: 0,
                 link_b: 0,
                 ..e
@@ -885,6 +908,7 @@ impl<'a> Locked<'a> {
             grow_bytes: hf!(self, grow_bytes),
             shrink_count: hf!(self, shrink_count),
             shrink_bytes: hf!(self, shrink_bytes),
+            cached_count: 0,
         }
     }
 
@@ -950,6 +974,7 @@ impl<'a> Locked<'a> {
                 dirty: e.flags & ELEM_DIRTY != 0,
                 seg: e.seg,
                 asked: if e.state == STATE_BUSY { e.link_a } else { 0 },
+                cached: e.flags & ELEM_CACHED != 0,
             });
             cur = e.next;
             n += 1;

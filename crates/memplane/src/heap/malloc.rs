@@ -13,6 +13,7 @@ use super::core::{
     HEAP_KIND_UNUSED, HEAP_MATCH_ALLOC,
 };
 use super::extmem::{ExtChunk, EXT_SEG_BASE};
+use super::tcache::{self, CacheSlot, CacheToken, SlotTable, CACHE_MAX, SLOTS_PER_HEAP};
 use super::{ElemInfo, HeapError, HeapKind, HeapStats, SocketName, SOCKET_ID_ANY};
 use crate::memseg::layout::{name_str, MEMSEG_DO_NOT_FREE, MEMSEG_HEAP};
 use crate::memseg::{MemsegError, PageRequest, PageRun};
@@ -167,6 +168,9 @@ pub(crate) struct Heaps {
     pub(super) max_ext: u32,
     /// (node, heap slot) of every native heap, in node order.
     native: Vec<(u32, u16)>,
+    /// Thread-cache slots: `SLOTS_PER_HEAP` per native heap, in slot order.
+    tcache: *mut CacheSlot,
+    token: std::sync::Arc<CacheToken>,
 }
 
 // SAFETY: the pointers lead into the shared config mapping owned by the
@@ -187,6 +191,7 @@ impl Heaps {
         max: u32,
         ext: *mut u8,
         max_ext: u32,
+        tcache: *mut u8,
         topology: &Topology,
         match_alloc: bool,
     ) -> Result<Heaps> {
@@ -210,6 +215,8 @@ impl Heaps {
                 .enumerate()
                 .map(|(i, &n)| (n, i as u16))
                 .collect(),
+            tcache: tcache.cast::<CacheSlot>(),
+            token: CacheToken::new(),
         };
         for &(node, idx) in &h.native {
             let mut l = h.lock(idx);
@@ -231,6 +238,38 @@ impl Heaps {
         // the table is in the config mapping, which outlives `self`; only
         // the atomic field is borrowed.
         unsafe { &*std::ptr::addr_of!((*self.heads.add(idx as usize)).kind) }
+    }
+
+    /// The token thread-exit hooks check before touching the config.
+    pub(crate) fn token(&self) -> &std::sync::Arc<CacheToken> {
+        &self.token
+    }
+
+    /// The thread-cache slots of heap `idx` (native heaps only).
+    pub(super) fn slot_table(&self, idx: u16) -> Option<SlotTable> {
+        if (idx as usize) >= self.native.len() {
+            return None;
+        }
+        Some(SlotTable {
+            // SAFETY: idx < native heaps, so the array is inside the
+            // section the layout sized for them.
+            base: unsafe { self.tcache.add(idx as usize * SLOTS_PER_HEAP) },
+            orphans: tcache::orphans_of(
+                // SAFETY: idx < max.
+                unsafe { self.heads.add(idx as usize) },
+            ),
+        })
+    }
+
+    /// Blocks and bytes sitting in the thread caches of heap `idx`.
+    pub(super) fn cached(&self, idx: u16) -> (u64, u64) {
+        let Some(t) = self.slot_table(idx) else {
+            return (0, 0);
+        };
+        (0..SLOTS_PER_HEAP).fold((0, 0), |(c, b), i| {
+            let (c2, b2) = t.slot(i).held();
+            (c + c2, b + b2)
+        })
     }
 
     /// The heap's lock itself (to ask who holds it).
@@ -445,14 +484,148 @@ impl Memory {
         self.not_in_callback("free")?;
         let addr = ptr.as_ptr() as usize;
         let (idx, _) = self.checked_block(addr)?;
-        let mut l = self.heap.lock(idx);
-        l.check_busy(addr as u64 - HDR)
-            .map_err(|f| self.fault(idx, addr, f))?;
-        let merged = l.free(addr as u64 - HDR, cfg!(debug_assertions));
-        if self.heap.kind(idx) == HEAP_KIND_NATIVE {
-            self.shrink(&mut l, merged);
+        let elem = addr as u64 - HDR;
+        // Fast path: a small block goes into this thread's cache.
+        if let Some(data) = tcache::quick_check(elem, idx).filter(|&d| d <= CACHE_MAX) {
+            if let Some(slot) = self.my_slot(idx) {
+                let bin = tcache::bin_of(data);
+                if slot.push(elem, bin) {
+                    return Ok(());
+                }
+                // Full: half of the bin goes back to the heap, under one
+                // lock, then this block takes its place.
+                let mut l = self.heap.lock(idx);
+                l.check_busy(elem).map_err(|f| self.fault(idx, addr, f))?;
+                let mut out = Vec::with_capacity(tcache::BIN_CAP / 2);
+                slot.drain(bin, tcache::BIN_CAP / 2, &mut out);
+                self.give_back(&mut l, idx, &out);
+                if slot.push(elem, bin) {
+                    return Ok(());
+                }
+                self.give_back(&mut l, idx, &[elem]);
+                return Ok(());
+            }
         }
+        let mut l = self.heap.lock(idx);
+        l.check_busy(elem).map_err(|f| self.fault(idx, addr, f))?;
+        self.give_back(&mut l, idx, &[elem]);
         Ok(())
+    }
+
+    /// Frees busy elements (checked) into the locked heap `idx`, giving
+    /// back pages they leave unused.
+    fn give_back(&self, l: &mut Locked<'_>, idx: u16, elems: &[u64]) {
+        let native = self.heap.kind(idx) == HEAP_KIND_NATIVE;
+        for &e in elems {
+            let merged = l.free(e, cfg!(debug_assertions));
+            if native {
+                self.shrink(l, merged);
+            }
+        }
+        // Slots of exited threads are flushed by whoever passes by.
+        if let Some(t) = self.heap.slot_table(idx) {
+            // SAFETY: the counter is in the heap head, in the config.
+            if unsafe { (*t.orphans).load(Ordering::Acquire) } > 0 {
+                self.adopt_slots(l, idx, t, false);
+            }
+        }
+    }
+
+    /// Flushes slots of heap `idx` that exited threads left (and with
+    /// `check_dead`, slots of dead processes); returns the blocks freed.
+    fn adopt_slots(&self, l: &mut Locked<'_>, idx: u16, t: SlotTable, check_dead: bool) -> usize {
+        let mut freed = 0;
+        for i in 0..SLOTS_PER_HEAP {
+            let slot = t.slot(i);
+            if !slot.adoptable(check_dead) {
+                continue;
+            }
+            let was_orphan = slot.adoptable(false);
+            let (pid, tid) = slot.owner();
+            if !slot.adopt() {
+                continue;
+            }
+            let mut out = Vec::new();
+            for bin in 0..tcache::BINS {
+                slot.drain(bin, tcache::BIN_CAP, &mut out);
+            }
+            freed += out.len();
+            for e in out {
+                // A dead process may have left a half-made entry: only
+                // blocks that still check out go back.
+                if l.check_busy(e).is_ok() {
+                    let merged = l.free(e, false);
+                    if self.heap.kind(idx) == HEAP_KIND_NATIVE {
+                        self.shrink(l, merged);
+                    }
+                }
+            }
+            slot.release();
+            if was_orphan {
+                // SAFETY: as in `give_back`.
+                let o = unsafe { &*t.orphans };
+                let _ = o.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+            }
+            tracing::debug!(
+                heap = idx,
+                slot = i,
+                pid,
+                tid,
+                "thread cache of a finished thread or process flushed"
+            );
+        }
+        freed
+    }
+
+    /// This thread's cache slot of heap `idx`, if it may have one.
+    fn my_slot(&self, idx: u16) -> Option<&CacheSlot> {
+        let t = self.heap.slot_table(idx)?;
+        tcache::my_slot(self.callback_id(), self.heap.token(), idx, Some(t))
+    }
+
+    /// Gives every block in this thread's caches back to the heaps (and
+    /// their unused pages to the kernel). Blocks sit in a thread's cache
+    /// after `free` until its bin overflows, the thread exits, or this.
+    pub fn heap_cache_flush(&self) {
+        for &(_, idx) in &self.heap.native {
+            let Some(slot) = self.my_slot(idx) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            for bin in 0..tcache::BINS {
+                slot.drain(bin, tcache::BIN_CAP, &mut out);
+            }
+            if out.is_empty() {
+                continue;
+            }
+            let mut l = self.heap.lock(idx);
+            self.give_back(&mut l, idx, &out);
+        }
+    }
+
+    /// Flushes this thread's caches, the caches exited threads left, and
+    /// those of dead processes; returns how many blocks went back.
+    pub fn heap_trim(&self) -> usize {
+        self.heap_cache_flush();
+        let mut n = 0;
+        for &(_, idx) in &self.heap.native {
+            if let Some(t) = self.heap.slot_table(idx) {
+                let mut l = self.heap.lock(idx);
+                n += self.adopt_slots(&mut l, idx, t, true);
+            }
+        }
+        n
+    }
+
+    /// A heap's counters, with blocks in thread caches counted as free.
+    fn stats_of(&self, idx: u16) -> HeapStats {
+        let mut st = self.heap.lock(idx).stats();
+        let (count, bytes) = self.heap.cached(idx);
+        st.alloc_count = st.alloc_count.saturating_sub(count);
+        st.alloc_bytes = st.alloc_bytes.saturating_sub(bytes);
+        st.free_bytes += bytes;
+        st.cached_count = count;
+        st
     }
 
     /// The usable size of a live block (DPDK's `rte_malloc_validate`): at
@@ -479,6 +652,18 @@ impl Memory {
 
     /// The general allocation call: every constraint of [`AllocRequest`].
     pub fn heap_alloc(&self, req: &AllocRequest) -> Result<NonNull<u8>> {
+        if req.size != 0
+            && req.size as u64 <= CACHE_MAX
+            && req.align <= 64
+            && (req.align == 0 || req.align.is_power_of_two())
+            && req.bound == 0
+            && !req.contig
+            && req.page_sizes.is_any()
+        {
+            if let Some(p) = self.cached_alloc(req) {
+                return p;
+            }
+        }
         self.not_in_callback("heap_alloc")?;
         let (size, align) = check_size(req.size, req.align, req.bound)?;
         let targets = self.targets(req.socket)?;
@@ -527,6 +712,50 @@ impl Memory {
             why,
         }
         .into())
+    }
+
+    /// Small blocks from this thread's cache; on a miss, one lock
+    /// acquisition carves the block and refills the bin. `None`: take the
+    /// general path (no cache here, or the heap must grow).
+    fn cached_alloc(&self, req: &AllocRequest) -> Option<Result<NonNull<u8>>> {
+        let idx = if req.socket == SOCKET_ID_ANY {
+            match self.heap.native.as_slice() {
+                [(_, i)] => *i,
+                _ => return None,
+            }
+        } else {
+            self.heap.native_of_node(u32::try_from(req.socket).ok()?)?
+        };
+        let slot = self.my_slot(idx)?;
+        let data = (req.size as u64).next_multiple_of(UNIT);
+        let bin = tcache::bin_of(data);
+        let (elem, dirty) = if let Some(hit) = slot.pop(bin) {
+            hit
+        } else {
+            if self.not_in_callback("heap_alloc").is_err() {
+                return None;
+            }
+            let want = Want {
+                size: data,
+                align: UNIT,
+                bound: 0,
+                seg_ok: None,
+                contig_ok: None,
+            };
+            let mut l = self.heap.lock(idx);
+            let (d, dirty) = l.alloc(&want, req.size as u64)?;
+            tcache::refill(&mut l, slot, data);
+            (d - HDR, dirty)
+        };
+        // SAFETY: the block is ours; the asked size is a field only its
+        // owner writes while the block is busy.
+        unsafe { std::ptr::addr_of_mut!((*(elem as *mut hc::Elem)).link_a).write(req.size as u64) };
+        let data_addr = elem + HDR;
+        if req.zero && dirty {
+            // SAFETY: the block is ours, at least `req.size` bytes.
+            unsafe { std::ptr::write_bytes(data_addr as *mut u8, 0, req.size) };
+        }
+        Some(Ok(data_ptr(data_addr)))
     }
 
     /// The largest block a heap can give without growing, allocated
@@ -589,7 +818,7 @@ impl Memory {
                 socket,
                 known: self.heap.known(),
             })?;
-        Ok(self.heap.lock(idx).stats())
+        Ok(self.stats_of(idx))
     }
 
     /// Every heap with its counters.
@@ -601,7 +830,7 @@ impl Memory {
                     HEAP_KIND_EXTERNAL => HeapKind::External,
                     _ => return None,
                 };
-                let stats = self.heap.lock(idx).stats();
+                let stats = self.stats_of(idx);
                 Some(HeapInfo {
                     index: u32::from(idx),
                     name: self.heap.head_name(idx),
@@ -716,7 +945,13 @@ impl Memory {
                             "  {:#x}  {:>10}  {}{}  seg {}{}",
                             e.addr,
                             e.size,
-                            if e.free { "FREE" } else { "BUSY" },
+                            if e.free {
+                                "FREE"
+                            } else if e.cached {
+                                "CACHED"
+                            } else {
+                                "BUSY"
+                            },
                             if e.dirty { " dirty" } else { "" },
                             e.seg,
                             if e.free {
@@ -995,9 +1230,17 @@ impl Memory {
         if addr % UNIT as usize != 0 || addr < HDR as usize {
             return Err(self.not_from_heap(addr));
         }
-        let (idx, seg) =
-            locate(self, addr - HDR as usize).ok_or_else(|| self.not_from_heap(addr))?;
-        if !self.heap_owns(idx, addr - HDR as usize, HDR as usize) {
+        let elem = addr - HDR as usize;
+        // One lookup for native memory: the list, and the flags of the
+        // header's page (a header never crosses a page).
+        if let Some((list, node, flags)) = self.page_of(elem) {
+            return match self.heap.native_of_node(node) {
+                Some(idx) if flags & MEMSEG_HEAP != 0 => Ok((idx, list)),
+                _ => Err(self.not_from_heap(addr)),
+            };
+        }
+        let (idx, seg) = locate(self, elem).ok_or_else(|| self.not_from_heap(addr))?;
+        if !self.heap_owns(idx, elem, HDR as usize) {
             return Err(self.not_from_heap(addr));
         }
         Ok((idx, seg))

@@ -40,6 +40,7 @@ mod core;
 mod extmem;
 mod global;
 mod malloc;
+mod tcache;
 
 use std::fmt;
 
@@ -66,6 +67,8 @@ pub const EXTERNAL_SOCKET_BASE: i32 = 256;
 
 /// Bytes of one heap head in the shared config.
 pub const HEAP_HEADER_SIZE: usize = std::mem::size_of::<self::core::HeapHeader>();
+/// Bytes of the thread-cache slots of one native heap in the shared config.
+pub const TCACHE_BYTES_PER_HEAP: usize = tcache::SLOT_SIZE * tcache::SLOTS_PER_HEAP;
 /// Bytes of one external memory entry in the shared config.
 pub const EXTMEM_ENTRY_SIZE: usize = std::mem::size_of::<self::extmem::ExtChunk>();
 

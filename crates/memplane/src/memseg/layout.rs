@@ -56,6 +56,8 @@ pub const MEMSEG_HEAP: u32 = 1 << 2;
 pub const SECTION_HEAPS: usize = 1;
 /// Section index of the external memory table.
 pub const SECTION_EXTMEM: usize = 2;
+/// Section index of the thread-cache slots of the native heaps.
+pub const SECTION_TCACHE: usize = 3;
 
 /// Config flag: `--legacy-mem`.
 pub const CFG_LEGACY: u32 = 1 << 0;
@@ -218,6 +220,8 @@ pub struct ConfigLayout {
     pub heaps_off: usize,
     /// Offset of the external memory table.
     pub extmem_off: usize,
+    /// Offset of the thread-cache slots (one array per native heap).
+    pub tcache_off: usize,
     /// Total bytes, rounded up to the system page size.
     pub total: usize,
 }
@@ -230,6 +234,7 @@ impl ConfigLayout {
         capacities: &[u32],
         max_heaps: u32,
         max_extmem: u32,
+        native_heaps: u32,
     ) -> crate::Result<ConfigLayout> {
         let lists_off = size_of::<ConfigHeader>().next_multiple_of(64);
         let mut off = lists_off + max_lists as usize * size_of::<ListHeader>();
@@ -244,12 +249,15 @@ impl ConfigLayout {
         off = heaps_off + max_heaps as usize * crate::heap::HEAP_HEADER_SIZE;
         let extmem_off = off.next_multiple_of(64);
         off = extmem_off + max_extmem as usize * crate::heap::EXTMEM_ENTRY_SIZE;
+        let tcache_off = off.next_multiple_of(64);
+        off = tcache_off + native_heaps as usize * crate::heap::TCACHE_BYTES_PER_HEAP;
         let total = off.next_multiple_of(rustix::param::page_size());
         Ok(ConfigLayout {
             lists_off,
             fbarrays,
             heaps_off,
             extmem_off,
+            tcache_off,
             total,
         })
     }
@@ -261,7 +269,7 @@ mod tests {
 
     #[test]
     fn layout_places_fbarrays_after_the_table_without_overlap() {
-        let l = ConfigLayout::new(128, &[12288, 24, 5], 32, 128).unwrap();
+        let l = ConfigLayout::new(128, &[12288, 24, 5], 32, 128, 2).unwrap();
         assert_eq!(l.lists_off, 512);
         assert!(l.fbarrays[0].0 >= 512 + 128 * 128);
         for w in l.fbarrays.windows(2) {
@@ -271,7 +279,8 @@ mod tests {
         let last = l.fbarrays[2];
         assert!(last.0 + last.1 <= l.heaps_off);
         assert!(l.heaps_off + 32 * crate::heap::HEAP_HEADER_SIZE <= l.extmem_off);
-        assert!(l.extmem_off + 128 * crate::heap::EXTMEM_ENTRY_SIZE <= l.total);
+        assert!(l.extmem_off + 128 * crate::heap::EXTMEM_ENTRY_SIZE <= l.tcache_off);
+        assert!(l.tcache_off + 2 * crate::heap::TCACHE_BYTES_PER_HEAP <= l.total);
         assert_eq!(l.total % rustix::param::page_size(), 0);
     }
 

@@ -735,6 +735,12 @@ fn report_dead_once(reported: &mut bool, pid: u32, what: &str) {
     }
 }
 
+/// This process's pid, cached (cleared in a forked child): cheap enough
+/// for fast paths that must notice a fork.
+pub(crate) fn cached_pid() -> u32 {
+    current_pid()
+}
+
 /// This process's pid as stored in lock words (always in `1..2^29`).
 ///
 /// Cached: glibc's `getpid` is a system call, which would double the
