@@ -158,49 +158,59 @@ pub(crate) fn my_slot(
 ) -> Option<&'static CacheSlot> {
     let table = table?;
     let me = crate::shm::lock::cached_pid();
-    ENTRIES.with(|cell| {
-        let mut entries = cell.try_borrow_mut().ok()?;
-        // After fork the entries are the parent's slots: forget them.
-        if entries.0.first().is_some_and(|e| e.pid != me) {
-            entries.0.clear();
-        }
-        if let Some(e) = entries
-            .0
-            .iter()
-            .find(|e| e.instance == instance && e.heap == heap && Arc::ptr_eq(&e.token, token))
-        {
-            // SAFETY: the entry's instance is the caller's live `Memory`
-            // (same id and token), whose mapping outlives this borrow.
-            return unsafe { e.slot.as_ref() };
-        }
-        // Entries of dropped instances are dead weight.
-        entries.0.retain(|e| e.token.alive.read().is_ok_and(|a| *a));
-        let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
-        let mut claimed: *const CacheSlot = std::ptr::null();
-        for i in 0..SLOTS_PER_HEAP {
-            let s = table.slot(i);
-            if s.state.load(Ordering::Relaxed) == SLOT_FREE
-                && s.state
-                    .compare_exchange(SLOT_FREE, SLOT_ACTIVE, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                s.pid.store(me, Ordering::Relaxed);
-                s.tid.store(tid, Ordering::Relaxed);
-                claimed = s;
-                break;
+    // `try_with`: during thread exit (or from a global allocator called
+    // while the entries are borrowed) the cache is simply not used.
+    ENTRIES
+        .try_with(|cell| {
+            let mut entries = cell.try_borrow_mut().ok()?;
+            // After fork the entries are the parent's slots: forget them.
+            if entries.0.first().is_some_and(|e| e.pid != me) {
+                entries.0.clear();
             }
-        }
-        entries.0.push(Entry {
-            instance,
-            token: Arc::clone(token),
-            heap,
-            pid: me,
-            slot: claimed,
-            orphans: table.orphans,
-        });
-        // SAFETY: as above.
-        unsafe { claimed.as_ref() }
-    })
+            if let Some(e) = entries
+                .0
+                .iter()
+                .find(|e| e.instance == instance && e.heap == heap && Arc::ptr_eq(&e.token, token))
+            {
+                // SAFETY: the entry's instance is the caller's live `Memory`
+                // (same id and token), whose mapping outlives this borrow.
+                return unsafe { e.slot.as_ref() };
+            }
+            // Entries of dropped instances are dead weight.
+            entries.0.retain(|e| e.token.alive.read().is_ok_and(|a| *a));
+            let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+            let mut claimed: *const CacheSlot = std::ptr::null();
+            for i in 0..SLOTS_PER_HEAP {
+                let s = table.slot(i);
+                if s.state.load(Ordering::Relaxed) == SLOT_FREE
+                    && s.state
+                        .compare_exchange(
+                            SLOT_FREE,
+                            SLOT_ACTIVE,
+                            Ordering::Acquire,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                {
+                    s.pid.store(me, Ordering::Relaxed);
+                    s.tid.store(tid, Ordering::Relaxed);
+                    claimed = s;
+                    break;
+                }
+            }
+            entries.0.push(Entry {
+                instance,
+                token: Arc::clone(token),
+                heap,
+                pid: me,
+                slot: claimed,
+                orphans: table.orphans,
+            });
+            // SAFETY: as above.
+            unsafe { claimed.as_ref() }
+        })
+        .ok()
+        .flatten()
 }
 
 /// The bin of a data size (a multiple of 64, at most [`CACHE_MAX`]).
