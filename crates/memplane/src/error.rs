@@ -36,6 +36,11 @@ pub enum Error {
     #[error(transparent)]
     Memseg(#[from] crate::memseg::MemsegError),
 
+    /// A malloc heap operation was refused (bad size or alignment, out of
+    /// memory with the reason, bad pointer, double free, corruption).
+    #[error(transparent)]
+    Heap(#[from] crate::heap::HeapError),
+
     /// A system file or directory could not be read or written.
     #[error("{action} {path}: {source}")]
     Io {

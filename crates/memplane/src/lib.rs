@@ -17,6 +17,8 @@
 //! - [`Memory`]: one instance: the shared config and memseg lists in one
 //!   address-space reservation, pages mapped and unmapped at run time
 //!   ([`memseg`]), with [`numa`] placement and [`iova`] addresses.
+//! - [`heap`]: the malloc heaps on top (`malloc`, `zmalloc`, `realloc`,
+//!   `free` and friends on [`Memory`]), external heaps, stats, validation.
 //!
 //! # Example
 //!
@@ -34,6 +36,7 @@
 
 pub mod error;
 pub mod fbarray;
+pub mod heap;
 pub mod hugepages;
 pub mod iova;
 mod memory;

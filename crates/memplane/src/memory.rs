@@ -20,7 +20,7 @@ use crate::memseg::hugetlbfs::{reclaim_stale, HugetlbfsStore};
 use crate::memseg::layout::{
     self, ConfigHeader, ConfigLayout, ListHeader, Memseg, Section, CFG_IN_MEMORY, CFG_IOVA_PA,
     CFG_LEGACY, CFG_NO_HUGE, CFG_SINGLE_FILE, CONFIG_MAGIC, LAYOUT_VERSION, LIST_NAME_LEN,
-    MEMSEG_DIRTY, MEMSEG_DO_NOT_FREE, SECTION_LISTS,
+    MEMSEG_DIRTY, MEMSEG_DO_NOT_FREE, MEMSEG_HEAP, SECTION_EXTMEM, SECTION_HEAPS, SECTION_LISTS,
 };
 use crate::memseg::store::{Freshness, MemfdStore, PageStore};
 use crate::memseg::{
@@ -136,6 +136,7 @@ pub struct Memory {
     // Field order is drop order: the lists (and their fbarray views) go
     // before the config mapping and the reservation they point into.
     lists: Vec<List>,
+    pub(crate) heap: crate::heap::Heaps,
     registry: std::sync::RwLock<Registry>,
     config: NonNull<ConfigHeader>,
     config_fd: OwnedFd,
@@ -240,7 +241,12 @@ impl Memory {
         let backing = preflight::Request::from_options(opts).backing;
         let types = plan_lists(opts, &plan, &topology)?;
         let caps: Vec<u32> = types.iter().map(|t| t.capacity).collect();
-        let layout = ConfigLayout::new(opts.max_memseg_lists, &caps)?;
+        let layout = ConfigLayout::new(
+            opts.max_memseg_lists,
+            &caps,
+            opts.max_heaps,
+            opts.max_memseg_lists,
+        )?;
         let lists_end = types
             .iter()
             .map(|t| t.va_off + t.capacity as usize * t.page_size.bytes() as usize)
@@ -309,6 +315,14 @@ impl Memory {
         sections[SECTION_LISTS] = Section {
             offset: layout.lists_off as u64,
             len: u64::from(opts.max_memseg_lists) * size_of::<ListHeader>() as u64,
+        };
+        sections[SECTION_HEAPS] = Section {
+            offset: layout.heaps_off as u64,
+            len: u64::from(opts.max_heaps) * crate::heap::HEAP_HEADER_SIZE as u64,
+        };
+        sections[SECTION_EXTMEM] = Section {
+            offset: layout.extmem_off as u64,
+            len: u64::from(opts.max_memseg_lists) * crate::heap::EXTMEM_ENTRY_SIZE as u64,
         };
         // SAFETY: the config mapping is fresh (zero-filled), at least
         // `layout.total` bytes and page-aligned; nobody else has it yet.
@@ -428,8 +442,22 @@ impl Memory {
         }
 
         let socket_limits = opts.socket_limit.clone().unwrap_or_default();
+        // SAFETY: the heap and extmem tables lie inside the fresh config
+        // mapping (layout computed them), zero-filled, and live as long as
+        // the Memory that owns the mapping.
+        let heap = unsafe {
+            crate::heap::Heaps::init(
+                config_ptr.add(layout.heaps_off),
+                opts.max_heaps,
+                config_ptr.add(layout.extmem_off),
+                opts.max_memseg_lists,
+                &topology,
+                opts.match_allocations,
+            )
+        }?;
         let mut mem = Memory {
             lists,
+            heap,
             registry: std::sync::RwLock::new(Registry::default()),
             config,
             config_fd,
@@ -444,14 +472,16 @@ impl Memory {
             primary,
         };
 
-        // Preallocate what was asked for, pinned until shutdown.
+        // Preallocate what was asked for, pinned until shutdown; it is
+        // the heaps' first memory.
+        let mut heap_runs: Vec<PageRun> = Vec::new();
         let entries = mem.plan.entries.clone();
         for e in &entries {
             let count = u32::try_from(e.pages).map_err(|_| {
                 Error::System(format!("{} pages of {} is too many", e.pages, e.page_size))
             })?;
             let req = PageRequest::new(e.node, e.page_size, count).best_effort_contiguity();
-            mem.alloc_inner(&req, true)?;
+            heap_runs.extend(mem.alloc_inner(&req, MEMSEG_DO_NOT_FREE | MEMSEG_HEAP)?);
         }
         if opts.no_huge {
             let bytes = opts.requested_memory().unwrap_or(NO_HUGE_DEFAULT_MEMORY);
@@ -461,7 +491,7 @@ impl Memory {
                     Error::System(format!("{bytes} bytes of 4 KiB pages is too many"))
                 })?;
                 let req = PageRequest::new(0, PageSize::SIZE_4K, count).best_effort_contiguity();
-                mem.alloc_inner(&req, true)?;
+                heap_runs.extend(mem.alloc_inner(&req, MEMSEG_DO_NOT_FREE | MEMSEG_HEAP)?);
             }
             mem.fixed = Some("--no-huge");
         } else if opts.legacy_mem {
@@ -483,13 +513,18 @@ impl Memory {
                     let req = PageRequest::new(node, size, count)
                         .best_effort_contiguity()
                         .as_many_as_possible();
-                    if let Err(e) = mem.alloc_inner(&req, true) {
-                        tracing::warn!(node, %size, error = %e, "--legacy-mem: could not map the available pages");
+                    match mem.alloc_inner(&req, MEMSEG_DO_NOT_FREE | MEMSEG_HEAP) {
+                        Ok(runs) => heap_runs.extend(runs),
+                        Err(e) => {
+                            tracing::warn!(node, %size, error = %e, "--legacy-mem: could not map the available pages");
+                        }
                     }
                 }
             }
             mem.fixed = Some("--legacy-mem");
         }
+
+        mem.heap.add_initial(&mem, &heap_runs);
 
         // Complete: other processes may attach from now on.
         mem.config_header()
@@ -514,6 +549,22 @@ impl Memory {
     /// A stable id of this instance, for the per-thread callback marker.
     fn id(&self) -> usize {
         self.config.as_ptr() as usize
+    }
+
+    /// The id that marks this instance's callbacks on a thread.
+    pub(crate) fn callback_id(&self) -> usize {
+        self.id()
+    }
+
+    /// Takes the hotplug lock for writing (heap table and external memory
+    /// changes).
+    pub(crate) fn hotplug_write(&self) -> crate::shm::lock::WriteGuard<'_> {
+        self.config_header().hotplug_lock.write()
+    }
+
+    /// Fires memory events (external memory added or removed).
+    pub(crate) fn fire_events(&self, evs: &[MemEvent]) {
+        self.fire(evs);
     }
 
     /// The options the instance was started with.
@@ -637,10 +688,11 @@ impl Memory {
             }
             .into());
         }
-        self.alloc_inner(req, false)
+        self.alloc_inner(req, 0)
     }
 
-    fn alloc_inner(&self, req: &PageRequest, pin: bool) -> Result<Vec<PageRun>> {
+    fn alloc_inner(&self, req: &PageRequest, seg_flags: u32) -> Result<Vec<PageRun>> {
+        let pin = seg_flags & MEMSEG_DO_NOT_FREE != 0;
         events::not_in_callback(self.id(), "alloc_pages")?;
         if req.count == 0 {
             return Err(MemsegError::ZeroPages.into());
@@ -753,7 +805,7 @@ impl Memory {
                                 len: psz,
                                 page_size: psz,
                                 node: req.node,
-                                flags: if pin { MEMSEG_DO_NOT_FREE } else { 0 }
+                                flags: seg_flags
                                     | if fresh == Freshness::Dirty {
                                         MEMSEG_DIRTY
                                     } else {
@@ -894,6 +946,83 @@ impl Memory {
     /// none of them preallocated. [`MemEventKind::Free`] fires before the
     /// unmap. On error nothing changed.
     pub fn free_pages(&self, addr: usize, len: usize) -> Result<()> {
+        self.free_pages_inner(addr, len, false)
+    }
+
+    /// Maps pages for a heap: like [`alloc_pages`](Self::alloc_pages), the
+    /// pages flagged as the heap's.
+    pub(crate) fn alloc_heap_pages(&self, req: &PageRequest) -> Result<Vec<PageRun>> {
+        if let Some(mode) = self.fixed {
+            return Err(MemsegError::FixedMemory {
+                what: "growing a heap",
+                mode,
+            }
+            .into());
+        }
+        self.alloc_inner(req, MEMSEG_HEAP)
+    }
+
+    /// Gives back pages a heap no longer uses.
+    pub(crate) fn free_heap_pages(&self, addr: usize, len: usize) -> Result<()> {
+        self.free_pages_inner(addr, len, true)
+    }
+
+    /// Whether memory is fixed at init (`--legacy-mem`, `--no-huge`): the
+    /// option that fixes it.
+    pub(crate) fn fixed_by(&self) -> Option<&'static str> {
+        self.fixed
+    }
+
+    /// The memseg flags of the page holding `addr`, read without the
+    /// hotplug lock (a u32 load: callers use it for pages whose flags they
+    /// own, such as a heap checking its own pages under its lock). `None`
+    /// outside every list or for an unused page.
+    pub(crate) fn page_flags(&self, addr: usize) -> Option<(u32, u32, u64)> {
+        let list = self.list_of_addr(addr)?;
+        let slot = ((addr - list.base_va) / list.page_size.bytes() as usize) as u32;
+        let p = list.segs.get_ptr::<Memseg>(slot).ok()?;
+        // SAFETY: the element lies in the config mapping; an aligned u32
+        // field read cannot tear, and `len` is 0 for unused slots.
+        let (flags, len) = unsafe {
+            (
+                std::ptr::addr_of!((*p.as_ptr()).flags).read_volatile(),
+                std::ptr::addr_of!((*p.as_ptr()).len).read_volatile(),
+            )
+        };
+        (len != 0).then_some((list.index, flags, list.page_size.bytes()))
+    }
+
+    /// Index, node and page size of the list holding `addr`.
+    pub(crate) fn list_at(&self, addr: usize) -> Option<(u32, u32, PageSize)> {
+        self.list_of_addr(addr)
+            .map(|l| (l.index, l.node, l.page_size))
+    }
+
+    /// Node and page size of list `index`.
+    pub(crate) fn list_meta(&self, index: u32) -> Option<(u32, PageSize, usize, usize)> {
+        self.lists.get(index as usize).map(|l| {
+            (
+                l.node,
+                l.page_size,
+                l.base_va,
+                l.capacity as usize * l.page_size.bytes() as usize,
+            )
+        })
+    }
+
+    /// Page sizes of the lists of `node`, smallest first.
+    pub(crate) fn node_page_sizes(&self, node: u32) -> Vec<PageSize> {
+        let mut v: Vec<PageSize> = self
+            .lists
+            .iter()
+            .filter(|l| l.node == node)
+            .map(|l| l.page_size)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn free_pages_inner(&self, addr: usize, len: usize, heap: bool) -> Result<()> {
         if let Some(mode) = self.fixed {
             return Err(MemsegError::FixedMemory {
                 what: "freeing pages at run time",
@@ -928,8 +1057,15 @@ impl Memory {
                 }
                 .into());
             }
-            if list.seg(s).flags & MEMSEG_DO_NOT_FREE != 0 {
+            let flags = list.seg(s).flags;
+            if flags & MEMSEG_DO_NOT_FREE != 0 {
                 return Err(MemsegError::Pinned {
+                    addr: list.slot_va(s),
+                }
+                .into());
+            }
+            if flags & MEMSEG_HEAP != 0 && !heap {
+                return Err(MemsegError::HeapOwned {
                     addr: list.slot_va(s),
                 }
                 .into());

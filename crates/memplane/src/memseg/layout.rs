@@ -27,7 +27,7 @@ use crate::shm::lock::RwLock;
 pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"MPCONFG1");
 
 /// Bumped whenever any structure in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Bytes reserved for the build identity string.
 pub const BUILD_ID_LEN: usize = 64;
@@ -47,6 +47,15 @@ pub const MEMSEG_DO_NOT_FREE: u32 = 1 << 0;
 /// A memseg flag: the page may hold old data (reused file under
 /// `--huge-unlink=never`); fresh pages come zeroed from the kernel.
 pub const MEMSEG_DIRTY: u32 = 1 << 1;
+
+/// A memseg flag: the page belongs to a malloc heap; only the heap gives
+/// it back.
+pub const MEMSEG_HEAP: u32 = 1 << 2;
+
+/// Section index of the heap table.
+pub const SECTION_HEAPS: usize = 1;
+/// Section index of the external memory table.
+pub const SECTION_EXTMEM: usize = 2;
 
 /// Config flag: `--legacy-mem`.
 pub const CFG_LEGACY: u32 = 1 << 0;
@@ -205,6 +214,10 @@ pub struct ConfigLayout {
     pub lists_off: usize,
     /// Offset and length of each list's fbarray.
     pub fbarrays: Vec<(usize, usize)>,
+    /// Offset of the heap table (`max_heaps` heap heads).
+    pub heaps_off: usize,
+    /// Offset of the external memory table.
+    pub extmem_off: usize,
     /// Total bytes, rounded up to the system page size.
     pub total: usize,
 }
@@ -212,7 +225,12 @@ pub struct ConfigLayout {
 impl ConfigLayout {
     /// Computes the layout for a table of `max_lists` entries and lists of
     /// the given capacities.
-    pub fn new(max_lists: u32, capacities: &[u32]) -> crate::Result<ConfigLayout> {
+    pub fn new(
+        max_lists: u32,
+        capacities: &[u32],
+        max_heaps: u32,
+        max_extmem: u32,
+    ) -> crate::Result<ConfigLayout> {
         let lists_off = size_of::<ConfigHeader>().next_multiple_of(64);
         let mut off = lists_off + max_lists as usize * size_of::<ListHeader>();
         let mut fbarrays = Vec::with_capacity(capacities.len());
@@ -222,10 +240,16 @@ impl ConfigLayout {
             fbarrays.push((off, len));
             off += len;
         }
+        let heaps_off = off.next_multiple_of(64);
+        off = heaps_off + max_heaps as usize * crate::heap::HEAP_HEADER_SIZE;
+        let extmem_off = off.next_multiple_of(64);
+        off = extmem_off + max_extmem as usize * crate::heap::EXTMEM_ENTRY_SIZE;
         let total = off.next_multiple_of(rustix::param::page_size());
         Ok(ConfigLayout {
             lists_off,
             fbarrays,
+            heaps_off,
+            extmem_off,
             total,
         })
     }
@@ -237,7 +261,7 @@ mod tests {
 
     #[test]
     fn layout_places_fbarrays_after_the_table_without_overlap() {
-        let l = ConfigLayout::new(128, &[12288, 24, 5]).unwrap();
+        let l = ConfigLayout::new(128, &[12288, 24, 5], 32, 128).unwrap();
         assert_eq!(l.lists_off, 512);
         assert!(l.fbarrays[0].0 >= 512 + 128 * 128);
         for w in l.fbarrays.windows(2) {
@@ -245,7 +269,9 @@ mod tests {
             assert_eq!(w[1].0 % 64, 0);
         }
         let last = l.fbarrays[2];
-        assert!(last.0 + last.1 <= l.total);
+        assert!(last.0 + last.1 <= l.heaps_off);
+        assert!(l.heaps_off + 32 * crate::heap::HEAP_HEADER_SIZE <= l.extmem_off);
+        assert!(l.extmem_off + 128 * crate::heap::EXTMEM_ENTRY_SIZE <= l.total);
         assert_eq!(l.total % rustix::param::page_size(), 0);
     }
 
@@ -254,6 +280,6 @@ mod tests {
         let id = build_id();
         let s = name_str(&id);
         assert!(s.starts_with("memplane "), "{s}");
-        assert!(s.contains("layout 1"), "{s}");
+        assert!(s.contains("layout 2"), "{s}");
     }
 }

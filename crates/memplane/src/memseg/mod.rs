@@ -132,6 +132,12 @@ pub enum MemsegError {
         /// Address of the page.
         addr: usize,
     },
+    /// A page of the range belongs to a malloc heap.
+    #[error("page {addr:#x} belongs to a malloc heap; free the heap's blocks instead, the heap gives its pages back")]
+    HeapOwned {
+        /// Address of the page.
+        addr: usize,
+    },
     /// Page allocation is fixed in this mode.
     #[error("{what} is not possible with {mode}: memory is fixed at init")]
     FixedMemory {

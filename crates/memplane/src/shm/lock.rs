@@ -736,6 +736,40 @@ fn report_dead_once(reported: &mut bool, pid: u32, what: &str) {
 }
 
 /// This process's pid as stored in lock words (always in `1..2^29`).
+///
+/// Cached: glibc's `getpid` is a system call, which would double the
+/// cost of an uncontended lock. A fork handler clears the cache in the
+/// child, so a forked process never takes locks under its parent's pid.
+#[cfg(not(loom))]
+fn current_pid() -> u32 {
+    use std::sync::atomic::AtomicU32 as StdAtomicU32;
+    static CACHED: StdAtomicU32 = StdAtomicU32::new(0);
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn forget_pid() {
+        CACHED.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    let pid = CACHED.load(std::sync::atomic::Ordering::Relaxed);
+    if pid != 0 {
+        return pid;
+    }
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic, which
+        // is async-signal-safe and valid in the child after fork.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+        if rc != 0 {
+            tracing::warn!(
+                rc,
+                "pthread_atfork failed: lock words may carry a stale pid after fork"
+            );
+        }
+    });
+    let pid = std::process::id() & LOW;
+    CACHED.store(pid, std::sync::atomic::Ordering::Relaxed);
+    pid
+}
+
+/// This process's pid as stored in lock words (always in `1..2^29`).
+#[cfg(loom)]
 fn current_pid() -> u32 {
     std::process::id() & LOW
 }

@@ -1,0 +1,475 @@
+//! The malloc heap on real hugepages: allocation with every constraint,
+//! growth and shrink seen through HugePages_Free and memory events, bad
+//! input, corruption detection, external heaps, threads.
+
+mod common;
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use memplane::heap::{AllocRequest, HeapError, PageSizes, SOCKET_ID_ANY};
+use memplane::memseg::{MemEvent, MemEventKind, MemsegError, PageRequest};
+use memplane::{Error, MemOptions, Memory, PageSize};
+
+use common::{need_hugepages, pool_lock, real_counter};
+
+const MB: usize = 1 << 20;
+
+fn free_2m() -> u64 {
+    real_counter(2048, "free_hugepages")
+}
+
+fn opts_with(name: &str, extra: &[&str]) -> (MemOptions, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("hp_{name}_{}", std::process::id());
+    let mut args: Vec<String> = vec![
+        "--file-prefix".into(),
+        prefix,
+        "--runtime-dir".into(),
+        dir.path().display().to_string(),
+        // Keep 1G pages out unless a test asks: growth picks the smallest
+        // size first anyway, but preflight would plan lists for them.
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    (MemOptions::parse_args(&refs).unwrap(), dir)
+}
+
+fn heap_err(e: Error) -> HeapError {
+    match e {
+        Error::Heap(h) => h,
+        other => panic!("expected a heap error, got {other}"),
+    }
+}
+
+fn fill(p: NonNull<u8>, len: usize, byte: u8) {
+    // SAFETY: the caller passes a live block of at least `len` bytes.
+    unsafe { std::ptr::write_bytes(p.as_ptr(), byte, len) };
+}
+
+fn all(p: NonNull<u8>, len: usize, byte: u8) -> bool {
+    // SAFETY: as in `fill`.
+    unsafe { std::slice::from_raw_parts(p.as_ptr(), len) }
+        .iter()
+        .all(|&b| b == byte)
+}
+
+#[test]
+fn malloc_free_grows_and_gives_every_page_back() {
+    if !need_hugepages(2048, 16) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let before = free_2m();
+    let (o, _rt) = opts_with("grow", &[]);
+    let mem = Memory::init(&o).unwrap();
+    let events = Arc::new(Mutex::new(Vec::<MemEvent>::new()));
+    let ev = Arc::clone(&events);
+    mem.register_event_callback("rec", move |e| ev.lock().unwrap().push(*e))
+        .unwrap();
+    assert_eq!(free_2m(), before);
+
+    let a = mem.malloc(100, 0).unwrap();
+    assert_eq!(a.as_ptr() as usize % 64, 0);
+    assert_eq!(free_2m(), before - 1, "one page for a small block");
+    fill(a, 100, 0xaa);
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!(st.alloc_count, 1);
+    assert_eq!(st.total_bytes, 2 * MB as u64);
+    assert_eq!(st.grow_count, 1);
+
+    // 5 MiB needs 3 more pages (plus the header).
+    let b = mem.malloc(5 * MB, 0).unwrap();
+    fill(b, 5 * MB, 0xbb);
+    assert!(free_2m() <= before - 3);
+    mem.heap_validate().unwrap();
+
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(b).unwrap() };
+    mem.heap_validate().unwrap();
+    assert!(all(a, 100, 0xaa), "freeing a neighbour keeps data");
+    // SAFETY: as above.
+    unsafe { mem.free(a).unwrap() };
+    mem.heap_validate().unwrap();
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!((st.total_bytes, st.alloc_count, st.free_count), (0, 0, 0));
+    assert_eq!(mem.total_mapped(), 0);
+    assert_eq!(
+        free_2m(),
+        before,
+        "every page is back once all blocks are free"
+    );
+    assert!(st.shrink_count >= 1);
+
+    let evs = events.lock().unwrap();
+    let mapped: usize = evs
+        .iter()
+        .filter(|e| e.kind == MemEventKind::Alloc)
+        .map(|e| e.len)
+        .sum();
+    let unmapped: usize = evs
+        .iter()
+        .filter(|e| e.kind == MemEventKind::Free)
+        .map(|e| e.len)
+        .sum();
+    assert!(mapped >= 8 * MB);
+    assert_eq!(
+        mapped, unmapped,
+        "events saw every page mapped and unmapped"
+    );
+    drop(evs);
+    drop(mem);
+    assert_eq!(free_2m(), before);
+}
+
+#[test]
+fn socket_mem_stays_and_zmalloc_returns_zero_memory() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("sockmem", &["--socket-mem", "8", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!(st.total_bytes, 8 * MB as u64);
+    assert_eq!(st.grow_count, 0);
+    let mut blocks = Vec::new();
+    for i in 0..64 {
+        let p = mem.malloc(4096 + i * 64, 0).unwrap();
+        fill(p, 4096 + i * 64, 0xff);
+        blocks.push(p);
+    }
+    for p in blocks.drain(..) {
+        // SAFETY: not used afterwards.
+        unsafe { mem.free(p).unwrap() };
+    }
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!(st.total_bytes, 8 * MB as u64, "--socket-mem memory is kept");
+    assert_eq!(st.free_count, 1, "everything merged back into one element");
+    // Dirty memory comes back zeroed from zmalloc, fresh memory too.
+    for size in [64, 1000, 4096, 100_000] {
+        let p = mem.zmalloc(size, 0).unwrap();
+        assert!(all(p, size, 0), "zmalloc({size}) not zero");
+        fill(p, size, 0x11);
+        blocks.push(p);
+    }
+    let c = mem.calloc(100, 24, 128).unwrap();
+    assert_eq!(c.as_ptr() as usize % 128, 0);
+    assert!(all(c, 2400, 0));
+    blocks.push(c);
+    mem.heap_validate_deep().unwrap();
+    for p in blocks {
+        // SAFETY: not used afterwards.
+        unsafe { mem.free(p).unwrap() };
+    }
+    mem.heap_validate_deep().unwrap();
+}
+
+#[test]
+fn alignment_bound_and_contiguity_hold() {
+    if !need_hugepages(2048, 40) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("align", &[]);
+    let mem = Memory::init(&o).unwrap();
+    let mut blocks = Vec::new();
+    for (size, align) in [
+        (1, 4096),
+        (5000, 4096),
+        (64, 1 << 20),
+        (3 * MB, 2 * MB),
+        (100, 256),
+    ] {
+        let p = mem.malloc(size, align).unwrap();
+        assert_eq!(p.as_ptr() as usize % align, 0, "size {size} align {align}");
+        fill(p, size, 0x5a);
+        blocks.push(p);
+    }
+    for (size, bound) in [(3000, 4096), (60_000, 65_536), (MB, 2 * MB)] {
+        for _ in 0..5 {
+            let req = AllocRequest::new(size).bound(bound).align(64);
+            let p = mem.heap_alloc(&req).unwrap();
+            let a = p.as_ptr() as usize;
+            assert_eq!(a / bound, (a + size - 1) / bound, "{size} crosses {bound}");
+            blocks.push(p);
+        }
+    }
+    // Fits one 2M page: contiguous whatever the pages.
+    let p = mem
+        .heap_alloc(&AllocRequest::new(MB + MB / 2).contig())
+        .unwrap();
+    assert!(mem
+        .is_iova_contiguous(p.as_ptr() as usize, MB + MB / 2)
+        .unwrap());
+    blocks.push(p);
+    if real_counter(1_048_576, "free_hugepages") >= 1 {
+        // Larger than a 2M page: the heap grows with a 1G page.
+        let p = mem.heap_alloc(&AllocRequest::new(3 * MB).contig()).unwrap();
+        assert!(mem.is_iova_contiguous(p.as_ptr() as usize, 3 * MB).unwrap());
+        assert_eq!(
+            mem.virt2memseg_list(p.as_ptr() as usize).unwrap().page_size,
+            PageSize::SIZE_1G
+        );
+        blocks.push(p);
+    }
+    let p = mem
+        .heap_alloc(&AllocRequest::new(4096).page_sizes(PageSizes::only(PageSize::SIZE_2M), false))
+        .unwrap();
+    assert_eq!(
+        mem.virt2memseg_list(p.as_ptr() as usize).unwrap().page_size,
+        PageSize::SIZE_2M
+    );
+    assert!(mem.malloc_virt2iova(p).is_some());
+    blocks.push(p);
+    mem.heap_validate().unwrap();
+    for p in blocks {
+        // SAFETY: not used afterwards.
+        unsafe { mem.free(p).unwrap() };
+    }
+    mem.heap_validate().unwrap();
+    assert_eq!(mem.heap_stats(0).unwrap().total_bytes, 0);
+}
+
+#[test]
+#[allow(clippy::many_single_char_names)]
+fn realloc_in_place_and_moving_keeps_contents() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("realloc", &[]);
+    let mem = Memory::init(&o).unwrap();
+    // Keeps the first page in the heap, so the freed block below stays
+    // mapped heap memory.
+    let keeper = mem.malloc(64, 0).unwrap();
+    let p = mem.malloc(1000, 0).unwrap();
+    fill(p, 1000, 7);
+    // SAFETY: `p` is not used after each call; the result replaces it.
+    let q = unsafe { mem.realloc(Some(p), 3000, 0).unwrap() };
+    assert_eq!(p, q, "the next element is free: grows in place");
+    assert!(all(q, 1000, 7));
+    let blocker = mem.malloc(64, 0).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { mem.realloc(Some(q), 10_000, 0).unwrap() };
+    assert!(all(r, 1000, 7));
+    // SAFETY: as above.
+    let s = unsafe { mem.realloc(Some(r), 200, 0).unwrap() };
+    assert_eq!(s, r, "shrinking stays in place");
+    assert!(all(s, 200, 7));
+    assert!(mem.malloc_usable_size(s).unwrap() >= 200);
+    mem.heap_validate().unwrap();
+    // SAFETY: not used afterwards.
+    unsafe {
+        mem.free(s).unwrap();
+        mem.free(blocker).unwrap();
+    }
+    // realloc of a freed block is an error, and nothing changes.
+    // SAFETY: the call must detect the freed block.
+    let e = heap_err(unsafe { mem.realloc(Some(s), 10, 0) }.unwrap_err());
+    assert!(matches!(e, HeapError::DoubleFree { .. }), "{e}");
+    mem.heap_validate().unwrap();
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(keeper).unwrap() };
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    if !need_hugepages(2048, 4) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("bad", &["--socket-mem", "2", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let keep = mem.malloc(128, 0).unwrap();
+    let before = mem.heap_stats(0).unwrap();
+    let cases: Vec<(Error, &str)> = vec![
+        (mem.malloc(0, 0).unwrap_err(), "0 bytes"),
+        (mem.malloc(64, 3).unwrap_err(), "power of two"),
+        (mem.malloc(usize::MAX - 10, 0).unwrap_err(), "larger than"),
+        (mem.calloc(usize::MAX / 2, 3, 0).unwrap_err(), "larger than"),
+        (
+            mem.heap_alloc(&AllocRequest::new(4096).bound(1024))
+                .unwrap_err(),
+            "smaller than the size",
+        ),
+        (
+            mem.heap_alloc(&AllocRequest::new(100).bound(1000))
+                .unwrap_err(),
+            "not a power of two",
+        ),
+        (
+            mem.malloc_socket(64, 0, 7).unwrap_err(),
+            "no heap has socket id 7",
+        ),
+        (mem.heap_stats(9).unwrap_err(), "no heap has socket id 9"),
+    ];
+    for (e, want) in &cases {
+        assert!(e.to_string().contains(want), "{e} lacks {want:?}");
+    }
+    // Pointers that are not blocks.
+    let stack = 0u64;
+    let foreign = NonNull::from(&stack).cast::<u8>();
+    // SAFETY: all these must be refused without touching memory.
+    unsafe {
+        let e = heap_err(mem.free(foreign).unwrap_err());
+        assert!(matches!(e, HeapError::NotFromHeap { .. }), "{e}");
+        let inside = NonNull::new(keep.as_ptr().add(64)).unwrap();
+        let e = heap_err(mem.free(inside).unwrap_err());
+        assert!(
+            matches!(e, HeapError::InsideBlock { .. } | HeapError::Corrupt { .. }),
+            "{e}"
+        );
+        let odd = NonNull::new(keep.as_ptr().add(8)).unwrap();
+        let e = heap_err(mem.free(odd).unwrap_err());
+        assert!(matches!(e, HeapError::NotFromHeap { .. }), "{e}");
+    }
+    assert_eq!(
+        mem.heap_stats(0).unwrap(),
+        before,
+        "bad input changed nothing"
+    );
+    mem.heap_validate().unwrap();
+
+    // Double free.
+    // SAFETY: the second free must be detected.
+    unsafe {
+        mem.free(keep).unwrap();
+        let e = heap_err(mem.free(keep).unwrap_err());
+        assert!(matches!(e, HeapError::DoubleFree { .. }), "{e}");
+    }
+    mem.heap_validate().unwrap();
+}
+
+#[test]
+fn an_overrun_is_caught_as_corruption() {
+    if !need_hugepages(2048, 2) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("corrupt", &["--socket-mem", "2", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let a = mem.malloc(64, 0).unwrap();
+    let b = mem.malloc(64, 0).unwrap();
+    assert_eq!(
+        b.as_ptr() as usize,
+        a.as_ptr() as usize + 128,
+        "b right after a"
+    );
+    // Overrun a into b's header.
+    // SAFETY: reads b's header (heap memory, mapped).
+    let saved = unsafe { std::ptr::read(a.as_ptr().add(64).cast::<[u8; 16]>()) };
+    // SAFETY: deliberately writes past `a` into b's header (heap memory).
+    unsafe { std::ptr::write_bytes(a.as_ptr().add(64), 0x41, 16) };
+    let e = heap_err(mem.heap_validate().unwrap_err());
+    match &e {
+        HeapError::Corrupt { addr, what, .. } => {
+            assert_eq!(*addr, b.as_ptr() as usize - 64, "{e}");
+            assert!(what.contains("cookie"), "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    // SAFETY: must be refused: b's header is bad.
+    let e = heap_err(unsafe { mem.free(b) }.unwrap_err());
+    assert!(matches!(e, HeapError::Corrupt { .. }), "{e}");
+    // Repair and everything is fine again.
+    // SAFETY: restores the header bytes saved above.
+    unsafe { std::ptr::write(a.as_ptr().add(64).cast::<[u8; 16]>(), saved) };
+    mem.heap_validate().unwrap();
+    // SAFETY: live blocks.
+    unsafe {
+        mem.free(a).unwrap();
+        mem.free(b).unwrap();
+    }
+}
+
+#[test]
+fn fixed_memory_does_not_grow_and_says_why() {
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("nohuge", &["--no-huge", "-m", "4"]);
+    let mem = Memory::init(&o).unwrap();
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!(st.total_bytes, 4 * MB as u64);
+    let e = mem.malloc(8 * MB, 0).unwrap_err();
+    assert!(e.to_string().contains("--no-huge"), "{e}");
+    // --no-huge: any socket number means any.
+    let p = mem.malloc_socket(MB, 0, 3).unwrap();
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(p).unwrap() };
+    assert_eq!(mem.heap_stats(0).unwrap().total_bytes, 4 * MB as u64);
+    mem.heap_validate().unwrap();
+}
+
+#[test]
+fn heap_pages_cannot_be_freed_under_the_heap() {
+    if !need_hugepages(2048, 2) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("owned", &[]);
+    let mem = Memory::init(&o).unwrap();
+    let p = mem.malloc(100, 0).unwrap();
+    let page = p.as_ptr() as usize / (2 * MB) * (2 * MB);
+    let e = mem.free_pages(page, 2 * MB).unwrap_err();
+    assert!(
+        matches!(e, Error::Memseg(MemsegError::HeapOwned { .. })),
+        "{e}"
+    );
+    // And a block pointer inside user pages is not the heap's.
+    let run = mem
+        .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))
+        .unwrap()[0];
+    let fake = NonNull::new((run.va + 4096) as *mut u8).unwrap();
+    // SAFETY: must be refused.
+    let e = heap_err(unsafe { mem.free(fake) }.unwrap_err());
+    assert!(matches!(e, HeapError::NotFromHeap { .. }), "{e}");
+    mem.free_run(&run).unwrap();
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(p).unwrap() };
+}
+
+#[test]
+fn threads_allocate_and_free_concurrently() {
+    if !need_hugepages(2048, 64) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("threads", &[]);
+    let mem = Arc::new(Memory::init(&o).unwrap());
+    let handles: Vec<_> = (0..4u8)
+        .map(|t| {
+            let mem = Arc::clone(&mem);
+            std::thread::spawn(move || {
+                let mut live: Vec<(NonNull<u8>, usize)> = Vec::new();
+                let mut x = u64::from(t) * 7919 + 1;
+                for _ in 0..20_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if live.len() < 200 && x % 3 != 0 {
+                        let size = 1 + (x % 20_000) as usize;
+                        let p = mem.malloc(size, 0).unwrap();
+                        fill(p, size, t);
+                        live.push((p, size));
+                    } else if let Some((p, size)) = live.pop() {
+                        assert!(all(p, size, t), "another thread wrote into our block");
+                        // SAFETY: ours, not used afterwards.
+                        unsafe { mem.free(p).unwrap() };
+                    }
+                }
+                for (p, size) in live {
+                    assert!(all(p, size, t));
+                    // SAFETY: as above.
+                    unsafe { mem.free(p).unwrap() };
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    mem.heap_validate().unwrap();
+    let st = mem.heap_stats(SOCKET_ID_ANY.max(0)).unwrap();
+    assert_eq!(st.alloc_count, 0);
+    assert_eq!(st.total_bytes, 0, "every page given back");
+}
