@@ -146,6 +146,26 @@ impl Books {
         for p in &self.prefixes {
             remove_dpdk_runtime_dir(p);
         }
+        // Runtime directories of memplane children that died before their
+        // TempDir was dropped (named memplane-bench-<tag>-<prefix>-<pid>).
+        if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = name.starts_with("memplane-bench-")
+                    && self
+                        .prefixes
+                        .iter()
+                        .any(|p| name.contains(&format!("-{p}-")));
+                if ours {
+                    clean = false;
+                    eprintln!(
+                        "warning: a runtime directory of ours was left behind; removing {}",
+                        e.path().display()
+                    );
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let left = hugepage_files_of(&self.prefixes);
         if !left.is_empty() {
             clean = false;

@@ -40,7 +40,7 @@ pub fn run(prefix: &str, mem: Option<u64>) -> i32 {
     let t = Instant::now();
     // The private runtime directory is made inside the timed window, as
     // Memory::init makes its default one.
-    let tmp = match TempDir::new("init") {
+    let tmp = match TempDir::new(&format!("init-{prefix}")) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: cannot create a runtime directory: {e}");

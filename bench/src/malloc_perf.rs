@@ -183,8 +183,8 @@ fn alloc_perf(heap: &impl Heap, name: &str, zero: bool) -> Result<(), String> {
 
 /// A memplane instance as both workloads use it, with its runtime dir.
 fn instance(prefix: &str) -> Result<(Memory, TempDir), String> {
-    let tmp =
-        TempDir::new("malloc").map_err(|e| format!("cannot create a runtime directory: {e}"))?;
+    let tmp = TempDir::new(&format!("malloc-{prefix}"))
+        .map_err(|e| format!("cannot create a runtime directory: {e}"))?;
     let mem = MemOptions::new()
         .file_prefix(prefix)
         .runtime_dir(&tmp.0)
