@@ -209,6 +209,7 @@ impl Request {
 struct Report<'a> {
     init_us: u64,
     layout: &'a MemoryLayout,
+    heaps: Vec<memplane::heap::HeapInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pages: Option<Vec<MemsegInfo>>,
 }
@@ -481,6 +482,32 @@ fn render_human(
     }
     o.push_str(&t.render("  "));
 
+    let _ = writeln!(o, "\nmalloc heaps:");
+    let mut t = Table::new(&[
+        ("name", false),
+        ("socket", true),
+        ("total", true),
+        ("free", true),
+        ("allocated", true),
+        ("greatest free", true),
+        ("blocks", true),
+        ("free elements", true),
+    ]);
+    for h in mem.heaps() {
+        let s = h.stats;
+        t.row(vec![
+            h.name.clone(),
+            h.socket.to_string(),
+            format_size(s.total_bytes),
+            format_size(s.free_bytes),
+            format_size(s.alloc_bytes),
+            format_size(s.greatest_free),
+            s.alloc_count.to_string(),
+            s.free_count.to_string(),
+        ]);
+    }
+    o.push_str(&t.render("  "));
+
     let _ = write!(o, "\nmapped runs (VA-contiguous):");
     if layout.runs.is_empty() {
         o.push_str(" none\n");
@@ -651,6 +678,7 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
         let report = Report {
             init_us: init.as_micros() as u64,
             layout: &layout,
+            heaps: mem.heaps(),
             pages,
         };
         let _ = writeln!(

@@ -6,7 +6,11 @@ use memplane::{MemOptions, Memory};
 
 fn main() -> Result<(), memplane::Error> {
     let prefix = format!("mq{}", std::process::id());
-    let mem = Memory::init(&MemOptions::parse_args(&["--file-prefix", &prefix])?)?;
+    // Extra EAL options from MQ_ARGS, e.g. MQ_ARGS="--socket-mem 1024".
+    let extra = std::env::var("MQ_ARGS").unwrap_or_default();
+    let mut args = vec!["--file-prefix", &prefix];
+    args.extend(extra.split_whitespace());
+    let mem = Memory::init(&MemOptions::parse_args(&args)?)?;
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

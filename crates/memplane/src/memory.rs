@@ -992,6 +992,15 @@ impl Memory {
         (len != 0).then_some((list.index, flags, list.page_size.bytes()))
     }
 
+    /// Whether every mapped page of list `index` is preallocated (then a
+    /// heap has nothing to give back there).
+    pub(crate) fn list_all_pinned(&self, index: u32) -> bool {
+        self.lists.get(index as usize).is_none_or(|l| {
+            let h = l.header();
+            h.pinned.load(Ordering::Relaxed) >= h.used.load(Ordering::Relaxed)
+        })
+    }
+
     /// Index, node and page size of the list holding `addr`.
     pub(crate) fn list_at(&self, addr: usize) -> Option<(u32, u32, PageSize)> {
         self.list_of_addr(addr)

@@ -473,3 +473,241 @@ fn threads_allocate_and_free_concurrently() {
     assert_eq!(st.alloc_count, 0);
     assert_eq!(st.total_bytes, 0, "every page given back");
 }
+
+#[test]
+fn page_size_flags_hint_and_biggest_block() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("flags", &["--socket-mem", "8", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let st = mem.heap_stats(0).unwrap();
+    // The biggest block is what the stats call the greatest free size.
+    let (big, len) = mem.malloc_biggest(0, 0, PageSizes::ANY).unwrap();
+    assert_eq!(len as u64, st.greatest_free);
+    assert_eq!(len, 8 * MB - 64);
+    fill(big, len, 1);
+    assert_eq!(mem.heap_stats(0).unwrap().free_count, 0);
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(big).unwrap() };
+
+    // No 1G list here (--pagesz-mem 1G:0): strict fails, a hint falls back.
+    let one_g = PageSizes::only(PageSize::SIZE_1G);
+    let e = heap_err(
+        mem.heap_alloc(&AllocRequest::new(4096).page_sizes(one_g, false))
+            .unwrap_err(),
+    );
+    assert!(matches!(e, HeapError::OutOfMemory { .. }), "{e}");
+    let p = mem
+        .heap_alloc(&AllocRequest::new(4096).page_sizes(one_g, true))
+        .unwrap();
+    assert_eq!(
+        mem.virt2memseg_list(p.as_ptr() as usize).unwrap().page_size,
+        PageSize::SIZE_2M
+    );
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(p).unwrap() };
+    mem.heap_validate().unwrap();
+}
+
+#[test]
+fn one_gig_pages_on_request() {
+    if !need_hugepages(2048, 2) || !need_hugepages(1_048_576, 1) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("onegig", &[]);
+    let mem = Memory::init(&o).unwrap();
+    let before_1g = real_counter(1_048_576, "free_hugepages");
+    let p = mem
+        .heap_alloc(&AllocRequest::new(64).page_sizes(PageSizes::only(PageSize::SIZE_1G), false))
+        .unwrap();
+    assert_eq!(
+        mem.virt2memseg_list(p.as_ptr() as usize).unwrap().page_size,
+        PageSize::SIZE_1G
+    );
+    assert_eq!(real_counter(1_048_576, "free_hugepages"), before_1g - 1);
+    // Free memory of any page size serves requests without flags.
+    let q = mem.malloc(64, 0).unwrap();
+    assert_eq!(
+        mem.virt2memseg_list(q.as_ptr() as usize).unwrap().page_size,
+        PageSize::SIZE_1G
+    );
+    // SAFETY: not used afterwards.
+    unsafe {
+        mem.free(p).unwrap();
+        mem.free(q).unwrap();
+    }
+    assert_eq!(
+        real_counter(1_048_576, "free_hugepages"),
+        before_1g,
+        "the 1G page went back"
+    );
+    mem.heap_validate().unwrap();
+}
+
+#[test]
+fn socket_limit_and_validators_bound_growth() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("limit", &["--socket-limit", "8", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let a = mem.malloc(5 * MB, 0).unwrap();
+    let e = mem.malloc(5 * MB, 0).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("--socket-limit"), "{msg}");
+    assert!(msg.contains("growing failed"), "{msg}");
+    let refused = Arc::new(Mutex::new(0u32));
+    let r = Arc::clone(&refused);
+    mem.register_validator("no-more", 0, 4 * MB as u64, move |_, _, _| {
+        *r.lock().unwrap() += 1;
+        false
+    })
+    .unwrap();
+    // Fits in the free tail of the current pages: no growth, no validator.
+    let b = mem.malloc(64, 0).unwrap();
+    assert_eq!(*refused.lock().unwrap(), 0);
+    // SAFETY: not used afterwards.
+    unsafe {
+        mem.free(a).unwrap();
+        mem.free(b).unwrap();
+    }
+    // All pages went back; 5M needs 6M, over the validator's 4M.
+    assert_eq!(mem.heap_stats(0).unwrap().total_bytes, 0);
+    let e = mem.malloc(5 * MB, 0).unwrap_err();
+    assert!(e.to_string().contains("no-more"), "{e}");
+    assert_eq!(*refused.lock().unwrap(), 1);
+    mem.heap_validate().unwrap();
+}
+
+#[test]
+fn heap_calls_inside_a_memory_callback_are_refused() {
+    if !need_hugepages(2048, 2) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("reent", &[]);
+    let mem = Arc::new(Memory::init(&o).unwrap());
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (m, s) = (Arc::downgrade(&mem), Arc::clone(&seen));
+    mem.register_event_callback("alloc-inside", move |_| {
+        if let Some(m) = m.upgrade() {
+            let r = m.malloc(64, 0);
+            s.lock().unwrap().push(match r {
+                Ok(_) => "allocated".into(),
+                Err(e) => e.to_string(),
+            });
+        }
+    })
+    .unwrap();
+    let p = mem.malloc(64, 0).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].contains("inside a memory event callback"),
+        "{seen:?}"
+    );
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(p).unwrap() };
+    mem.unregister_event_callback("alloc-inside").unwrap();
+}
+
+/// The heap's metadata is shared memory with process-shared locks: a
+/// forked child (a real second process, same mappings) allocates and frees
+/// in the parent's heap, and the parent sees its blocks.
+#[test]
+fn another_process_allocates_in_the_same_heap() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (o, _rt) = opts_with("fork", &["--socket-mem", "8", "--pagesz-mem", "1G:0"]);
+    let mem = Memory::init(&o).unwrap();
+    let mine = mem.malloc(1000, 0).unwrap();
+    fill(mine, 1000, 0x77);
+    let mut fds = [0i32; 2];
+    // SAFETY: fills two fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (rd, wr) = (fds[0], fds[1]);
+    // SAFETY: the child calls only the heap (no std allocation on this
+    // path: one node, preallocated memory), raw writes and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let mut ptrs = [0usize; 64];
+        let mut ok = true;
+        for (i, slot) in ptrs.iter_mut().enumerate() {
+            match mem.malloc(512 + i * 64, 0) {
+                Ok(p) => {
+                    // SAFETY: fresh block of at least 512 bytes.
+                    unsafe { std::ptr::write_bytes(p.as_ptr(), i as u8, 512) };
+                    *slot = p.as_ptr() as usize;
+                }
+                Err(_) => ok = false,
+            }
+        }
+        // Free every odd one here; the parent frees the rest.
+        for (i, &p) in ptrs.iter().enumerate() {
+            if i % 2 == 1 && p != 0 {
+                // SAFETY: the child's own block.
+                ok &= unsafe { mem.free(NonNull::new(p as *mut u8).unwrap()) }.is_ok();
+            }
+        }
+        // SAFETY: plain bytes of a local array.
+        let bytes = unsafe { std::slice::from_raw_parts(ptrs.as_ptr().cast::<u8>(), 64 * 8) };
+        // SAFETY: writes our bytes to our pipe.
+        let _ = unsafe { libc::write(wr, bytes.as_ptr().cast(), bytes.len()) };
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(i32::from(!ok)) };
+    }
+    // SAFETY: our copy of the write end.
+    unsafe { libc::close(wr) };
+    let mut buf = vec![0u8; 64 * 8];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reads into the unfilled part of `buf`.
+        let n = unsafe { libc::read(rd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        assert!(n > 0, "child closed the pipe early");
+        got += n as usize;
+    }
+    // SAFETY: our read end.
+    unsafe { libc::close(rd) };
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed: {status:#x}"
+    );
+    mem.heap_validate().unwrap();
+    assert_eq!(mem.heap_stats(0).unwrap().alloc_count, 1 + 32);
+    assert!(all(mine, 1000, 0x77));
+    for (i, c) in buf.chunks_exact(8).enumerate() {
+        let p = usize::from_ne_bytes(c.try_into().unwrap());
+        let p = NonNull::new(p as *mut u8).unwrap();
+        if i % 2 == 0 {
+            assert!(all(p, 512, i as u8), "block {i} written by the child");
+            // SAFETY: the child's block, handed over.
+            unsafe { mem.free(p).unwrap() };
+        } else {
+            // Freed by the child: a second free is caught here.
+            // SAFETY: must be refused.
+            let e = heap_err(unsafe { mem.free(p) }.unwrap_err());
+            assert!(
+                matches!(
+                    e,
+                    HeapError::DoubleFree { .. } | HeapError::InsideBlock { .. }
+                ),
+                "{e}"
+            );
+        }
+    }
+    // SAFETY: not used afterwards.
+    unsafe { mem.free(mine).unwrap() };
+    let st = mem.heap_stats(0).unwrap();
+    assert_eq!((st.alloc_count, st.free_count), (0, 1));
+    mem.heap_validate().unwrap();
+}

@@ -170,8 +170,7 @@ impl Memory {
         l.reset(socket, flags, name);
         drop(l);
         self.heap
-            .head(idx)
-            .kind
+            .kind_word(idx)
             .store(HEAP_KIND_EXTERNAL, Ordering::Release);
         tracing::info!(name, socket, "external heap created");
         Ok(socket)
@@ -196,8 +195,7 @@ impl Memory {
             .into());
         }
         self.heap
-            .head(idx)
-            .kind
+            .kind_word(idx)
             .store(HEAP_KIND_UNUSED, Ordering::Release);
         Ok(())
     }

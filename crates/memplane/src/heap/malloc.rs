@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 
@@ -219,17 +219,24 @@ impl Heaps {
                 &format!("socket_{node}"),
             );
             drop(l);
-            h.head(idx).kind.store(HEAP_KIND_NATIVE, Ordering::Release);
+            h.kind_word(idx).store(HEAP_KIND_NATIVE, Ordering::Release);
         }
         Ok(h)
     }
 
-    pub(super) fn head(&self, idx: u16) -> &HeapHeader {
+    /// The heap's kind word (an atomic: shared by reference while other
+    /// fields are written through raw pointers under the heap lock).
+    pub(super) fn kind_word(&self, idx: u16) -> &AtomicU32 {
         // SAFETY: idx < max (callers index from the table or `native`);
-        // shared reference to a struct whose mutable fields are only
-        // written through `Locked` while this reference is not used for
-        // them (only `kind`, an atomic, and `lock` are read through it).
-        unsafe { &*self.heads.add(idx as usize) }
+        // the table is in the config mapping, which outlives `self`; only
+        // the atomic field is borrowed.
+        unsafe { &*std::ptr::addr_of!((*self.heads.add(idx as usize)).kind) }
+    }
+
+    /// The heap's lock itself (to ask who holds it).
+    pub(super) fn lock_ref(&self, idx: u16) -> &crate::shm::lock::SpinLock {
+        // SAFETY: as in `kind_word`; the lock is a single atomic word.
+        unsafe { &*std::ptr::addr_of!((*self.heads.add(idx as usize)).lock) }
     }
 
     pub(super) fn lock(&self, idx: u16) -> Locked<'_> {
@@ -243,7 +250,7 @@ impl Heaps {
     }
 
     pub(super) fn kind(&self, idx: u16) -> u32 {
-        self.head(idx).kind.load(Ordering::Acquire)
+        self.kind_word(idx).load(Ordering::Acquire)
     }
 
     fn native_of_node(&self, node: u32) -> Option<u16> {
@@ -262,11 +269,16 @@ impl Heaps {
     }
 
     pub(super) fn head_socket(&self, idx: u16) -> i32 {
-        self.head(idx).socket_id
+        // SAFETY: as in `kind_word`; the field changes only when a heap is
+        // created (under the hotplug and heap locks), before `kind` is
+        // published with Release, which readers load with Acquire first.
+        unsafe { std::ptr::addr_of!((*self.heads.add(idx as usize)).socket_id).read() }
     }
 
     pub(super) fn head_name(&self, idx: u16) -> String {
-        name_str(&self.head(idx).name).to_string()
+        // SAFETY: as in `head_socket`.
+        let name = unsafe { std::ptr::addr_of!((*self.heads.add(idx as usize)).name).read() };
+        name_str(&name).to_string()
     }
 
     /// The heap slot of a name.
@@ -927,6 +939,11 @@ impl Memory {
         let Some((_, psize, _, _)) = self.list_meta(e.seg) else {
             return;
         };
+        if self.list_all_pinned(e.seg) {
+            // --socket-mem memory only: nothing to give back, and no page
+            // walk on every free of a pinned heap.
+            return;
+        }
         let p = psize.bytes();
         if e.size < p {
             return;
