@@ -4,7 +4,13 @@
  * rte_eal_cleanup(), each timed with clock_gettime(CLOCK_MONOTONIC).
  * Prints one line, all in microseconds:
  *
- *     init_us=<t> cleanup_us=<t> mem_us=<t> tsc_us=<t>
+ *     init_us=<t> cleanup_us=<t> mem_us=<t> tsc_us=<t> main_ns=<t> ready_ns=<t>
+ *
+ * main_ns and ready_ns are CLOCK_MONOTONIC readings in nanoseconds taken on
+ * entering main() and right after rte_eal_init() returned, so that a parent
+ * that read the same clock before starting this process can tell the time
+ * from process start (exec, dynamic linking) to a ready EAL
+ * (`bench/compare init`).
  *
  * mem_us and tsc_us split init by the time stamps of EAL's own log lines
  * (run with --log-level=lib.eal:debug; -1 when a line is missing):
@@ -38,6 +44,14 @@ static double now_us(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
+}
+
+static long long now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 static struct {
@@ -82,6 +96,7 @@ static void dump_log(void)
 
 int main(int argc, char **argv)
 {
+	long long main_ns = now_ns(), ready_ns;
 	cookie_io_functions_t io = { .write = log_write };
 	double t0, t1, t2, m0, m1, tsc, mem_us = -1, tsc_us = -1;
 	FILE *log;
@@ -94,6 +109,7 @@ int main(int argc, char **argv)
 	}
 	t0 = now_us();
 	ret = rte_eal_init(argc, argv);
+	ready_ns = now_ns();
 	t1 = now_us();
 	if (ret < 0) {
 		dump_log();
@@ -114,7 +130,7 @@ int main(int argc, char **argv)
 		mem_us = m1 - m0;
 	if (m1 >= 0 && tsc >= m1)
 		tsc_us = tsc - m1;
-	printf("init_us=%.1f cleanup_us=%.1f mem_us=%.1f tsc_us=%.1f\n",
-	       t1 - t0, t2 - t1, mem_us, tsc_us);
+	printf("init_us=%.1f cleanup_us=%.1f mem_us=%.1f tsc_us=%.1f main_ns=%lld ready_ns=%lld\n",
+	       t1 - t0, t2 - t1, mem_us, tsc_us, main_ns, ready_ns);
 	return 0;
 }

@@ -31,14 +31,14 @@ fn read_u64(p: &Path) -> Option<u64> {
 
 /// Free and total hugepages of both sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pool {
-    free_2m: u64,
-    total_2m: u64,
-    free_1g: u64,
-    total_1g: u64,
+pub struct Pool {
+    pub free_2m: u64,
+    pub total_2m: u64,
+    pub free_1g: u64,
+    pub total_1g: u64,
 }
 
-fn pool() -> Pool {
+pub fn pool() -> Pool {
     let get = |size: &str, what: &str| {
         read_u64(&Path::new("/sys/kernel/mm/hugepages").join(format!("hugepages-{size}/{what}")))
             .unwrap_or(0)
@@ -126,13 +126,13 @@ fn hugepage_files_of(prefixes: &[String]) -> Vec<PathBuf> {
 }
 
 /// What was there before, to check after.
-struct Books {
+pub struct Books {
     before: Pool,
     prefixes: Vec<String>,
 }
 
 impl Books {
-    fn open(prefixes: &[String]) -> Books {
+    pub fn open(prefixes: &[String]) -> Books {
         Books {
             before: pool(),
             prefixes: prefixes.to_vec(),
@@ -141,10 +141,30 @@ impl Books {
 
     /// Removes anything of ours left behind and says so; warns when the
     /// free hugepage counts differ from the start. Returns true when clean.
-    fn close(&self) -> bool {
+    pub fn close(&self) -> bool {
         let mut clean = true;
         for p in &self.prefixes {
             remove_dpdk_runtime_dir(p);
+        }
+        // Runtime directories of memplane children that died before their
+        // TempDir was dropped (named memplane-bench-<tag>-<prefix>-<pid>).
+        if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = name.starts_with("memplane-bench-")
+                    && self
+                        .prefixes
+                        .iter()
+                        .any(|p| name.contains(&format!("-{p}-")));
+                if ours {
+                    clean = false;
+                    eprintln!(
+                        "warning: a runtime directory of ours was left behind; removing {}",
+                        e.path().display()
+                    );
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         let left = hugepage_files_of(&self.prefixes);
         if !left.is_empty() {
@@ -203,7 +223,7 @@ impl Books {
 // --- parsing ---------------------------------------------------------------------
 
 /// `word k=v k=v ...` -> (word, map). None for comments and other lines.
-fn kv_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>)> {
+pub fn kv_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>)> {
     let mut it = line.split_whitespace();
     let head = it.next()?;
     if head.starts_with('#') {
@@ -217,7 +237,7 @@ fn kv_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>)> {
     }
 }
 
-fn num(m: &BTreeMap<&str, &str>, k: &str) -> Option<f64> {
+pub fn num(m: &BTreeMap<&str, &str>, k: &str) -> Option<f64> {
     m.get(k).and_then(|v| v.parse().ok())
 }
 
@@ -280,14 +300,14 @@ impl Samples {
     }
 }
 
-fn fmt(x: Option<f64>, prec: usize) -> String {
+pub fn fmt(x: Option<f64>, prec: usize) -> String {
     match x {
         Some(v) if v.is_finite() => format!("{v:.prec$}"),
         _ => "-".into(),
     }
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 && a.is_finite() => format!("{:.2}", a / b),
         _ => "-".into(),
@@ -304,7 +324,7 @@ fn size_label(s: u64) -> String {
 
 // --- running the sides ---------------------------------------------------------------
 
-fn self_exe(args: &[&str]) -> Result<String, String> {
+pub fn self_exe(args: &[&str]) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = Command::new(exe)
         .args(args)
@@ -338,7 +358,7 @@ fn dpdk_malloc_args(prefix: &str, huge_dir: &Path) -> Vec<String> {
     .collect()
 }
 
-fn run_dpdk_malloc_perf(args: &[String], prefix: &str) -> Result<String, String> {
+pub fn run_dpdk_malloc_perf(args: &[String], prefix: &str) -> Result<String, String> {
     let mut child = Command::new("dpdk-test")
         .args(args)
         .stdin(Stdio::piped())
@@ -369,7 +389,7 @@ fn run_dpdk_malloc_perf(args: &[String], prefix: &str) -> Result<String, String>
     Ok(text)
 }
 
-fn huge_dir_2m() -> Result<PathBuf, String> {
+pub fn huge_dir_2m() -> Result<PathBuf, String> {
     hugetlbfs_mounts()
         .into_iter()
         .find(|(_, s)| *s == 2 * MIB)
