@@ -565,8 +565,11 @@ impl Memory {
 
     /// Takes the hotplug lock for writing (heap table and external memory
     /// changes).
-    pub(crate) fn hotplug_write(&self) -> crate::shm::lock::WriteGuard<'_> {
-        self.config_header().hotplug_lock.write()
+    pub(crate) fn hotplug_write(
+        &self,
+    ) -> (crate::shm::lock::HeldMark, crate::shm::lock::WriteGuard<'_>) {
+        let g = self.config_header().hotplug_lock.write();
+        (crate::shm::lock::HeldMark::new(), g)
     }
 
     /// Fires memory events (external memory added or removed).
@@ -676,6 +679,7 @@ impl Memory {
             f()
         } else {
             let _g = self.config_header().hotplug_lock.read();
+            let _held = crate::shm::lock::HeldMark::new();
             f()
         }
     }
@@ -707,6 +711,7 @@ impl Memory {
         let list = self.list_for(req.node, req.page_size)?;
         let psz = req.page_size.bytes();
         let _g = self.config_header().hotplug_lock.write();
+        let _held = crate::shm::lock::HeldMark::new();
 
         let asked = u64::from(req.count) * psz;
         let current = self.node_total(req.node);
@@ -1079,6 +1084,7 @@ impl Memory {
         let first = (off / psz) as u32;
         let count = (len / psz) as u32;
         let _g = self.config_header().hotplug_lock.write();
+        let _held = crate::shm::lock::HeldMark::new();
         for s in first..first + count {
             if !list.segs.is_used(s)? {
                 return Err(MemsegError::NotAllocated {
@@ -1309,6 +1315,7 @@ impl Memory {
     ) -> Result<()> {
         self.refuse_if_fixed("memory event callbacks")?;
         let cb: EventCallback = Arc::new(cb);
+        let _held = crate::shm::lock::HeldMark::new();
         self.registry
             .write()
             .map_err(|_| Error::System("callback registry poisoned".into()))?
@@ -1319,6 +1326,7 @@ impl Memory {
     /// Removes the callback registered under `name`.
     pub fn unregister_event_callback(&self, name: &str) -> Result<()> {
         self.refuse_if_fixed("memory event callbacks")?;
+        let _held = crate::shm::lock::HeldMark::new();
         self.registry
             .write()
             .map_err(|_| Error::System("callback registry poisoned".into()))?
@@ -1346,6 +1354,7 @@ impl Memory {
             .into());
         }
         let v: Validator = Arc::new(v);
+        let _held = crate::shm::lock::HeldMark::new();
         self.registry
             .write()
             .map_err(|_| Error::System("callback registry poisoned".into()))?
@@ -1356,6 +1365,7 @@ impl Memory {
     /// Removes the validator `name` of `node`.
     pub fn unregister_validator(&self, name: &str, node: u32) -> Result<()> {
         self.refuse_if_fixed("allocation validators")?;
+        let _held = crate::shm::lock::HeldMark::new();
         self.registry
             .write()
             .map_err(|_| Error::System("callback registry poisoned".into()))?
@@ -1428,6 +1438,7 @@ impl Memory {
     /// as [`Drop`] does.
     fn shutdown(&mut self) {
         let _g = self.config_header().hotplug_lock.write();
+        let _held = crate::shm::lock::HeldMark::new();
         for list in &self.lists {
             let mut start = 0;
             while start < list.capacity {

@@ -2,6 +2,8 @@
 //! growth and shrink seen through HugePages_Free and memory events, bad
 //! input, corruption detection, external heaps, threads.
 
+#![allow(clippy::many_single_char_names)]
+
 mod common;
 
 use std::ptr::NonNull;
@@ -697,7 +699,7 @@ fn another_process_allocates_in_the_same_heap() {
     unsafe { libc::close(rd) };
     let mut status = 0;
     // SAFETY: waits for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "child failed: {status:#x}"

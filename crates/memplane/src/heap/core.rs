@@ -248,6 +248,7 @@ pub(crate) struct Locked<'a> {
     h: *mut HeapHeader,
     idx: u16,
     _guard: SpinGuard<'a>,
+    _held: crate::shm::lock::HeldMark,
 }
 
 /// Reads the element at `addr`.
@@ -305,10 +306,12 @@ impl<'a> Locked<'a> {
         // SAFETY: per the contract; the lock field is an atomic, shared by
         // reference while the other fields are reached by raw pointer.
         let lock: &'a SpinLock = unsafe { &*addr_of!((*h).lock) };
+        let guard = lock.lock();
         Locked {
             h,
             idx,
-            _guard: lock.lock(),
+            _guard: guard,
+            _held: crate::shm::lock::HeldMark::new(),
         }
     }
 

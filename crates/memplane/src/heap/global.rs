@@ -8,7 +8,6 @@ use std::cell::Cell;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-use super::core::HEAP_KIND_UNUSED;
 use super::{AllocRequest, SOCKET_ID_ANY};
 use crate::Memory;
 
@@ -100,20 +99,17 @@ pub enum InstallError {
 ///
 /// - while a thread is inside the heap on behalf of this allocator, its
 ///   nested allocations go to the system allocator (a per-thread marker);
-/// - when a lock of one of the instance's node heaps is held at the moment
-///   of a call (by any thread of any process), or the thread runs one of
-///   the instance's memory event callbacks, the allocation goes to the
-///   system allocator instead of waiting, and a heap block freed then is
-///   put on a list and freed by the next call that can enter the heap
-///   ([`pending_frees`](Self::pending_frees));
+/// - when this thread holds one of memplane's locks (a heap's, the hotplug
+///   lock, the callback registry: every memplane lock counts itself in a
+///   per-thread counter) or runs one of the instance's memory event
+///   callbacks, the allocation goes to the system allocator instead of
+///   waiting for a lock it holds itself, and a heap block freed then is put
+///   on a list and freed by the next call that can enter the heap
+///   ([`pending_frees`](Self::pending_frees)); so calls such as
+///   [`Memory::alloc_pages`] or `register_*` need no wrapping;
 /// - [`bypass`](Self::bypass) runs a closure with this thread's
-///   allocations on the system allocator. **Wrap in it the calls on the
-///   installed instance that take the hotplug lock or change its callback
-///   registry** ([`Memory::alloc_pages`], [`Memory::free_pages`], the
-///   `register_*`/`unregister_*` calls, walks, external heaps): if their
-///   own allocations made the heap grow, the growth would wait for the
-///   lock they hold. Heap calls (`malloc`, `free`, stats, validate, dump)
-///   need no wrapping.
+///   allocations on the system allocator, for code that wants its
+///   allocations out of hugepages.
 ///
 /// So while other threads use the heap, some allocations land in system
 /// memory: [`counts`](Self::counts) tells how many.
@@ -294,9 +290,7 @@ impl HugepageGlobalAlloc {
     }
 
     /// Runs `f` with this thread's allocations on the system allocator
-    /// (frees still go to whichever allocator made each pointer). Use it
-    /// around memplane calls that hold the hotplug lock while they
-    /// allocate; see the type's documentation.
+    /// (frees still go to whichever allocator made each pointer).
     ///
     /// ```no_run
     /// # use memplane::{heap::HugepageGlobalAlloc, memseg::PageRequest, MemOptions, Memory, PageSize};
@@ -435,12 +429,12 @@ fn in_reservation(mem: &Memory, ptr: *const u8) -> bool {
     (ptr as usize).wrapping_sub(mem.base_va()) < mem.va_len()
 }
 
-/// Whether a heap lock of the instance is held right now (by anyone: this
-/// allocator does not wait, it uses the system allocator instead).
+/// Whether this thread holds a memplane lock (a heap's, the hotplug lock,
+/// the callback registry): then the heap must not be entered, it could wait
+/// for that lock forever; the system allocator serves instead.
 fn heap_busy(mem: &Memory) -> bool {
-    let heaps = &mem.heap;
-    (0..heaps.max() as u16)
-        .any(|i| heaps.kind(i) != HEAP_KIND_UNUSED && heaps.lock_ref(i).holder_pid().is_some())
+    let _ = mem;
+    crate::shm::lock::held_here() > 0
 }
 
 // SAFETY: `alloc` returns a block of at least `layout.size()` bytes aligned

@@ -272,12 +272,6 @@ impl Heaps {
         })
     }
 
-    /// The heap's lock itself (to ask who holds it).
-    pub(super) fn lock_ref(&self, idx: u16) -> &crate::shm::lock::SpinLock {
-        // SAFETY: as in `kind_word`; the lock is a single atomic word.
-        unsafe { &*std::ptr::addr_of!((*self.heads.add(idx as usize)).lock) }
-    }
-
     pub(super) fn lock(&self, idx: u16) -> Locked<'_> {
         // SAFETY: the head is in the config mapping that outlives `self`;
         // heap memory stays mapped while it is in a heap.
@@ -1082,6 +1076,12 @@ impl Memory {
                 why,
                 " (memory is fixed at init by {mode}; ask for more with -m/--socket-mem)"
             );
+            return None;
+        }
+        if crate::shm::lock::held_here() > 1 {
+            // This thread holds another memplane lock (the hotplug lock, the
+            // callback registry): growing would wait for it forever.
+            why.push_str(" (this thread holds a memplane lock, e.g. inside a memory walk: the heap cannot grow here)");
             return None;
         }
         let node = u32::try_from(self.heap.head_socket(idx)).ok()?;

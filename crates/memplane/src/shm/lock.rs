@@ -735,6 +735,43 @@ fn report_dead_once(reported: &mut bool, pid: u32, what: &str) {
     }
 }
 
+thread_local! {
+    /// memplane locks (heap, hotplug, callback registry) this thread holds.
+    static HELD: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a memplane lock as held by this thread while alive: code that
+/// may be re-entered (a global allocator) asks [`held_here`] before doing
+/// anything that would wait for one of them.
+#[derive(Debug)]
+pub struct HeldMark(());
+
+impl HeldMark {
+    /// Marks one more lock held.
+    pub fn new() -> HeldMark {
+        let _ = HELD.try_with(|h| h.set(h.get() + 1));
+        HeldMark(())
+    }
+}
+
+impl Default for HeldMark {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HeldMark {
+    fn drop(&mut self) {
+        let _ = HELD.try_with(|h| h.set(h.get().saturating_sub(1)));
+    }
+}
+
+/// How many memplane locks this thread holds (heap locks, the hotplug
+/// lock, the callback registry).
+pub fn held_here() -> u32 {
+    HELD.try_with(std::cell::Cell::get).unwrap_or(0)
+}
+
 /// This process's pid, cached (cleared in a forked child): cheap enough
 /// for fast paths that must notice a fork.
 pub(crate) fn cached_pid() -> u32 {
