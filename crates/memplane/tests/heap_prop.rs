@@ -71,6 +71,9 @@ enum Op {
     },
     /// `free` of a live block.
     Free { pick: Index },
+    /// `free` of a live block on another thread, which then ends (what it
+    /// kept for itself is left for the heap to take back).
+    FreeElsewhere { pick: Index },
 }
 
 /// Sizes log-distributed from 64 B up, weighted toward small ones: 64 B to
@@ -108,6 +111,7 @@ fn op_strategy(big: bool) -> impl Strategy<Value = Op> {
         2 => (any::<Index>(), size, prop_oneof![3 => Just(0usize), 1 => align])
             .prop_map(|(pick, size, align)| Op::Realloc { pick, size, align }),
         4 => any::<Index>().prop_map(|pick| Op::Free { pick }),
+        1 => any::<Index>().prop_map(|pick| Op::FreeElsewhere { pick }),
     ]
 }
 
@@ -452,6 +456,27 @@ impl Case<'_> {
                 // SAFETY: a live block, dropped from the model.
                 unsafe { self.mem.free(b.ptr) }
                     .map_err(|e| fail(format!("free({:p}): {e}", b.ptr)))?;
+            }
+            Op::FreeElsewhere { pick } => {
+                if self.live.is_empty() {
+                    return Ok(());
+                }
+                let b = self.live.swap_remove(pick.index(self.live.len()));
+                let (mem, addr) = (self.mem, b.ptr.as_ptr() as usize);
+                let r = std::thread::scope(|s| {
+                    s.spawn(move || {
+                        let p = NonNull::new(addr as *mut u8).unwrap_or(NonNull::dangling());
+                        // SAFETY: a live block, dropped from the model; this
+                        // thread is its only user now.
+                        unsafe { mem.free(p) }.map_err(|e| e.to_string())
+                    })
+                    .join()
+                });
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(fail(format!("free({:p}) elsewhere: {e}", b.ptr))),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             }
         }
         Ok(())
