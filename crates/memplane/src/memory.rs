@@ -349,7 +349,8 @@ impl Memory {
                 hotplug_lock: crate::shm::lock::RwLock::new(),
                 reserved0: 0,
                 sections,
-                reserved: [0; 24],
+                next_ext_socket: 0.into(),
+                reserved: [0; 23],
             });
         }
 
@@ -570,6 +571,17 @@ impl Memory {
     ) -> (crate::shm::lock::HeldMark, crate::shm::lock::WriteGuard<'_>) {
         let g = self.config_header().hotplug_lock.write();
         (crate::shm::lock::HeldMark::new(), g)
+    }
+
+    /// A fresh socket id for an external heap: counts up, never reused.
+    pub(crate) fn next_external_socket(&self) -> Option<i32> {
+        let n = self
+            .config_header()
+            .next_ext_socket
+            .fetch_add(1, Ordering::AcqRel);
+        i32::try_from(n)
+            .ok()?
+            .checked_add(crate::heap::EXTERNAL_SOCKET_BASE)
     }
 
     /// Fires memory events (external memory added or removed).

@@ -1715,3 +1715,31 @@ fn random_sequences_on_an_external_heap() {
 fn random_sequences_on_an_external_heap_match_allocations() {
     random::run(&["--match-allocations"], "rndm");
 }
+
+#[test]
+fn external_socket_ids_are_never_reused() {
+    let _pool = common::pool_lock(false);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("hx_ids_{}", std::process::id());
+    let o = memplane::MemOptions::parse_args(&[
+        "--file-prefix",
+        &prefix,
+        "--runtime-dir",
+        &dir.path().display().to_string(),
+        "--no-huge",
+        "-m",
+        "4",
+    ])
+    .unwrap();
+    let mem = memplane::Memory::init(&o).unwrap();
+    let a = mem.heap_create("ids-a").unwrap();
+    mem.heap_destroy("ids-a").unwrap();
+    let b = mem.heap_create("ids-b").unwrap();
+    assert!(a >= 256 && b > a, "ids {a} then {b}");
+    assert!(
+        mem.heap_stats(a).is_err(),
+        "the destroyed heap's id leads nowhere"
+    );
+    assert_eq!(mem.heap_socket("ids-b").unwrap(), b);
+    mem.heap_destroy("ids-b").unwrap();
+}

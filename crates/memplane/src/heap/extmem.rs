@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::core::{HEAP_KIND_EXTERNAL, HEAP_KIND_NATIVE, HEAP_KIND_UNUSED, HEAP_MATCH_ALLOC};
 use super::malloc::Heaps;
-use super::{check_name, HeapError, EXTERNAL_SOCKET_BASE};
+use super::{check_name, HeapError};
 use crate::iova::BAD_IOVA;
 use crate::memseg::{MemEvent, MemEventKind};
 use crate::units::PageSize;
@@ -160,7 +160,11 @@ impl Memory {
                 max,
                 option: "--max-heaps",
             })?;
-        let socket = EXTERNAL_SOCKET_BASE + i32::from(idx);
+        let socket = self.next_external_socket().ok_or(HeapError::TableFull {
+            what: "the external heaps' socket ids",
+            max: i32::MAX as u32,
+            option: "a restart",
+        })?;
         let mut l = self.heap.lock(idx);
         let flags = if self.options().match_allocations {
             HEAP_MATCH_ALLOC

@@ -167,8 +167,11 @@ pub struct ConfigHeader {
     pub reserved0: u32,
     /// Sections of this and later layers.
     pub sections: [Section; SECTION_SLOTS],
+    /// Next socket id an external heap gets (counting up from 256, never
+    /// reused, as in DPDK); 0 until the first one.
+    pub next_ext_socket: AtomicU64,
     /// Room to grow without a layout change.
-    pub reserved: [u64; 24],
+    pub reserved: [u64; 23],
 }
 
 // Loom's atomics (in the lock) are larger: the shapes hold for real builds.
