@@ -613,6 +613,14 @@ fn memory_json_shows_the_preallocated_run() {
     let va = runs[0]["va"].as_u64().unwrap();
     assert!(va >= base && va < base + layout["va_len"].as_u64().unwrap());
     assert!(v.get("pages").is_none());
+    // The node's heap holds the preallocated memory, all of it free.
+    let heaps = v["heaps"].as_array().unwrap();
+    assert_eq!(heaps.len(), 1, "{v}");
+    assert_eq!(heaps[0]["name"], "socket_0");
+    assert_eq!(heaps[0]["kind"], "native");
+    assert_eq!(heaps[0]["stats"]["total_bytes"], 8 << 20);
+    assert_eq!(heaps[0]["stats"]["alloc_count"], 0);
+    assert_eq!(heaps[0]["stats"]["greatest_free"], (8 << 20) - 64);
 }
 
 #[test]

@@ -768,10 +768,21 @@ fn thread_cache_reuses_blocks_zeroes_dirty_ones_and_counts_them_free() {
     assert_eq!(st.alloc_count, 1);
     // Two classes in use (64 and 128 bytes), at most a full bin each.
     assert!(st.cached_count <= 64, "{st:?}");
-    // The dump shows cached blocks as such.
+    // The dump shows cached blocks as such, and JSON has the same.
     let mut out = Vec::new();
     mem.heap_dump(&mut out, true).unwrap();
     assert!(String::from_utf8(out).unwrap().contains("CACHED"));
+    let j = mem.heap_dump_json(true);
+    assert_eq!(j[0]["name"], "socket_0", "{j}");
+    assert_eq!(j[0]["stats"]["alloc_count"], 1, "{j}");
+    let els = j[0]["elements"].as_array().unwrap();
+    assert_eq!(
+        els.iter()
+            .filter(|e| e["free"] == false && e["cached"] == false)
+            .count(),
+        1
+    );
+    assert!(els.iter().any(|e| e["cached"] == true));
     // SAFETY: not used afterwards.
     unsafe { mem.free(q).unwrap() };
     mem.heap_cache_flush();

@@ -29,7 +29,6 @@
 //! proof), and every element address it follows was checked to lie inside
 //! the heap's mapped memory by the caller or by the links of the list.
 
-use std::mem::size_of;
 use std::ptr::addr_of;
 use std::sync::atomic::AtomicU32;
 
@@ -135,12 +134,12 @@ pub(crate) const HEAP_KIND_EXTERNAL: u32 = 2;
 
 #[cfg(not(loom))]
 const _: () = {
-    assert!(size_of::<Elem>() == HDR as usize);
+    assert!(std::mem::size_of::<Elem>() == HDR as usize);
     assert!(std::mem::offset_of!(Elem, size) == 8);
     assert!(std::mem::offset_of!(Elem, seg) == 56);
     assert!(std::mem::offset_of!(HeapHeader, name) == 16);
     assert!(std::mem::offset_of!(HeapHeader, first) == 48);
-    assert!(size_of::<HeapHeader>() % 8 == 0);
+    assert!(std::mem::size_of::<HeapHeader>() % 8 == 0);
 };
 
 fn cookie_of(addr: u64, e: &Elem) -> u32 {
