@@ -9,6 +9,13 @@
  *
  *     aligned size=4096 align=4096 blocks=<n> alloc_us=<a> free_us=<f> total_us=<a+f>
  *
+ * then, with one 64-byte anchor block allocated (so the heap keeps its page
+ * and no pair maps or unmaps one), 1000000 back-to-back pairs of
+ * rte_malloc(NULL, size, 0) + rte_free() for size 64, 256 and 1024, one
+ * line each:
+ *
+ *     pair size=<s> count=<n> pair_us=<us per malloc+free>
+ *
  * then rte_eal_cleanup(). Arguments after `--` (after the EAL ones):
  * `<blocks> <size> <align>` to change the workload.
  *
@@ -80,6 +87,37 @@ int main(int argc, char **argv)
 	       size, align, runs, tsc_to_us(t_alloc, runs), tsc_to_us(t_free, runs),
 	       tsc_to_us(t_alloc + t_free, runs));
 	free(ptrs);
+
+	{
+		static const size_t pair_sizes[] = { 64, 256, 1024 };
+		const size_t pairs = 1000000;
+		void *anchor = rte_malloc(NULL, 64, 0);
+		size_t k;
+
+		if (anchor == NULL) {
+			fprintf(stderr, "malloc_aligned: the anchor rte_malloc failed\n");
+			rte_eal_cleanup();
+			return 1;
+		}
+		for (k = 0; k < sizeof(pair_sizes) / sizeof(pair_sizes[0]); k++) {
+			t0 = rte_rdtsc_precise();
+			for (j = 0; j < pairs; j++) {
+				void *p = rte_malloc(NULL, pair_sizes[k], 0);
+
+				if (p == NULL) {
+					fprintf(stderr, "malloc_aligned: pair rte_malloc failed\n");
+					rte_eal_cleanup();
+					return 1;
+				}
+				/* Keep the compiler from eliding the pair. */
+				__asm__ volatile("" : : "r"(p) : "memory");
+				rte_free(p);
+			}
+			printf("pair size=%zu count=%zu pair_us=%.4f\n", pair_sizes[k], pairs,
+			       tsc_to_us(rte_rdtsc_precise() - t0, pairs));
+		}
+		rte_free(anchor);
+	}
 	ret = rte_eal_cleanup();
 	if (ret != 0) {
 		fprintf(stderr, "malloc_aligned: rte_eal_cleanup failed (%d)\n", ret);

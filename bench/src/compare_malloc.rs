@@ -127,6 +127,19 @@ fn parse_aligned(out: &str) -> Option<[f64; 4]> {
     })
 }
 
+/// The `pair` lines: (size, us per malloc+free).
+fn parse_pairs(out: &str) -> Vec<(u64, f64)> {
+    out.lines()
+        .filter_map(|l| {
+            let (head, kv) = kv_line(l)?;
+            if head != "pair" {
+                return None;
+            }
+            Some((num(&kv, "size")? as u64, num(&kv, "pair_us")?))
+        })
+        .collect()
+}
+
 /// Median of the finite samples, None without any.
 fn med(v: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -241,7 +254,10 @@ fn dpdk_eal_args(prefix: &str, huge_dir: &Path) -> Vec<String> {
     .collect()
 }
 
-fn run_dpdk_aligned(bin: &Path, args: &[String], prefix: &str) -> Result<[f64; 4], String> {
+/// The aligned line and the pair lines of one run.
+type AlignedRun = ([f64; 4], Vec<(u64, f64)>);
+
+fn run_dpdk_aligned(bin: &Path, args: &[String], prefix: &str) -> Result<AlignedRun, String> {
     let out = Command::new(bin)
         .args(args)
         .output()
@@ -250,7 +266,7 @@ fn run_dpdk_aligned(bin: &Path, args: &[String], prefix: &str) -> Result<[f64; 4
     let out = out?;
     let text = String::from_utf8_lossy(&out.stdout);
     match (out.status.success(), parse_aligned(&text)) {
-        (true, Some(r)) => Ok(r),
+        (true, Some(r)) => Ok((r, parse_pairs(&text))),
         _ => Err(format!(
             "{} failed:\n{text}{}",
             bin.display(),
@@ -312,6 +328,8 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
     let mut ours = PerfSamples::new();
     let (mut dpdk_memset, mut ours_memset) = (Vec::new(), Vec::new());
     let (mut dpdk_al, mut ours_al) = (Vec::new(), Vec::new());
+    let mut dpdk_pairs: Vec<(u64, f64)> = Vec::new();
+    let mut ours_pairs: Vec<(u64, f64)> = Vec::new();
     let mut failed = None;
     for run in 1..=runs {
         eprintln!("run {run}/{runs}: dpdk-test malloc_perf_autotest ...");
@@ -354,7 +372,10 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
         }
         eprintln!("run {run}/{runs}: DPDK malloc_aligned ...");
         match run_dpdk_aligned(aligned_bin, &args, &dpdk_prefix) {
-            Ok(r) => dpdk_al.push(r),
+            Ok((r, pairs)) => {
+                dpdk_al.push(r);
+                dpdk_pairs.extend(pairs);
+            }
             Err(e) => {
                 failed = Some(e);
                 break;
@@ -362,9 +383,14 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
         }
         eprintln!("run {run}/{runs}: memplane malloc-aligned ...");
         match self_exe(&["malloc-aligned", "--prefix", &mp_prefix]).and_then(|text| {
-            parse_aligned(&text).ok_or_else(|| format!("no aligned line in:\n{text}"))
+            parse_aligned(&text)
+                .map(|r| (r, parse_pairs(&text)))
+                .ok_or_else(|| format!("no aligned line in:\n{text}"))
         }) {
-            Ok(r) => ours_al.push(r),
+            Ok((r, pairs)) => {
+                ours_al.push(r);
+                ours_pairs.extend(pairs);
+            }
             Err(e) => {
                 failed = Some(e);
                 break;
@@ -398,6 +424,12 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
     );
     println!(
         "          {ALIGNED_BLOCKS} blocks, then rte_free of each; memplane-bench malloc-aligned: Memory::malloc({ALIGNED_SIZE}, {ALIGNED_ALIGN}) / free"
+    );
+    println!(
+        "pairs     the same programs, after the aligned rows: one 64 B anchor block kept, then 1e6 back-to-back"
+    );
+    println!(
+        "          malloc(size, 0) + free pairs per size (the shape of a packet path; us per pair)"
     );
     println!("Each size: allocate back to back up to 10000 blocks (stop at the first failure, which stays in the alloc");
     println!("time as in DPDK), memset every block to 0, free all. us = average microseconds per block; total = alloc +");
@@ -450,6 +482,22 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
             dpdk: al(&dpdk_al, i),
             ours: al(&ours_al, i),
             target: Some(target_for(ALIGNED_SIZE as u64)),
+        });
+    }
+    for size in crate::malloc_perf::PAIR_SIZES {
+        let pick = |v: &[(u64, f64)]| {
+            med(&v
+                .iter()
+                .filter(|(s, _)| *s == size as u64)
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>())
+        };
+        lines.push(Line {
+            workload: format!("malloc+free pair {:>4}", size_label(size as u64)),
+            blocks: "1e6".into(),
+            dpdk: pick(&dpdk_pairs),
+            ours: pick(&ours_pairs),
+            target: Some(target_for(size as u64)),
         });
     }
     let (worst, worst_memset) = print_lines(&lines);

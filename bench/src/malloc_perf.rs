@@ -274,5 +274,42 @@ pub fn run_aligned(prefix: &str) -> i32 {
         "aligned size={ALIGNED_SIZE} align={ALIGNED_ALIGN} blocks={runs} alloc_us={a:.3} free_us={f:.3} total_us={:.3}",
         a + f
     );
+    // Back-to-back malloc+free pairs, with an anchor block keeping the
+    // heap's page (as bench/dpdk/malloc_aligned.c does).
+    let anchor = match mem.alloc(false, 64, 0) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: anchor block: {e}");
+            return 1;
+        }
+    };
+    for size in PAIR_SIZES {
+        let t = Instant::now();
+        for _ in 0..PAIR_COUNT {
+            let p = match mem.alloc(false, size, 0) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: pair malloc({size}): {e}");
+                    return 1;
+                }
+            };
+            // SAFETY: allocated just above, freed once, not used after.
+            if unsafe { mem.release(std::hint::black_box(p)) }.is_err() {
+                eprintln!("error: pair free({size}) failed");
+                return 1;
+            }
+        }
+        println!(
+            "pair size={size} count={PAIR_COUNT} pair_us={:.4}",
+            us(t.elapsed(), PAIR_COUNT)
+        );
+    }
+    // SAFETY: the anchor, freed once.
+    let _ = unsafe { mem.release(anchor) };
     0
 }
+
+/// Sizes of the malloc+free pair rows.
+pub const PAIR_SIZES: [usize; 3] = [64, 256, 1024];
+/// Pairs per size.
+pub const PAIR_COUNT: usize = 1_000_000;

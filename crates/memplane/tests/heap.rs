@@ -13,6 +13,7 @@ use memplane::heap::{AllocRequest, HeapError, PageSizes, SOCKET_ID_ANY};
 use memplane::memseg::{MemEvent, MemEventKind, MemsegError, PageRequest};
 use memplane::{Error, MemOptions, Memory, PageSize};
 
+use common::heapkit::{all, fill, heap_err};
 use common::{need_hugepages, pool_lock, real_counter};
 
 const MB: usize = 1 << 20;
@@ -22,38 +23,7 @@ fn free_2m() -> u64 {
 }
 
 fn opts_with(name: &str, extra: &[&str]) -> (MemOptions, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("hp_{name}_{}", std::process::id());
-    let mut args: Vec<String> = vec![
-        "--file-prefix".into(),
-        prefix,
-        "--runtime-dir".into(),
-        dir.path().display().to_string(),
-        // Keep 1G pages out unless a test asks: growth picks the smallest
-        // size first anyway, but preflight would plan lists for them.
-    ];
-    args.extend(extra.iter().map(|s| (*s).to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    (MemOptions::parse_args(&refs).unwrap(), dir)
-}
-
-fn heap_err(e: Error) -> HeapError {
-    match e {
-        Error::Heap(h) => h,
-        other => panic!("expected a heap error, got {other}"),
-    }
-}
-
-fn fill(p: NonNull<u8>, len: usize, byte: u8) {
-    // SAFETY: the caller passes a live block of at least `len` bytes.
-    unsafe { std::ptr::write_bytes(p.as_ptr(), byte, len) };
-}
-
-fn all(p: NonNull<u8>, len: usize, byte: u8) -> bool {
-    // SAFETY: as in `fill`.
-    unsafe { std::slice::from_raw_parts(p.as_ptr(), len) }
-        .iter()
-        .all(|&b| b == byte)
+    common::heapkit::test_opts("hp", name, extra)
 }
 
 #[test]

@@ -14,6 +14,7 @@ use memplane::iova::BAD_IOVA;
 use memplane::memseg::{MemEvent, MemEventKind};
 use memplane::{Error, MemOptions, Memory};
 
+use common::heapkit::{all, fill, heap_err};
 use common::{need_hugepages, pool_lock};
 
 const KB: usize = 1 << 10;
@@ -22,23 +23,11 @@ const PAGE_2M: usize = 2 * MB;
 const PAGE_4K: usize = 4 * KB;
 
 fn opts_with(name: &str, extra: &[&str]) -> (MemOptions, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("hx_{name}_{}", std::process::id());
-    let mut args: Vec<String> = vec![
-        "--file-prefix".into(),
-        prefix,
-        "--runtime-dir".into(),
-        dir.path().display().to_string(),
-        "--pagesz-mem".into(),
-        "1G:0".into(),
-        // Pinned native memory holds the IOVA tables and the few native
-        // blocks: no growth, so no dependence on the pool while it runs.
-        "--socket-mem".into(),
-        "2".into(),
-    ];
-    args.extend(extra.iter().map(|s| (*s).to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    (MemOptions::parse_args(&refs).unwrap(), dir)
+    // Pinned native memory holds the IOVA tables and the few native
+    // blocks: no growth, so no dependence on the pool while it runs.
+    let mut all_extra = vec!["--pagesz-mem", "1G:0", "--socket-mem", "2"];
+    all_extra.extend_from_slice(extra);
+    common::heapkit::test_opts("hx", name, &all_extra)
 }
 
 /// `Memory::init`, waiting a little if another process just emptied the
@@ -54,13 +43,6 @@ fn init(o: &MemOptions) -> Memory {
             }
             Err(e) => panic!("Memory::init: {e}"),
         }
-    }
-}
-
-fn heap_err(e: Error) -> HeapError {
-    match e {
-        Error::Heap(h) => h,
-        other => panic!("expected a heap error, got {other}"),
     }
 }
 
@@ -165,18 +147,6 @@ impl Drop for UserMap {
         // failed and the Memory is gone already).
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
-}
-
-fn fill(p: NonNull<u8>, len: usize, byte: u8) {
-    // SAFETY: the caller passes a live block of at least `len` bytes.
-    unsafe { std::ptr::write_bytes(p.as_ptr(), byte, len) };
-}
-
-fn all(p: NonNull<u8>, len: usize, byte: u8) -> bool {
-    // SAFETY: as in `fill`.
-    unsafe { std::slice::from_raw_parts(p.as_ptr(), len) }
-        .iter()
-        .all(|&b| b == byte)
 }
 
 /// Records the memory events of `mem`.

@@ -205,13 +205,7 @@ impl Memory {
     }
 
     fn ext_heap(&self, name: &str, what: &'static str) -> Result<u16, HeapError> {
-        let idx = self
-            .heap
-            .by_name(name)
-            .ok_or_else(|| HeapError::NoSuchHeap {
-                name: name.into(),
-                known: self.heap.known(),
-            })?;
+        let idx = self.heap_of_name(name)?;
         if self.heap.kind(idx) == HEAP_KIND_NATIVE {
             return Err(HeapError::NativeHeap {
                 name: name.into(),

@@ -805,13 +805,7 @@ impl Memory {
 
     /// Counters of the heap of `socket` (a node, or an external heap's id).
     pub fn heap_stats(&self, socket: i32) -> Result<HeapStats> {
-        let idx = self
-            .heap
-            .by_socket(socket)
-            .ok_or_else(|| HeapError::NoSuchSocket {
-                socket,
-                known: self.heap.known(),
-            })?;
+        let idx = self.heap_of_socket(socket)?;
         Ok(self.stats_of(idx))
     }
 
@@ -840,13 +834,7 @@ impl Memory {
     /// `rte_malloc_heap_get_socket`).
     pub fn heap_socket(&self, name: &str) -> Result<i32> {
         super::check_name(name)?;
-        let idx = self
-            .heap
-            .by_name(name)
-            .ok_or_else(|| HeapError::NoSuchHeap {
-                name: name.into(),
-                known: self.heap.known(),
-            })?;
+        let idx = self.heap_of_name(name)?;
         Ok(self.heap.head_socket(idx))
     }
 
@@ -855,25 +843,13 @@ impl Memory {
         if socket == SOCKET_ID_ANY {
             return Ok(false);
         }
-        let idx = self
-            .heap
-            .by_socket(socket)
-            .ok_or_else(|| HeapError::NoSuchSocket {
-                socket,
-                known: self.heap.known(),
-            })?;
+        let idx = self.heap_of_socket(socket)?;
         Ok(self.heap.kind(idx) == HEAP_KIND_EXTERNAL)
     }
 
     /// Every element of the heap of `socket`, in address order.
     pub fn heap_elements(&self, socket: i32) -> Result<Vec<ElemInfo>> {
-        let idx = self
-            .heap
-            .by_socket(socket)
-            .ok_or_else(|| HeapError::NoSuchSocket {
-                socket,
-                known: self.heap.known(),
-            })?;
+        let idx = self.heap_of_socket(socket)?;
         let mut v = Vec::new();
         self.heap.lock(idx).walk(|e| v.push(*e));
         Ok(v)
@@ -985,6 +961,26 @@ impl Memory {
     }
 
     // --- internals -----------------------------------------------------------
+
+    /// The heap slot of a socket id, or the error listing the heaps.
+    pub(super) fn heap_of_socket(&self, socket: i32) -> Result<u16, HeapError> {
+        self.heap
+            .by_socket(socket)
+            .ok_or_else(|| HeapError::NoSuchSocket {
+                socket,
+                known: self.heap.known(),
+            })
+    }
+
+    /// The heap slot of a name, or the error listing the heaps.
+    pub(super) fn heap_of_name(&self, name: &str) -> Result<u16, HeapError> {
+        self.heap
+            .by_name(name)
+            .ok_or_else(|| HeapError::NoSuchHeap {
+                name: name.into(),
+                known: self.heap.known(),
+            })
+    }
 
     fn not_in_callback(&self, what: &'static str) -> Result<(), HeapError> {
         if crate::memseg::events::is_in_callback(self.callback_id()) {

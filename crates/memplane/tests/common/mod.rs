@@ -1,6 +1,8 @@
 //! Shared test support: fake sysfs/procfs trees and the hugepage guard.
 #![allow(dead_code)]
 
+pub mod heapkit;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
