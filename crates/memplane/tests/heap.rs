@@ -222,16 +222,19 @@ fn realloc_in_place_and_moving_keeps_contents() {
     // Keeps the first page in the heap, so the freed block below stays
     // mapped heap memory.
     let keeper = mem.malloc(64, 0).unwrap();
-    let p = mem.malloc(1000, 0).unwrap();
-    fill(p, 1000, 7);
+    // Sizes above the thread caches' classes, so blocks are carved in
+    // address order.
+    let p = mem.malloc(1100, 0).unwrap();
+    fill(p, 1100, 7);
     // SAFETY: `p` is not used after each call; the result replaces it.
     let q = unsafe { mem.realloc(Some(p), 3000, 0).unwrap() };
     assert_eq!(p, q, "the next element is free: grows in place");
-    assert!(all(q, 1000, 7));
-    let blocker = mem.malloc(64, 0).unwrap();
+    assert!(all(q, 1100, 7));
+    let blocker = mem.malloc(1100, 0).unwrap();
     // SAFETY: as above.
     let r = unsafe { mem.realloc(Some(q), 10_000, 0).unwrap() };
-    assert!(all(r, 1000, 7));
+    assert_ne!(r, q, "the blocker sits right after: the block moves");
+    assert!(all(r, 1100, 7));
     // SAFETY: as above.
     let s = unsafe { mem.realloc(Some(r), 200, 0).unwrap() };
     assert_eq!(s, r, "shrinking stays in place");
@@ -329,18 +332,18 @@ fn an_overrun_is_caught_as_corruption() {
     let (o, _rt) = opts_with("corrupt", &["--socket-mem", "2", "--pagesz-mem", "1G:0"]);
     let mem = Memory::init(&o).unwrap();
     // Larger than the thread caches' classes: carved one after the other.
-    let a = mem.malloc(576, 0).unwrap();
-    let b = mem.malloc(576, 0).unwrap();
+    let a = mem.malloc(1088, 0).unwrap();
+    let b = mem.malloc(1088, 0).unwrap();
     assert_eq!(
         b.as_ptr() as usize,
-        a.as_ptr() as usize + 640,
+        a.as_ptr() as usize + 1152,
         "b right after a"
     );
     // Overrun a into b's header.
     // SAFETY: reads b's header (heap memory, mapped).
-    let saved = unsafe { std::ptr::read(a.as_ptr().add(576).cast::<[u8; 16]>()) };
+    let saved = unsafe { std::ptr::read(a.as_ptr().add(1088).cast::<[u8; 16]>()) };
     // SAFETY: deliberately writes past `a` into b's header (heap memory).
-    unsafe { std::ptr::write_bytes(a.as_ptr().add(576), 0x41, 16) };
+    unsafe { std::ptr::write_bytes(a.as_ptr().add(1088), 0x41, 16) };
     let e = heap_err(mem.heap_validate().unwrap_err());
     match &e {
         HeapError::Corrupt { addr, what, .. } => {
@@ -354,7 +357,7 @@ fn an_overrun_is_caught_as_corruption() {
     assert!(matches!(e, HeapError::Corrupt { .. }), "{e}");
     // Repair and everything is fine again.
     // SAFETY: restores the header bytes saved above.
-    unsafe { std::ptr::write(a.as_ptr().add(576).cast::<[u8; 16]>(), saved) };
+    unsafe { std::ptr::write(a.as_ptr().add(1088).cast::<[u8; 16]>(), saved) };
     mem.heap_validate().unwrap();
     // SAFETY: live blocks.
     unsafe {

@@ -676,6 +676,55 @@ impl<'a> Locked<'a> {
         merged
     }
 
+    /// Whether busy element `b` directly follows busy element `a` (next in
+    /// the address list and adjacent), so both can be freed as one.
+    pub(crate) fn continues(&self, a: u64, b: u64) -> bool {
+        let ea = self.get(a);
+        ea.next == b && self.adjacent(a, &ea, b, &self.get(b))
+    }
+
+    /// Frees a run of busy elements that follow each other (checked with
+    /// [`continues`](Self::continues)) as one element: one header written,
+    /// one merge, one free-list insert, whatever the run's length. Returns
+    /// the resulting free element.
+    pub(crate) fn free_run(&mut self, run: &[u64], poison: bool) -> u64 {
+        let Some((&first, &last)) = run.first().zip(run.last()) else {
+            return 0;
+        };
+        if run.len() == 1 {
+            return self.free(first, poison);
+        }
+        let f = self.get(first);
+        let l = self.get(last);
+        let size = last + l.size - first;
+        if poison {
+            // SAFETY: the blocks' data (and their headers) belong to the
+            // heap again.
+            unsafe { std::ptr::write_bytes((first + HDR) as *mut u8, 0x6b, (size - HDR) as usize) };
+        }
+        self.put(
+            first,
+            Elem {
+                state: STATE_FREE,
+                flags: (f.flags & !ELEM_CACHED) | ELEM_DIRTY,
+                size,
+                next: l.next,
+                link_a: 0,
+                link_b: 0,
+                ..f
+            },
+        );
+        if l.next == 0 {
+            hset!(self, last, first);
+        } else {
+            self.set_link(l.next, Link::Prev, first);
+        }
+        hset!(self, busy_count, hf!(self, busy_count) - run.len() as u64);
+        let merged = self.merge_neighbours(first);
+        self.free_insert(merged);
+        merged
+    }
+
     /// Merges the free (not listed) element at `addr` with adjacent free
     /// neighbours, which leave their lists; returns the merged element
     /// (not listed).

@@ -510,11 +510,21 @@ impl Memory {
     /// back pages they leave unused.
     fn give_back(&self, l: &mut Locked<'_>, idx: u16, elems: &[u64]) {
         let native = self.heap.kind(idx) == HEAP_KIND_NATIVE;
-        for &e in elems {
-            let merged = l.free(e, cfg!(debug_assertions));
+        let mut sorted = elems.to_vec();
+        sorted.sort_unstable();
+        // Blocks that follow each other go back as one element (a cache
+        // flush usually gives back neighbours).
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut j = i;
+            while j + 1 < sorted.len() && l.continues(sorted[j], sorted[j + 1]) {
+                j += 1;
+            }
+            let merged = l.free_run(&sorted[i..=j], cfg!(debug_assertions));
             if native {
                 self.shrink(l, merged);
             }
+            i = j + 1;
         }
         // Slots of exited threads are flushed by whoever passes by.
         if let Some(t) = self.heap.slot_table(idx) {

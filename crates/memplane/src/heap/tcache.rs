@@ -1,7 +1,7 @@
 //! Per-thread caches of small blocks: the fast path of malloc and free.
 //!
 //! A thread keeps up to [`BIN_CAP`] freed blocks of each small size class
-//! (64 to 512 bytes of data, by 64) and hands them out again without taking
+//! (64 to 1024 bytes of data, by 64) and hands them out again without taking
 //! the heap lock; a miss refills a bin with a batch carved under one lock
 //! acquisition, a full bin gives half of it back under one.
 //!
@@ -31,8 +31,8 @@ use std::sync::{Arc, RwLock};
 
 use super::core::{Elem, HeapHeader, ELEM_CACHED, ELEM_DIRTY, HDR, STATE_BUSY};
 
-/// Size classes cached: data of 64, 128, ..., 512 bytes.
-pub(crate) const BINS: usize = 8;
+/// Size classes cached: data of 64, 128, ..., 1024 bytes.
+pub(crate) const BINS: usize = 16;
 /// Blocks per bin.
 pub(crate) const BIN_CAP: usize = 32;
 /// Blocks carved per refill.
