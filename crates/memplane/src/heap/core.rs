@@ -39,6 +39,9 @@ use crate::shm::lock::{SpinGuard, SpinLock};
 
 /// Bytes of an element header; user data starts right after it.
 pub(crate) const HDR: u64 = 64;
+/// Growth clears a dirty free neighbour of new (clean) pages up to this
+/// many bytes, so the merged element stays clean.
+const CLEAN_NEIGHBOUR_MAX: u64 = 256 << 10;
 /// A tail left after carving is split off only from this size on.
 const MIN_TAIL: u64 = 2 * UNIT;
 
@@ -456,13 +459,19 @@ impl<'a> Locked<'a> {
     /// fits there.
     #[allow(clippy::unused_self)] // the lock guard is the proof of access
     fn place(&self, addr: u64, e: &Elem, want: &Want<'_>) -> Option<u64> {
+        self.place_from(addr, e, want, addr + HDR)
+    }
+
+    /// [`place`](Self::place), with the block starting at `start` or later.
+    #[allow(clippy::unused_self)] // the lock guard is the proof of access
+    fn place_from(&self, addr: u64, e: &Elem, want: &Want<'_>, start: u64) -> Option<u64> {
         if let Some(ok) = want.seg_ok {
             if !ok(e.seg) {
                 return None;
             }
         }
         let end = addr + e.size;
-        let mut data = (addr + HDR).next_multiple_of(want.align);
+        let mut data = start.max(addr + HDR).next_multiple_of(want.align);
         loop {
             if want.bound != 0 && data / want.bound != (data + want.size - 1) / want.bound {
                 data = (data / want.bound + 1) * want.bound;
@@ -521,7 +530,29 @@ impl<'a> Locked<'a> {
     /// dirty. `None`: no free element fits.
     pub(crate) fn alloc(&mut self, want: &Want<'_>, asked: u64) -> Option<(u64, bool)> {
         let (addr, data) = self.find(want)?;
-        Some((data, self.carve(addr, data, want.size, asked)))
+        Some((data, self.carve(addr, data, want.size, asked, None)))
+    }
+
+    /// Allocates from the free element holding `[lo, hi)`, memory just
+    /// added from fresh zeroed pages, placing the block there if it fits:
+    /// the block (and a tail inside the range) are then known to be clean
+    /// even when the element merged with a dirty neighbour.
+    pub(crate) fn alloc_in_fresh(
+        &mut self,
+        elem: u64,
+        lo: u64,
+        hi: u64,
+        want: &Want<'_>,
+        asked: u64,
+    ) -> Option<(u64, bool)> {
+        let e = self.get(elem);
+        if e.state != STATE_FREE || lo < elem || hi > elem + e.size {
+            return None;
+        }
+        // The run's own header was absorbed into the element: not zero.
+        let clean = (lo + HDR, hi);
+        let data = self.place_from(elem, &e, want, clean.0)?;
+        Some((data, self.carve(elem, data, want.size, asked, Some(clean))))
     }
 
     /// [`alloc`](Self::alloc) of a block whose element holds exactly
@@ -539,7 +570,15 @@ impl<'a> Locked<'a> {
 
     /// Turns the part of free element `addr` holding `[data, data+size)`
     /// into a busy element; gap and tail stay free.
-    fn carve(&mut self, addr: u64, data: u64, size: u64, asked: u64) -> bool {
+    fn carve(
+        &mut self,
+        addr: u64,
+        data: u64,
+        size: u64,
+        asked: u64,
+        clean: Option<(u64, u64)>,
+    ) -> bool {
+        let inside = |a: u64, b: u64| clean.is_some_and(|(lo, hi)| a >= lo && b <= hi);
         self.free_remove(addr);
         let e = self.get(addr);
         let end = addr + e.size;
@@ -561,11 +600,17 @@ impl<'a> Locked<'a> {
         let mut busy_end = data + size;
         let next = if end - busy_end >= MIN_TAIL {
             let tail = busy_end;
+            let flags = if inside(tail + HDR, end) {
+                e.flags & !ELEM_DIRTY
+            } else {
+                e.flags
+            };
             self.put(
                 tail,
                 Elem {
                     size: end - tail,
                     prev: busy,
+                    flags,
                     ..e
                 },
             );
@@ -595,7 +640,7 @@ impl<'a> Locked<'a> {
         );
         self.relink(prev, busy, next);
         hset!(self, busy_count, hf!(self, busy_count) + 1);
-        e.flags & ELEM_DIRTY != 0
+        e.flags & ELEM_DIRTY != 0 && !inside(data, data + size)
     }
 
     /// Makes `prev <-> mid <-> next` hold in the address list (`mid`'s own
@@ -870,9 +915,44 @@ impl<'a> Locked<'a> {
         );
         self.relink(prev, addr, next);
         hset!(self, total, hf!(self, total) + len);
+        if !dirty {
+            // A small dirty free neighbour would make the whole merged
+            // element dirty, and every zmalloc from the fresh (zeroed)
+            // pages would clear them again: clear the neighbour instead.
+            for n in [prev, next] {
+                self.clean_if_small_free_neighbour(n, addr);
+            }
+        }
         let merged = self.merge_neighbours(addr);
         self.free_insert(merged);
         merged
+    }
+
+    /// Zeroes the data of `n` if it is a dirty free element adjacent to
+    /// `to` and at most [`CLEAN_NEIGHBOUR_MAX`] bytes, and marks it clean.
+    fn clean_if_small_free_neighbour(&mut self, n: u64, to: u64) {
+        if n == 0 {
+            return;
+        }
+        let e = self.get(n);
+        let t = self.get(to);
+        let adjacent = if n < to {
+            self.adjacent(n, &e, to, &t)
+        } else {
+            self.adjacent(to, &t, n, &e)
+        };
+        if !adjacent
+            || e.state != STATE_FREE
+            || e.flags & ELEM_DIRTY == 0
+            || e.size - HDR > CLEAN_NEIGHBOUR_MAX
+        {
+            return;
+        }
+        // SAFETY: a free element's data belongs to the heap.
+        unsafe { std::ptr::write_bytes((n + HDR) as *mut u8, 0, (e.size - HDR) as usize) };
+        // The flag is not covered by the cookie: write it in place.
+        // SAFETY: as in `set_link`; one byte of the header.
+        unsafe { std::ptr::addr_of_mut!((*(n as *mut Elem)).flags).write(e.flags & !ELEM_DIRTY) };
     }
 
     /// Cuts `[a, b)` out of the free element at `addr` (which contains

@@ -1098,8 +1098,18 @@ impl Memory {
         let mut grew = false;
         for _ in 0..attempts {
             match self.grow(&mut l, node, &want, sizes) {
-                Ok(()) => {
+                Ok(fresh) => {
                     grew = true;
+                    // In the fresh pages first: the block is then known to
+                    // be zero (no clearing for zmalloc), even if the pages
+                    // merged with a dirty neighbour.
+                    for f in &fresh {
+                        if let Some(r) =
+                            l.alloc_in_fresh(f.elem, f.lo, f.hi, &want, req.size as u64)
+                        {
+                            return Some(r);
+                        }
+                    }
                     if let Some(r) = l.alloc(&want, req.size as u64) {
                         return Some(r);
                     }
@@ -1128,7 +1138,13 @@ impl Memory {
 
     /// Maps just enough pages for `want` on `node` and adds them to the
     /// heap; page sizes smallest first, those in `sizes` only.
-    fn grow(&self, l: &mut Locked<'_>, node: u32, want: &Want<'_>, sizes: PageSizes) -> Result<()> {
+    fn grow(
+        &self,
+        l: &mut Locked<'_>,
+        node: u32,
+        want: &Want<'_>,
+        sizes: PageSizes,
+    ) -> Result<Vec<Fresh>> {
         let mut last_err: Option<Error> = None;
         let need = HDR.max(want.align) + want.size + want.bound;
         let mut order = self.node_page_sizes(node);
@@ -1148,12 +1164,21 @@ impl Memory {
             };
             match self.alloc_heap_pages(&PageRequest::new(node, psz, count)) {
                 Ok(runs) => {
+                    let mut fresh = Vec::new();
                     for r in &runs {
-                        l.add_memory(r.va as u64, r.len as u64, r.list, !r.zeroed, r.count);
+                        let elem =
+                            l.add_memory(r.va as u64, r.len as u64, r.list, !r.zeroed, r.count);
+                        if r.zeroed {
+                            fresh.push(Fresh {
+                                elem,
+                                lo: r.va as u64,
+                                hi: (r.va + r.len) as u64,
+                            });
+                        }
                         l.count_grow(r.len as u64);
                     }
                     tracing::debug!(heap = l.index(), node, pages = count, page_size = %psz, "heap grew");
-                    return Ok(());
+                    return Ok(fresh);
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -1309,6 +1334,14 @@ impl Memory {
             hc::BlockFault::AlreadyFree => HeapError::DoubleFree { addr },
         }
     }
+}
+
+/// Pages just added by growth: the free element holding them and their
+/// range (zero-filled by the kernel).
+struct Fresh {
+    elem: u64,
+    lo: u64,
+    hi: u64,
 }
 
 /// The heaps an allocation tries, in order (one without a Vec: the hot
