@@ -533,26 +533,23 @@ impl<'a> Locked<'a> {
         Some((data, self.carve(addr, data, want.size, asked, None)))
     }
 
-    /// Allocates from the free element holding `[lo, hi)`, memory just
-    /// added from fresh zeroed pages, placing the block there if it fits:
-    /// the block (and a tail inside the range) are then known to be clean
-    /// even when the element merged with a dirty neighbour.
-    pub(crate) fn alloc_in_fresh(
+    /// [`alloc`](Self::alloc) right after growth: `[lo, hi)` is memory
+    /// just added from fresh zeroed pages (its first header-sized bytes
+    /// excepted: the run's own header may have been absorbed). Pieces
+    /// inside it stay marked clean; the block is placed as usual (densely)
+    /// and reported dirty only if it reaches outside the clean range.
+    pub(crate) fn alloc_after_growth(
         &mut self,
-        elem: u64,
-        lo: u64,
-        hi: u64,
         want: &Want<'_>,
         asked: u64,
+        lo: u64,
+        hi: u64,
     ) -> Option<(u64, bool)> {
-        let e = self.get(elem);
-        if e.state != STATE_FREE || lo < elem || hi > elem + e.size {
-            return None;
-        }
-        // The run's own header was absorbed into the element: not zero.
-        let clean = (lo + HDR, hi);
-        let data = self.place_from(elem, &e, want, clean.0)?;
-        Some((data, self.carve(elem, data, want.size, asked, Some(clean))))
+        let (addr, data) = self.find(want)?;
+        Some((
+            data,
+            self.carve(addr, data, want.size, asked, Some((lo + HDR, hi))),
+        ))
     }
 
     /// [`alloc`](Self::alloc) of a block whose element holds exactly

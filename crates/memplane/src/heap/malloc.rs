@@ -1100,14 +1100,18 @@ impl Memory {
             match self.grow(&mut l, node, &want, sizes) {
                 Ok(fresh) => {
                     grew = true;
-                    // In the fresh pages first: the block is then known to
-                    // be zero (no clearing for zmalloc), even if the pages
-                    // merged with a dirty neighbour.
-                    for f in &fresh {
-                        if let Some(r) =
-                            l.alloc_in_fresh(f.elem, f.lo, f.hi, &want, req.size as u64)
+                    // Dense placement as always; what the block covers of
+                    // the fresh (zeroed) pages needs no clearing: only the
+                    // part outside them is cleared for zmalloc.
+                    if let Some(f) = fresh.first() {
+                        if let Some((data, dirty)) =
+                            l.alloc_after_growth(&want, req.size as u64, f.lo, f.hi)
                         {
-                            return Some(r);
+                            if dirty && req.zero {
+                                zero_outside(data, req.size as u64, f.lo + HDR, f.hi);
+                                return Some((data, false));
+                            }
+                            return Some((data, dirty));
                         }
                     }
                     if let Some(r) = l.alloc(&want, req.size as u64) {
@@ -1166,11 +1170,9 @@ impl Memory {
                 Ok(runs) => {
                     let mut fresh = Vec::new();
                     for r in &runs {
-                        let elem =
-                            l.add_memory(r.va as u64, r.len as u64, r.list, !r.zeroed, r.count);
+                        l.add_memory(r.va as u64, r.len as u64, r.list, !r.zeroed, r.count);
                         if r.zeroed {
                             fresh.push(Fresh {
-                                elem,
                                 lo: r.va as u64,
                                 hi: (r.va + r.len) as u64,
                             });
@@ -1336,12 +1338,22 @@ impl Memory {
     }
 }
 
-/// Pages just added by growth: the free element holding them and their
-/// range (zero-filled by the kernel).
+/// Pages just added by growth: their range (zero-filled by the kernel).
 struct Fresh {
-    elem: u64,
     lo: u64,
     hi: u64,
+}
+
+/// Zeroes the bytes of `[data, data + len)` outside `[lo, hi)`.
+fn zero_outside(data: u64, len: u64, lo: u64, hi: u64) {
+    let end = data + len;
+    // Before the clean range, and after it; each clamped to the block.
+    for (from, to) in [(data, lo.clamp(data, end)), (hi.clamp(data, end), end)] {
+        if to > from {
+            // SAFETY: a sub-range of the caller's fresh block.
+            unsafe { std::ptr::write_bytes(from as *mut u8, 0, (to - from) as usize) };
+        }
+    }
 }
 
 /// The heaps an allocation tries, in order (one without a Vec: the hot
@@ -1403,4 +1415,33 @@ fn check_size(size: usize, align: usize, bound: usize) -> Result<(u64, u64), Hea
         })
         .ok_or(HeapError::TooLarge { size, align })?;
     Ok((rounded, align64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zero_outside;
+
+    #[test]
+    fn zero_outside_clears_only_the_block_outside_the_clean_range() {
+        for (lo, hi, want_zero) in [
+            (0usize, 64usize, 0..64usize), // clean range covers it all
+            (16, 64, 0..16),               // dirty prefix
+            (0, 40, 40..64),               // dirty suffix
+            (16, 40, 0..64),               // both sides (middle clean)
+            (100, 200, 0..64),             // clean range after the block
+        ] {
+            let mut buf = [0xffu8; 128];
+            let base = buf.as_mut_ptr() as u64;
+            // Block = buf[32..96]; offsets below are from the block start.
+            let data = base + 32;
+            zero_outside(data, 64, data + lo as u64, data + hi as u64);
+            for (i, &b) in buf.iter().enumerate() {
+                let in_block = (32..96).contains(&i);
+                let off = i.wrapping_sub(32);
+                let zeroed =
+                    in_block && want_zero.contains(&off) && !(lo <= off && off < hi && hi <= 64);
+                assert_eq!(b == 0, zeroed, "lo {lo} hi {hi} byte {i}");
+            }
+        }
+    }
 }
