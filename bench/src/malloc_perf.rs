@@ -95,6 +95,21 @@ fn us(d: Duration, n: usize) -> f64 {
 }
 
 /// `test_memset_perf`: us per GiB of memset, or why not.
+/// Frees every block of `ptrs` (which must come from `heap` and not be
+/// used again), timed; returns the time and how many frees failed.
+fn free_all(heap: &impl Heap, ptrs: &mut Vec<NonNull<u8>>) -> (std::time::Duration, usize) {
+    let mut bad = 0usize;
+    let t = Instant::now();
+    for p in ptrs.drain(..) {
+        // SAFETY: the caller's blocks, from `heap`, freed once here and
+        // not used after (the vector is emptied).
+        if unsafe { heap.release(p) }.is_err() {
+            bad += 1;
+        }
+    }
+    (t.elapsed(), bad)
+}
+
 fn memset_reference(heap: &impl Heap) -> Result<f64, String> {
     println!("Reference: memset");
     let p = heap
@@ -158,15 +173,7 @@ fn alloc_perf(heap: &impl Heap, name: &str, zero: bool) -> Result<(), String> {
             unsafe { std::ptr::write_bytes(std::hint::black_box(p.as_ptr()), 0, size) };
         }
         let t_memset = t.elapsed();
-        let mut bad = 0usize;
-        let t = Instant::now();
-        for p in ptrs.drain(..) {
-            // SAFETY: allocated by this loop, freed once, not used after.
-            if unsafe { heap.release(p) }.is_err() {
-                bad += 1;
-            }
-        }
-        let t_free = t.elapsed();
+        let (t_free, bad) = free_all(heap, &mut ptrs);
         if bad > 0 {
             return Err(format!("{name} {size}: {bad} frees failed"));
         }
@@ -250,15 +257,7 @@ pub fn run_aligned(prefix: &str) -> i32 {
         .iter()
         .filter(|p| p.as_ptr() as usize % ALIGNED_ALIGN != 0)
         .count();
-    let mut bad = 0usize;
-    let t = Instant::now();
-    for p in ptrs.drain(..) {
-        // SAFETY: allocated just above, freed once, not used after.
-        if unsafe { mem.release(p) }.is_err() {
-            bad += 1;
-        }
-    }
-    let t_free = t.elapsed();
+    let (t_free, bad) = free_all(&mem, &mut ptrs);
     if let Some(e) = &stop {
         println!("# aligned: stopped after {runs} blocks: {e}");
     }
