@@ -41,6 +41,11 @@ pub enum Error {
     #[error(transparent)]
     Heap(#[from] crate::heap::HeapError),
 
+    /// A memzone operation was refused (bad name, flags, alignment or
+    /// bound, name in use, table full, stale handle, no memory).
+    #[error(transparent)]
+    Memzone(#[from] crate::memzone::MemzoneError),
+
     /// A system file or directory could not be read or written.
     #[error("{action} {path}: {source}")]
     Io {

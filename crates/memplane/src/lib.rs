@@ -19,6 +19,9 @@
 //!   ([`memseg`]), with [`numa`] placement and [`iova`] addresses.
 //! - [`heap`]: the malloc heaps on top (`malloc`, `zmalloc`, `realloc`,
 //!   `free` and friends on [`Memory`]), external heaps, stats, validation.
+//! - [`memzone`]: named reservations any process of the instance can look
+//!   up by name, with page-size, contiguity, alignment and boundary
+//!   constraints.
 //!
 //! # Example
 //!
@@ -41,6 +44,7 @@ pub mod hugepages;
 pub mod iova;
 mod memory;
 pub mod memseg;
+pub mod memzone;
 pub mod numa;
 pub mod options;
 pub mod preflight;

@@ -21,7 +21,7 @@ use crate::memseg::layout::{
     self, ConfigHeader, ConfigLayout, ListHeader, Memseg, Section, CFG_IN_MEMORY, CFG_IOVA_PA,
     CFG_LEGACY, CFG_NO_HUGE, CFG_SINGLE_FILE, CONFIG_MAGIC, LAYOUT_VERSION, LIST_NAME_LEN,
     MEMSEG_DIRTY, MEMSEG_DO_NOT_FREE, MEMSEG_HEAP, SECTION_EXTMEM, SECTION_HEAPS, SECTION_LISTS,
-    SECTION_TCACHE,
+    SECTION_MEMZONES, SECTION_TCACHE,
 };
 use crate::memseg::store::{Freshness, MemfdStore, PageStore};
 use crate::memseg::{
@@ -138,6 +138,7 @@ pub struct Memory {
     // before the config mapping and the reservation they point into.
     lists: Vec<List>,
     pub(crate) heap: crate::heap::Heaps,
+    pub(crate) zones: crate::memzone::ZoneTable,
     registry: std::sync::RwLock<Registry>,
     config: NonNull<ConfigHeader>,
     config_fd: OwnedFd,
@@ -248,6 +249,7 @@ impl Memory {
             opts.max_heaps,
             opts.max_memseg_lists,
             topology.nodes().len() as u32,
+            opts.max_memzones,
         )?;
         let lists_end = types
             .iter()
@@ -329,6 +331,10 @@ impl Memory {
         sections[SECTION_EXTMEM] = Section {
             offset: layout.extmem_off as u64,
             len: u64::from(opts.max_memseg_lists) * crate::heap::EXTMEM_ENTRY_SIZE as u64,
+        };
+        sections[SECTION_MEMZONES] = Section {
+            offset: layout.memzones.0 as u64,
+            len: layout.memzones.1 as u64,
         };
         // SAFETY: the config mapping is fresh (zero-filled), at least
         // `layout.total` bytes and page-aligned; nobody else has it yet.
@@ -463,9 +469,19 @@ impl Memory {
                 opts.match_allocations,
             )
         }?;
+        // SAFETY: the memzone section lies inside the fresh, zero-filled
+        // config mapping (layout computed it) and lives as long as `Memory`.
+        let zones = unsafe {
+            crate::memzone::ZoneTable::init(
+                config_ptr.add(layout.memzones.0),
+                layout.memzones.1,
+                opts.max_memzones,
+            )
+        };
         let mut mem = Memory {
             lists,
             heap,
+            zones,
             registry: std::sync::RwLock::new(Registry::default()),
             config,
             config_fd,

@@ -770,7 +770,23 @@ impl Memory {
         align: usize,
         sizes: PageSizes,
     ) -> Result<(NonNull<u8>, usize)> {
+        self.biggest_block(socket, align, sizes, false)
+    }
+
+    /// [`malloc_biggest`](Self::malloc_biggest), optionally limited to
+    /// IOVA-contiguous runs (only PA mode and external heaps can break a
+    /// block into several runs).
+    pub(crate) fn biggest_block(
+        &self,
+        socket: i32,
+        align: usize,
+        sizes: PageSizes,
+        contig: bool,
+    ) -> Result<(NonNull<u8>, usize)> {
         self.not_in_callback("malloc_biggest")?;
+        if contig {
+            return self.biggest_contig(socket, align, sizes);
+        }
         let (_, align) = check_size(1, align, 0)?;
         let mut best: Option<(u16, u64)> = None;
         for &idx in self.targets(socket)?.as_slice() {
@@ -809,6 +825,118 @@ impl Memory {
             why: "the block was taken meanwhile".into(),
         })?;
         Ok((data_ptr(data), len as usize))
+    }
+
+    /// The biggest IOVA-contiguous, aligned run inside a free element of
+    /// the heaps of `socket`, allocated.
+    fn biggest_contig(
+        &self,
+        socket: i32,
+        align: usize,
+        sizes: PageSizes,
+    ) -> Result<(NonNull<u8>, usize)> {
+        let (_, align) = check_size(1, align, 0)?;
+        let seg_ok = |seg: u32| self.seg_page_size(seg).is_some_and(|p| sizes.accepts(p));
+        let contig_ok = |data: u64, len: u64| self.block_contiguous(data as usize, len as usize);
+        let iova_of = |addr: usize| {
+            if self.list_at(addr).is_some() {
+                self.virt2iova(addr)
+            } else {
+                self.heap.ext_virt2iova(addr)
+            }
+        };
+        let mut best: Option<(u16, u64)> = None;
+        for &idx in self.targets(socket)?.as_slice() {
+            let needs_check = self.iova_mode() == crate::options::IovaMode::Pa
+                || self.heap.kind(idx) == HEAP_KIND_EXTERNAL;
+            let l = self.heap.lock(idx);
+            let mut free = Vec::new();
+            l.walk(|e| {
+                if e.free && seg_ok(e.seg) {
+                    free.push(*e);
+                }
+            });
+            for e in free {
+                let start = e.addr + HDR;
+                let end = e.addr + e.size;
+                let page = self.seg_page_size(e.seg).unwrap_or(4096).max(1);
+                // Split the element where the IOVA jumps, then keep the
+                // longest aligned piece.
+                let mut run_start = start;
+                let mut cur = start;
+                loop {
+                    let next = (cur / page + 1) * page;
+                    let breaks = next >= end
+                        || !needs_check
+                        || match (iova_of(cur as usize), iova_of(next as usize)) {
+                            (Some(a), Some(b)) => b != a + (next - cur),
+                            _ => true,
+                        };
+                    if breaks {
+                        let piece_end = next.min(end);
+                        let data = run_start.next_multiple_of(align);
+                        if data < piece_end {
+                            let len = (piece_end - data) / UNIT * UNIT;
+                            if len > 0 && best.is_none_or(|b| len > b.1) {
+                                best = Some((idx, len));
+                            }
+                        }
+                        if next >= end {
+                            break;
+                        }
+                        run_start = next;
+                    }
+                    cur = next;
+                }
+            }
+        }
+        let none = |why: &str| HeapError::OutOfMemory {
+            size: 0,
+            align: align as usize,
+            extra: " (the biggest IOVA-contiguous free block)".into(),
+            socket: SocketName(socket).to_string(),
+            why: why.into(),
+        };
+        let Some((idx, len)) = best else {
+            return Err(none("no heap has free IOVA-contiguous memory").into());
+        };
+        let mut l = self.heap.lock(idx);
+        let needs_check = self.iova_mode() == crate::options::IovaMode::Pa
+            || self.heap.kind(idx) == HEAP_KIND_EXTERNAL;
+        let want = Want {
+            size: len,
+            align,
+            bound: 0,
+            seg_ok: Some(&seg_ok),
+            contig_ok: needs_check.then_some(&contig_ok as &dyn Fn(u64, u64) -> bool),
+        };
+        let (data, _) = l
+            .alloc(&want, len)
+            .ok_or_else(|| none("the block was taken meanwhile"))?;
+        Ok((data_ptr(data), len as usize))
+    }
+
+    /// Socket id of the heap a live block belongs to, and the page size
+    /// under it.
+    pub(crate) fn block_origin(&self, ptr: NonNull<u8>) -> Option<(i32, u64)> {
+        let (idx, seg) = self.checked_block(ptr.as_ptr() as usize).ok()?;
+        Some((self.heap.head_socket(idx), self.seg_page_size(seg)?))
+    }
+
+    /// Frees a block straight into its heap, past this thread's cache
+    /// (memzones: a block that is not coming back soon).
+    ///
+    /// # Safety
+    /// As [`free`](Self::free).
+    pub(crate) unsafe fn free_uncached(&self, ptr: NonNull<u8>) -> Result<()> {
+        self.not_in_callback("free")?;
+        let addr = ptr.as_ptr() as usize;
+        let (idx, _) = self.checked_block(addr)?;
+        let elem = addr as u64 - HDR;
+        let mut l = self.heap.lock(idx);
+        l.check_busy(elem).map_err(|f| self.fault(idx, addr, f))?;
+        self.give_back(&mut l, idx, &[elem]);
+        Ok(())
     }
 
     // --- introspection -----------------------------------------------------
@@ -1001,6 +1129,11 @@ impl Memory {
     }
 
     /// Heap slots to try for `socket`, in order.
+    /// Whether `socket` names a heap (or means any).
+    pub(crate) fn check_socket(&self, socket: i32) -> Result<(), HeapError> {
+        self.targets(socket).map(|_| ())
+    }
+
     fn targets(&self, socket: i32) -> Result<Targets, HeapError> {
         if socket == SOCKET_ID_ANY
             || (self.opts_no_huge() && (0..super::EXTERNAL_SOCKET_BASE).contains(&socket))

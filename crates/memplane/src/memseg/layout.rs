@@ -27,7 +27,7 @@ use crate::shm::lock::RwLock;
 pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"MPCONFG1");
 
 /// Bumped whenever any structure in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Bytes reserved for the build identity string.
 pub const BUILD_ID_LEN: usize = 64;
@@ -58,6 +58,8 @@ pub const SECTION_HEAPS: usize = 1;
 pub const SECTION_EXTMEM: usize = 2;
 /// Section index of the thread-cache slots of the native heaps.
 pub const SECTION_TCACHE: usize = 3;
+/// Section index of the memzone table (header, entries, name index).
+pub const SECTION_MEMZONES: usize = 4;
 
 /// Config flag: `--legacy-mem`.
 pub const CFG_LEGACY: u32 = 1 << 0;
@@ -225,6 +227,8 @@ pub struct ConfigLayout {
     pub extmem_off: usize,
     /// Offset of the thread-cache slots (one array per native heap).
     pub tcache_off: usize,
+    /// Offset and length of the memzone table.
+    pub memzones: (usize, usize),
     /// Total bytes, rounded up to the system page size.
     pub total: usize,
 }
@@ -238,6 +242,7 @@ impl ConfigLayout {
         max_heaps: u32,
         max_extmem: u32,
         native_heaps: u32,
+        max_memzones: u32,
     ) -> crate::Result<ConfigLayout> {
         let lists_off = size_of::<ConfigHeader>().next_multiple_of(64);
         let mut off = lists_off + max_lists as usize * size_of::<ListHeader>();
@@ -254,6 +259,9 @@ impl ConfigLayout {
         off = extmem_off + max_extmem as usize * crate::heap::EXTMEM_ENTRY_SIZE;
         let tcache_off = off.next_multiple_of(64);
         off = tcache_off + native_heaps as usize * crate::heap::TCACHE_BYTES_PER_HEAP;
+        let zones_off = off.next_multiple_of(64);
+        let zones_len = crate::memzone::table_bytes(max_memzones);
+        off = zones_off + zones_len;
         let total = off.next_multiple_of(rustix::param::page_size());
         Ok(ConfigLayout {
             lists_off,
@@ -261,6 +269,7 @@ impl ConfigLayout {
             heaps_off,
             extmem_off,
             tcache_off,
+            memzones: (zones_off, zones_len),
             total,
         })
     }
@@ -272,7 +281,7 @@ mod tests {
 
     #[test]
     fn layout_places_fbarrays_after_the_table_without_overlap() {
-        let l = ConfigLayout::new(128, &[12288, 24, 5], 32, 128, 2).unwrap();
+        let l = ConfigLayout::new(128, &[12288, 24, 5], 32, 128, 2, 2560).unwrap();
         assert_eq!(l.lists_off, 512);
         assert!(l.fbarrays[0].0 >= 512 + 128 * 128);
         for w in l.fbarrays.windows(2) {
@@ -283,7 +292,9 @@ mod tests {
         assert!(last.0 + last.1 <= l.heaps_off);
         assert!(l.heaps_off + 32 * crate::heap::HEAP_HEADER_SIZE <= l.extmem_off);
         assert!(l.extmem_off + 128 * crate::heap::EXTMEM_ENTRY_SIZE <= l.tcache_off);
-        assert!(l.tcache_off + 2 * crate::heap::TCACHE_BYTES_PER_HEAP <= l.total);
+        assert!(l.tcache_off + 2 * crate::heap::TCACHE_BYTES_PER_HEAP <= l.memzones.0);
+        assert_eq!(l.memzones.1, crate::memzone::table_bytes(2560));
+        assert!(l.memzones.0 + l.memzones.1 <= l.total);
         assert_eq!(l.total % rustix::param::page_size(), 0);
     }
 
@@ -292,6 +303,6 @@ mod tests {
         let id = build_id();
         let s = name_str(&id);
         assert!(s.starts_with("memplane "), "{s}");
-        assert!(s.contains("layout 2"), "{s}");
+        assert!(s.contains("layout 3"), "{s}");
     }
 }
