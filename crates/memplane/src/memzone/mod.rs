@@ -43,6 +43,7 @@
 mod table;
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -374,8 +375,8 @@ impl ZoneTable {
     /// the config mapping, 64-byte aligned, that outlive the value.
     pub(crate) unsafe fn init(base: *mut u8, len: usize, capacity: u32) -> ZoneTable {
         debug_assert!(len >= table_bytes(capacity));
-        // SAFETY: forwarded from the caller.
         ZoneTable {
+            // SAFETY: forwarded from the caller.
             t: unsafe { Table::new(base, capacity, true) },
         }
     }
@@ -595,16 +596,16 @@ impl ZoneRequest {
             format!("{} bytes", self.len)
         };
         if self.align > MEMZONE_MIN_ALIGN {
-            s.push_str(&format!(", align {}", self.align));
+            let _ = write!(s, ", align {}", self.align);
         }
         if self.bound != 0 {
-            s.push_str(&format!(", bound {}", self.bound));
+            let _ = write!(s, ", bound {}", self.bound);
         }
         if self.socket != SOCKET_ID_ANY {
-            s.push_str(&format!(", socket {}", self.socket));
+            let _ = write!(s, ", socket {}", self.socket);
         }
         if self.flags != MemzoneFlags::NONE {
-            s.push_str(&format!(", flags {}", self.flags));
+            let _ = write!(s, ", flags {}", self.flags);
         }
         s
     }
@@ -826,7 +827,7 @@ impl Memory {
             bound
         } else {
             len.checked_next_multiple_of(MEMZONE_MIN_ALIGN)
-                .filter(|&l| l <= isize::MAX as usize)
+                .filter(|&l| isize::try_from(l).is_ok())
                 .ok_or(MemzoneError::TooLarge { len })?
         };
         if bound != 0 && rounded > bound {

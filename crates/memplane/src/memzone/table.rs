@@ -154,7 +154,9 @@ impl Table {
         #[allow(clippy::cast_ptr_alignment)]
         let header = base.cast::<TableHeader>();
         // SAFETY: the caller guarantees the region; the offsets stay inside
-        // it (table_bytes adds exactly these parts).
+        // it (table_bytes adds exactly these parts), and both are multiples
+        // of 64 from a 64-byte aligned base.
+        #[allow(clippy::cast_ptr_alignment)]
         let (entries, index) = unsafe {
             let entries = base.add(size_of::<TableHeader>()).cast::<ZoneEntry>();
             let index = base
@@ -306,26 +308,26 @@ impl Writing<'_> {
     /// Takes a free entry for `name` and puts it in the index in state
     /// RESERVING, unless the name is in use or the table is full.
     pub(crate) fn claim(&mut self, name: &[u8; NAME_BYTES], hash: u32, pid: u32) -> Claim {
-        let t = self.t;
-        if let Some(i) = t.find(name, hash) {
-            let e = t.entry(i);
+        let table = self.t;
+        if let Some(i) = table.find(name, hash) {
+            let e = table.entry(i);
             return match e.state.load(Ordering::Acquire) {
                 STATE_RESERVING => Claim::Pending(e.owner_pid),
                 _ => Claim::Exists(i),
             };
         }
-        let h = t.header_mut();
-        let i = if h.free_head != 0 {
-            let i = h.free_head - 1;
-            h.free_head = t.entry(i).next_free;
+        let head = table.header_mut();
+        let i = if head.free_head != 0 {
+            let i = head.free_head - 1;
+            head.free_head = table.entry(i).next_free;
             i
-        } else if h.high_water < h.capacity {
-            h.high_water += 1;
-            h.high_water - 1
+        } else if head.high_water < head.capacity {
+            head.high_water += 1;
+            head.high_water - 1
         } else {
             return Claim::Full;
         };
-        let e = t.entry_mut(i);
+        let e = table.entry_mut(i);
         e.name = *name;
         e.hash = hash;
         e.owner_pid = pid;
@@ -333,13 +335,13 @@ impl Writing<'_> {
         e.addr = 0;
         e.len = 0;
         e.state.store(STATE_RESERVING, Ordering::Release);
-        let mask = h.buckets - 1;
-        let mut b = hash & mask;
-        while t.bucket(b) != 0 {
-            b = (b + 1) & mask;
+        let mask = head.buckets - 1;
+        let mut slot = hash & mask;
+        while table.bucket(slot) != 0 {
+            slot = (slot + 1) & mask;
         }
-        t.set_bucket(b, i + 1);
-        h.count += 1;
+        table.set_bucket(slot, i + 1);
+        head.count += 1;
         Claim::Claimed(i)
     }
 
@@ -363,16 +365,16 @@ impl Writing<'_> {
     /// marks it FREEING; the entry itself is recycled by [`release`].
     ///
     /// [`release`]: Self::release
-    pub(crate) fn unlink(&mut self, i: u32) {
-        let t = self.t;
-        let e = t.entry(i);
-        e.generation.fetch_add(1, Ordering::AcqRel);
-        e.state.store(STATE_FREEING, Ordering::Release);
-        let h = t.header_mut();
-        h.count -= 1;
-        let mask = h.buckets - 1;
-        let mut hole = e.hash & mask;
-        while t.bucket(hole) != i + 1 {
+    pub(crate) fn unlink(&mut self, entry: u32) {
+        let table = self.t;
+        let gone = table.entry(entry);
+        gone.generation.fetch_add(1, Ordering::AcqRel);
+        gone.state.store(STATE_FREEING, Ordering::Release);
+        let head = table.header_mut();
+        head.count -= 1;
+        let mask = head.buckets - 1;
+        let mut hole = gone.hash & mask;
+        while table.bucket(hole) != entry + 1 {
             hole = (hole + 1) & mask;
         }
         // Backward-shift: pull later members of the cluster into the hole
@@ -380,23 +382,23 @@ impl Writing<'_> {
         let mut j = hole;
         loop {
             j = (j + 1) & mask;
-            let v = t.bucket(j);
-            if v == 0 {
+            let moved = table.bucket(j);
+            if moved == 0 {
                 break;
             }
-            let home = t.entry(v - 1).hash & mask;
-            // Can `v` move to `hole`? Only if its home is not in (hole, j].
+            let home = table.entry(moved - 1).hash & mask;
+            // Can `moved` move to `hole`? Only if its home is not in (hole, j].
             let home_in_between = if hole <= j {
                 hole < home && home <= j
             } else {
                 hole < home || home <= j
             };
             if !home_in_between {
-                t.set_bucket(hole, v);
+                table.set_bucket(hole, moved);
                 hole = j;
             }
         }
-        t.set_bucket(hole, 0);
+        table.set_bucket(hole, 0);
     }
 
     /// Puts an unlinked entry back on the free stack.
@@ -479,7 +481,7 @@ mod tests {
         // Many inserts and deletes in a small table: every live name stays
         // findable and every removed one is gone (checks backward shift).
         let cap = 64;
-        let (_b, t) = table(cap);
+        let (_buf, tab) = table(cap);
         let mut live: Vec<(String, u32)> = Vec::new();
         let mut seed = 12345u64;
         for step in 0..20_000u32 {
@@ -489,29 +491,29 @@ mod tests {
             let insert = live.is_empty() || (live.len() < cap as usize && seed % 3 != 0);
             if insert {
                 let s = format!("z{step}");
-                match claim(&t, &s) {
+                match claim(&tab, &s) {
                     Claim::Claimed(i) => {
-                        t.write().publish(i);
+                        tab.write().publish(i);
                         live.push((s, i));
                     }
                     _ => panic!("claim failed with {} live", live.len()),
                 }
             } else {
-                let k = (seed >> 8) as usize % live.len();
-                let (s, i) = live.swap_remove(k);
-                let mut w = t.write();
+                let pick = (seed >> 8) as usize % live.len();
+                let (s, i) = live.swap_remove(pick);
+                let mut w = tab.write();
                 w.unlink(i);
                 w.release(i, true);
                 drop(w);
-                assert_eq!(find(&t, &s), None, "{s} still found");
+                assert_eq!(find(&tab, &s), None, "{s} still found");
             }
             if step % 97 == 0 {
                 for (s, i) in &live {
-                    assert_eq!(find(&t, s), Some(*i), "{s} lost at step {step}");
+                    assert_eq!(find(&tab, s), Some(*i), "{s} lost at step {step}");
                 }
             }
         }
-        assert_eq!(t.read().count() as usize, live.len());
+        assert_eq!(tab.read().count() as usize, live.len());
     }
 
     #[test]
