@@ -30,6 +30,10 @@ pub struct Args {
     /// (one VA-contiguous run; repeatable).
     #[arg(long = "alloc", value_name = "SIZE=COUNT[@NODE]")]
     alloc: Vec<String>,
+    /// After init, reserve a memzone NAME of SIZE bytes (suffixes K, M, G),
+    /// on NODE or any node, e.g. rx=64K or table=1G@0 (repeatable).
+    #[arg(long = "memzone", value_name = "NAME=SIZE[@NODE]")]
+    memzone: Vec<String>,
     /// Keep the instance alive SECS seconds before tearing it down, to look
     /// at it from another shell (Ctrl-C ends the wait early).
     #[arg(long, value_name = "SECS")]
@@ -60,8 +64,57 @@ struct Request {
     json: bool,
     pages: bool,
     allocs: Vec<AllocSpec>,
+    zones: Vec<ZoneSpec>,
     hold: Option<Duration>,
     eal: Vec<String>,
+}
+
+/// One `--memzone NAME=SIZE[@NODE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ZoneSpec {
+    name: String,
+    len: usize,
+    socket: i32,
+}
+
+fn parse_zone(text: &str) -> Result<ZoneSpec, Error> {
+    const FORM: &str = "expected NAME=SIZE[@NODE], e.g. rx=64K or table=1G@0";
+    let (name, rest) = text
+        .split_once('=')
+        .ok_or_else(|| bad("--memzone", text, format!("no '='; {FORM}")))?;
+    let (size, node) = match rest.split_once('@') {
+        Some((s, n)) => (s, Some(n)),
+        None => (rest, None),
+    };
+    let len = memplane::units::parse_size(size.trim())
+        .map_err(|e| bad("--memzone", text, format!("{e}; {FORM}")))?;
+    let len = usize::try_from(len).map_err(|_| {
+        bad(
+            "--memzone",
+            text,
+            "the size does not fit this machine's addresses",
+        )
+    })?;
+    let socket = match node {
+        Some(n) => n
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|&n| n >= 0)
+            .ok_or_else(|| {
+                bad(
+                    "--memzone",
+                    text,
+                    format!("'{n}' is not a NUMA node number; {FORM}"),
+                )
+            })?,
+        None => memplane::heap::SOCKET_ID_ANY,
+    };
+    Ok(ZoneSpec {
+        name: name.to_string(),
+        len,
+        socket,
+    })
 }
 
 fn bad(option: &str, value: &str, reason: impl Into<String>) -> Error {
@@ -140,6 +193,7 @@ impl Request {
         let mut json = args.json;
         let mut pages = args.pages;
         let mut alloc = args.alloc;
+        let mut memzone = args.memzone;
         let mut hold = args.hold;
         let mut eal = Vec::with_capacity(args.options.len());
         let mut it = args.options.into_iter();
@@ -168,22 +222,22 @@ impl Request {
                         pages = true;
                     }
                 }
-                "--alloc" | "--hold" => {
+                "--alloc" | "--hold" | "--memzone" => {
                     let value = match inline {
                         Some(v) => v,
                         None => it.next().ok_or_else(|| OptionsError::MissingValue {
                             option: name.into(),
-                            expected: if name == "--alloc" {
-                                "SIZE=COUNT[@NODE], e.g. --alloc 2M=4".into()
-                            } else {
-                                "seconds, e.g. --hold 30".into()
+                            expected: match name {
+                                "--alloc" => "SIZE=COUNT[@NODE], e.g. --alloc 2M=4".into(),
+                                "--memzone" => "NAME=SIZE[@NODE], e.g. --memzone rx=64K".into(),
+                                _ => "seconds, e.g. --hold 30".into(),
                             },
                         })?,
                     };
-                    if name == "--alloc" {
-                        alloc.push(value);
-                    } else {
-                        hold = Some(value);
+                    match name {
+                        "--alloc" => alloc.push(value),
+                        "--memzone" => memzone.push(value),
+                        _ => hold = Some(value),
                     }
                 }
                 _ => eal.push(arg),
@@ -193,11 +247,16 @@ impl Request {
             .iter()
             .map(|a| parse_alloc(a))
             .collect::<Result<_, _>>()?;
+        let zones = memzone
+            .iter()
+            .map(|z| parse_zone(z))
+            .collect::<Result<_, _>>()?;
         let hold = hold.as_deref().map(parse_hold).transpose()?;
         Ok(Request {
             json,
             pages,
             allocs,
+            zones,
             hold,
             eal,
         })
@@ -210,6 +269,7 @@ struct Report<'a> {
     init_us: u64,
     layout: &'a MemoryLayout,
     heaps: Vec<memplane::heap::HeapInfo>,
+    memzones: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     pages: Option<Vec<MemsegInfo>>,
 }
@@ -508,6 +568,11 @@ fn render_human(
     }
     o.push_str(&t.render("  "));
 
+    o.push('\n');
+    let mut zones = Vec::new();
+    let _ = mem.memzone_dump(&mut zones);
+    o.push_str(&String::from_utf8_lossy(&zones));
+
     let _ = write!(o, "\nmapped runs (VA-contiguous):");
     if layout.runs.is_empty() {
         o.push_str(" none\n");
@@ -654,6 +719,16 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
         });
     }
 
+    let mut zones = Vec::with_capacity(req.zones.len());
+    for z in &req.zones {
+        zones.push(mem.memzone_reserve(
+            &z.name,
+            z.len,
+            z.socket,
+            memplane::memzone::MemzoneFlags::NONE,
+        )?);
+    }
+
     let layout = mem.layout();
     // Labels of the summary lines (and of the teardown lines) line up.
     let label_width = allocs
@@ -679,6 +754,7 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
             init_us: init.as_micros() as u64,
             layout: &layout,
             heaps: mem.heaps(),
+            memzones: mem.memzone_dump_json(),
             pages,
         };
         let _ = writeln!(
@@ -729,6 +805,8 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
     }
 
     let started = Instant::now();
+    // The zones go with the instance (no free: teardown takes everything).
+    drop(zones);
     drop(mem);
     let teardown = started.elapsed();
     let free_after = free_hugepages(&sys);

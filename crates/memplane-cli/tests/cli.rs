@@ -624,6 +624,58 @@ fn memory_json_shows_the_preallocated_run() {
 }
 
 #[test]
+fn memory_memzone_reserves_and_lists_zones() {
+    if !need_hugepages(8) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let prefix = unique_prefix("mz");
+    let v = memory_json(&[
+        "--memzone",
+        "rx=64K",
+        "--file-prefix",
+        &prefix,
+        "--memzone=table=3M@0",
+    ]);
+    let zones = v["memzones"]["zones"].as_array().unwrap();
+    assert_eq!(zones.len(), 2, "{v}");
+    assert_eq!(zones[0]["name"], "rx");
+    assert_eq!(zones[0]["len"], 64 << 10);
+    assert_eq!(zones[1]["name"], "table");
+    assert_eq!(zones[1]["len"], 3 << 20);
+    assert_eq!(zones[1]["socket"], 0);
+    assert_eq!(v["memzones"]["table"]["count"], 2);
+    assert_eq!(v["memzones"]["table"]["capacity"], 2560);
+    // Human form and bad input.
+    let o = memplane(&["memory", "--memzone", "a=4K", "--file-prefix", &prefix]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("memzones: 1 of 2560"), "{out}");
+    for (arg, want) in [
+        ("nosize", "no '='"),
+        ("a=lots", "NAME=SIZE"),
+        ("a=4K@x", "not a NUMA node"),
+    ] {
+        let o = memplane(&["memory", "--memzone", arg, "--file-prefix", &prefix]);
+        let (out, err) = text(&o);
+        assert!(!o.status.success(), "{arg}: {out}");
+        assert!(err.contains(want), "{arg}: {err}");
+    }
+    let o = memplane(&[
+        "memory",
+        "--memzone",
+        "x=0",
+        "--memzone",
+        "x=4K",
+        "--file-prefix",
+        &prefix,
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("exists already"), "{err}");
+}
+
+#[test]
 fn memory_alloc_adds_pages_and_shows_them() {
     if !need_hugepages(6) {
         return;
