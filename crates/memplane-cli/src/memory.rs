@@ -890,10 +890,13 @@ mod tests {
             json: false,
             pages: false,
             alloc: vec!["2M=1".into()],
+            memzone: vec!["a=1M".into()],
             hold: None,
             options: [
                 "--socket-mem",
                 "8",
+                "--memzone",
+                "b=4K@0",
                 "--json",
                 "--alloc=1G=1@0",
                 "--hold",
@@ -908,12 +911,28 @@ mod tests {
         let r = Request::from_args(args).unwrap();
         assert!(r.json && r.pages);
         assert_eq!(r.allocs.len(), 2);
+        assert_eq!(
+            r.zones,
+            [
+                ZoneSpec {
+                    name: "a".into(),
+                    len: 1 << 20,
+                    socket: -1
+                },
+                ZoneSpec {
+                    name: "b".into(),
+                    len: 4096,
+                    socket: 0
+                }
+            ]
+        );
         assert_eq!(r.hold, Some(Duration::from_millis(500)));
         assert_eq!(r.eal, ["--socket-mem", "8", "--file-prefix", "x"]);
         let args = Args {
             json: false,
             pages: false,
             alloc: vec![],
+            memzone: vec![],
             hold: None,
             options: vec!["--alloc".into()],
         };
