@@ -1,10 +1,12 @@
 //! Side-by-side runners for the heap and for start-up, memplane vs DPDK 22.11:
 //!
 //! - `compare malloc`: DPDK's own `dpdk-test malloc_perf_autotest` (its
-//!   rte_malloc and rte_zmalloc tables) against memplane's loop-for-loop
-//!   mirror (`malloc-perf`, [`crate::malloc_perf`]), plus the 4 KiB blocks
-//!   aligned to 4 KiB workload (`bench/dpdk/malloc_aligned.c` against
-//!   `malloc-aligned`);
+//!   rte_malloc, rte_zmalloc and rte_memzone_reserve tables) against
+//!   memplane's loop-for-loop mirror (`malloc-perf`, [`crate::malloc_perf`],
+//!   [`crate::memzone_perf`]), plus the 4 KiB blocks aligned to 4 KiB
+//!   workload (`bench/dpdk/malloc_aligned.c` against `malloc-aligned`) and
+//!   the memzone scaling workload (`bench/dpdk/memzone_scale.c` against
+//!   `memzone-scale`);
 //! - `compare init`: time from process start to a ready memory instance,
 //!   `rte_eal_init` (`bench/dpdk/eal_startup.c`, spawned) against
 //!   `Memory::init` (`init-once`, spawned), with nothing, 1 GiB and 4 GiB
@@ -25,7 +27,8 @@ use crate::compare_mem::{
     Books,
 };
 use crate::init_once::monotonic_ns;
-use crate::malloc_perf::{ALIGNED_ALIGN, ALIGNED_BLOCKS, ALIGNED_SIZE, FUNCS, SIZES};
+use crate::malloc_perf::{ALIGNED_ALIGN, ALIGNED_BLOCKS, ALIGNED_SIZE, SIZES, TABLES};
+use crate::memzone_perf::{MZ_FUNC, SCALE_SIZE, SCALE_WINDOW, SCALE_ZONES};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -48,9 +51,10 @@ pub struct PerfTable {
     pub memset_us_per_mib: Option<f64>,
 }
 
-/// Parses the `malloc_perf_autotest` table: `Performance: <function>`
-/// headers, then `Size (B) Runs Alloc (us) Free (us) Total (us) memset (us)`
-/// rows. DPDK prefixes every line with its log type (`USER1: `).
+/// Parses the `malloc_perf_autotest` tables ([`TABLES`]): `Performance:
+/// <function>` headers, then `Size (B) Runs Alloc (us) Free (us) Total (us)
+/// memset (us)` rows (`est.memset (us)` in the memzone table). DPDK prefixes
+/// every line with its log type (`USER1: `).
 pub fn parse_malloc_perf(out: &str) -> PerfTable {
     let mut t = PerfTable::default();
     let mut section = String::new();
@@ -67,7 +71,7 @@ pub fn parse_malloc_perf(out: &str) -> PerfTable {
             }
             continue;
         }
-        if !FUNCS.contains(&section.as_str()) {
+        if !TABLES.contains(&section.as_str()) {
             continue;
         }
         let f: Vec<&str> = body.split_whitespace().collect();
@@ -99,7 +103,7 @@ pub fn parse_malloc_perf(out: &str) -> PerfTable {
 /// that got no block, as DPDK's test does).
 fn missing_rows(t: &PerfTable) -> Vec<String> {
     let mut missing = Vec::new();
-    for f in FUNCS {
+    for f in TABLES {
         for s in SIZES {
             match t.rows.get(&(f.to_string(), s)) {
                 Some(r) if r[BLOCKS] == 0.0 => break,
@@ -123,6 +127,27 @@ fn parse_aligned(out: &str) -> Option<[f64; 4]> {
             num(&kv, "alloc_us")?,
             num(&kv, "free_us")?,
             num(&kv, "total_us")?,
+        ])
+    })
+}
+
+/// The `memzone-scale` line (`bench/dpdk/memzone_scale.c` and
+/// `memzone-scale` print the same): [zones, first100, last100, reserve
+/// (all), lookup, free, the first reserve alone], microseconds per call.
+fn parse_scale(out: &str) -> Option<[f64; 7]> {
+    out.lines().find_map(|l| {
+        let (head, kv) = kv_line(l)?;
+        if head != "memzone-scale" {
+            return None;
+        }
+        Some([
+            num(&kv, "zones")?,
+            num(&kv, "first100_us")?,
+            num(&kv, "last100_us")?,
+            num(&kv, "reserve_us")?,
+            num(&kv, "lookup_us")?,
+            num(&kv, "free_us")?,
+            num(&kv, "first_us")?,
         ])
     })
 }
@@ -164,22 +189,42 @@ struct Line {
     blocks: String,
     dpdk: Option<f64>,
     ours: Option<f64>,
-    /// Target ratio, if the row has one.
-    target: Option<f64>,
+    /// Target, if the row has one.
+    target: Option<Goal>,
+}
+
+/// What a row should reach.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Goal {
+    /// memplane / DPDK at most this.
+    Ratio(f64),
+    /// memplane at most this many microseconds.
+    Us(f64),
 }
 
 /// The worst ratio and its row.
 type Worst = Option<(f64, String)>;
 
-/// Prints the rows; returns the worst ratio over the rows with a target
-/// (and which row it was) and the worst over those without.
-fn print_lines(lines: &[Line]) -> (Worst, Worst) {
+/// What [`print_lines`] found.
+#[derive(Default)]
+struct Summary {
+    /// The worst ratio over the rows with a ratio target, and its row.
+    worst: Worst,
+    /// The worst ratio over the rows without a target.
+    worst_untargeted: Worst,
+    /// Rows with a target: how many.
+    targeted: usize,
+    /// The rows that missed their target.
+    missed: Vec<String>,
+}
+
+/// Prints the rows and sums them up.
+fn print_lines(lines: &[Line]) -> Summary {
     println!(
-        "{:<26} {:>13} {:>11} {:>11} {:>7}  {:<7} met",
+        "{:<26} {:>13} {:>11} {:>11} {:>7}  {:<9} met",
         "workload", "blocks D/mp", "DPDK us", "memplane us", "ratio", "target"
     );
-    let mut worst: Worst = None;
-    let mut worst_untargeted: Worst = None;
+    let mut sum = Summary::default();
     let mut prev_group = String::new();
     for l in lines {
         let group: String = l
@@ -197,23 +242,36 @@ fn print_lines(lines: &[Line]) -> (Worst, Worst) {
             (Some(d), Some(m)) if d > 0.0 => Some(m / d),
             _ => None,
         };
-        let (target, met) = match (l.target, r) {
-            (Some(t), Some(r)) => (format!("<= {t:.2}"), if r <= t { "ok" } else { "MISSED" }),
-            (Some(t), None) => (format!("<= {t:.2}"), "-"),
-            (None, _) => ("-".to_string(), ""),
+        let (target, met) = match l.target {
+            Some(Goal::Ratio(t)) => (format!("<= {t:.2}"), r.map(|r| r <= t)),
+            Some(Goal::Us(t)) => (format!("<= {t} us"), l.ours.map(|m| m <= t)),
+            None => ("-".to_string(), None),
         };
-        if let Some(r) = r {
-            let slot = if l.target.is_some() {
-                &mut worst
-            } else {
-                &mut worst_untargeted
-            };
+        let met = match (l.target, met) {
+            (None, _) => "",
+            (Some(_), None) => "-",
+            (Some(_), Some(true)) => "ok",
+            (Some(_), Some(false)) => "MISSED",
+        };
+        if l.target.is_some() {
+            sum.targeted += 1;
+        }
+        if met == "MISSED" {
+            sum.missed
+                .push(l.workload.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        let slot = match l.target {
+            Some(Goal::Ratio(_)) => Some(&mut sum.worst),
+            None => Some(&mut sum.worst_untargeted),
+            Some(Goal::Us(_)) => None,
+        };
+        if let (Some(r), Some(slot)) = (r, slot) {
             if slot.as_ref().is_none_or(|(w, _)| r > *w) {
                 *slot = Some((r, l.workload.clone()));
             }
         }
         println!(
-            "{:<26} {:>13} {:>11} {:>11} {:>7}  {:<7} {}",
+            "{:<26} {:>13} {:>11} {:>11} {:>7}  {:<9} {}",
             l.workload,
             l.blocks,
             fmt(l.dpdk, 3),
@@ -223,7 +281,7 @@ fn print_lines(lines: &[Line]) -> (Worst, Worst) {
             met
         );
     }
-    (worst, worst_untargeted)
+    sum
 }
 
 /// The ratio target of a block size: <= 0.5 up to 64 KiB, <= 1.0 from 1 MiB.
@@ -233,6 +291,35 @@ fn target_for(size: u64) -> f64 {
     } else {
         1.0
     }
+}
+
+/// The ratio target of a memzone table row: reserve and total <= 0.1 up to
+/// 64 KiB (DPDK's reserve scans its whole table: ~17 us per 64 B zone),
+/// <= 1.0 from 1 MiB (page mapping dominates); free <= 1.0 at every size.
+fn mz_target_for(size: u64, metric: &str) -> f64 {
+    if metric == "free" || size > 64 * KIB {
+        1.0
+    } else {
+        0.1
+    }
+}
+
+/// The memzone scaling rows: (label, index into the [`parse_scale`] array,
+/// target of memplane's time: a reserve <= 1 us even with the table nearly
+/// full, a lookup <= 0.5 us). The first reserve alone (which may grow the
+/// heap) is shown without a target.
+fn scale_rows() -> [(String, usize, Option<Goal>); 5] {
+    [
+        ("reserve #1 alone".into(), 6, None),
+        (format!("reserve 1-{SCALE_WINDOW}"), 1, Some(Goal::Us(1.0))),
+        (
+            format!("reserve {}-{SCALE_ZONES}", SCALE_ZONES - SCALE_WINDOW + 1),
+            2,
+            Some(Goal::Us(1.0)),
+        ),
+        ("lookup".into(), 4, Some(Goal::Us(0.5))),
+        ("free".into(), 5, None),
+    ]
 }
 
 /// EAL arguments of the DPDK malloc runs: 2 MiB pages from one hugetlbfs
@@ -256,6 +343,25 @@ fn dpdk_eal_args(prefix: &str, huge_dir: &Path) -> Vec<String> {
 
 /// The aligned line and the pair lines of one run.
 type AlignedRun = ([f64; 4], Vec<(u64, f64)>);
+
+/// Runs `bench/dpdk/memzone_scale`; its [`parse_scale`] values.
+fn run_dpdk_scale(bin: &Path, args: &[String], prefix: &str) -> Result<[f64; 7], String> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()));
+    remove_dpdk_runtime_dir(prefix);
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match (out.status.success(), parse_scale(&text)) {
+        (true, Some(r)) => Ok(r),
+        _ => Err(format!(
+            "{} failed:\n{text}{}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
 
 fn run_dpdk_aligned(bin: &Path, args: &[String], prefix: &str) -> Result<AlignedRun, String> {
     let out = Command::new(bin)
@@ -289,7 +395,7 @@ fn add_table(t: PerfTable, into: &mut PerfSamples, memset: &mut Vec<f64>) {
 }
 
 /// `compare malloc`; returns the process exit code.
-pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
+pub fn malloc(runs: usize, aligned_bin: &Path, scale_bin: &Path) -> i32 {
     let pid = std::process::id();
     let dpdk_prefix = format!("mpbmd{pid}");
     let mp_prefix = format!("mpbmm{pid}");
@@ -330,6 +436,7 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
     let (mut dpdk_al, mut ours_al) = (Vec::new(), Vec::new());
     let mut dpdk_pairs: Vec<(u64, f64)> = Vec::new();
     let mut ours_pairs: Vec<(u64, f64)> = Vec::new();
+    let (mut dpdk_scale, mut ours_scale) = (Vec::new(), Vec::new());
     let mut failed = None;
     for run in 1..=runs {
         eprintln!("run {run}/{runs}: dpdk-test malloc_perf_autotest ...");
@@ -396,6 +503,24 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
                 break;
             }
         }
+        eprintln!("run {run}/{runs}: DPDK memzone_scale ...");
+        match run_dpdk_scale(scale_bin, &args, &dpdk_prefix) {
+            Ok(r) => dpdk_scale.push(r),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+        eprintln!("run {run}/{runs}: memplane memzone-scale ...");
+        match self_exe(&["memzone-scale", "--prefix", &mp_prefix]).and_then(|text| {
+            parse_scale(&text).ok_or_else(|| format!("no memzone-scale line in:\n{text}"))
+        }) {
+            Ok(r) => ours_scale.push(r),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
     }
     if let Some(e) = failed {
         eprintln!("error: {e}");
@@ -404,20 +529,27 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
     }
 
     println!(
-        "\nmalloc: DPDK 22.11 malloc_perf_autotest (rte_malloc, rte_zmalloc) vs memplane's mirror, and 4 KiB blocks \
-         aligned to 4 KiB;\nmedians of {runs} alternating runs\n"
+        "\nmalloc: DPDK 22.11 malloc_perf_autotest (rte_malloc, rte_zmalloc, rte_memzone_reserve) vs memplane's \
+         mirror,\n4 KiB blocks aligned to 4 KiB, and memzones with a full table; medians of {runs} alternating runs\n"
     );
     println!(
         "DPDK      dpdk-test {}, stdin \"malloc_perf_autotest\"",
         args.join(" ")
     );
-    println!(
-        "          (its rte_memzone_reserve table is not compared); 2 MiB pages, hugetlbfs files"
-    );
+    println!("          2 MiB pages, hugetlbfs files");
     println!("memplane  memplane-bench malloc-perf: the same loops with Memory::malloc(size, 0) for rte_malloc,");
     println!("          Memory::zmalloc(size, 0) for rte_zmalloc, Memory::free for rte_free; 2 MiB pages (1 GiB pages");
     println!(
         "          off: pagesz_mem(1G, 0)), hugetlb memfd; pinned to CPU 0 like DPDK's main lcore"
+    );
+    println!(
+        "memzone   up to (table size - 1) = 2559 zones per size: rte_memzone_reserve_aligned(\"test-mz-<rdtsc hex>\", size,"
+    );
+    println!(
+        "          SOCKET_ID_ANY, RTE_MEMZONE_1GB | RTE_MEMZONE_SIZE_HINT_ONLY, 0) / rte_memzone_free vs"
+    );
+    println!(
+        "          Memory::memzone_reserve_aligned(same arguments) / Memzone::free; no memset (no memset rows)"
     );
     println!(
         "aligned   bench/dpdk/malloc_aligned (same EAL arguments): rte_malloc(NULL, {ALIGNED_SIZE}, {ALIGNED_ALIGN}) back to back up to"
@@ -431,11 +563,22 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
     println!(
         "          malloc(size, 0) + free pairs per size (the shape of a packet path; us per pair)"
     );
+    println!(
+        "mz-scale  bench/dpdk/memzone_scale (same EAL arguments) vs memplane-bench memzone-scale: {SCALE_ZONES} zones of {SCALE_SIZE} B"
+    );
+    println!(
+        "          (\"mz-scale-<i>\", SOCKET_ID_ANY, flags 0), each reserve timed alone (mean of the first and of the"
+    );
+    println!(
+        "          last {SCALE_WINDOW}); then one lookup of every name (strided order) and one free of every zone, us per call"
+    );
     println!("Each size: allocate back to back up to 10000 blocks (stop at the first failure, which stays in the alloc");
     println!("time as in DPDK), memset every block to 0, free all. us = average microseconds per block; total = alloc +");
     println!("free; blocks = blocks allocated (medians). ratio = memplane / DPDK (< 1.00: memplane faster). DPDK prints");
     println!("two decimals, so its rows under 1 us carry up to +-0.005 us of rounding.");
-    println!("Targets: ratio <= 0.50 for sizes up to 64 KiB (the 4 KiB aligned rows too), <= 1.00 for 1 MiB and up.");
+    println!("Targets: ratio <= 0.50 for sizes up to 64 KiB (the 4 KiB aligned rows too), <= 1.00 for 1 MiB and up;");
+    println!("memzones: reserve and total <= 0.10 up to 64 KiB, <= 1.00 from 1 MiB, free <= 1.00; mz-scale: memplane");
+    println!("<= 1 us per reserve (first and last {SCALE_WINDOW}), <= 0.5 us per lookup (absolute; not in the worst ratio).");
     println!("memset rows time the caller's memset of the returned memory (hardware-bound; no target, not in the worst ratio).");
     println!(
         "Reference memset of a 1 GiB block (20 x): DPDK {} us/MiB, memplane {} us/MiB",
@@ -446,7 +589,7 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
     println!();
 
     let mut lines = Vec::new();
-    for f in FUNCS {
+    for f in TABLES {
         for s in SIZES {
             let key = (f.to_string(), s);
             let col = |m: &PerfSamples, i: usize| {
@@ -458,13 +601,25 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
                 fmt(col(&dpdk, BLOCKS), 0),
                 fmt(col(&ours, BLOCKS), 0)
             );
+            let memzone = f == MZ_FUNC;
             for (metric, i) in METRICS {
+                // The memzone table's last column is an estimate from the
+                // reference memset, not a measurement.
+                if memzone && metric == "memset" {
+                    continue;
+                }
+                let target = if memzone {
+                    Some(Goal::Ratio(mz_target_for(s, metric)))
+                } else {
+                    (metric != "memset").then(|| Goal::Ratio(target_for(s)))
+                };
+                let label = if memzone { "memzone" } else { f };
                 lines.push(Line {
-                    workload: format!("{f:<11} {:>4} {metric}", size_label(s)),
+                    workload: format!("{label:<11} {:>4} {metric}", size_label(s)),
                     blocks: blocks.clone(),
                     dpdk: col(&dpdk, i),
                     ours: col(&ours, i),
-                    target: (metric != "memset").then(|| target_for(s)),
+                    target,
                 });
             }
         }
@@ -481,7 +636,7 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
             blocks: al_blocks.clone(),
             dpdk: al(&dpdk_al, i),
             ours: al(&ours_al, i),
-            target: Some(target_for(ALIGNED_SIZE as u64)),
+            target: Some(Goal::Ratio(target_for(ALIGNED_SIZE as u64))),
         });
     }
     for size in crate::malloc_perf::PAIR_SIZES {
@@ -497,15 +652,40 @@ pub fn malloc(runs: usize, aligned_bin: &Path) -> i32 {
             blocks: "1e6".into(),
             dpdk: pick(&dpdk_pairs),
             ours: pick(&ours_pairs),
-            target: Some(target_for(size as u64)),
+            target: Some(Goal::Ratio(target_for(size as u64))),
         });
     }
-    let (worst, worst_memset) = print_lines(&lines);
-    println!();
-    if let Some((w, row)) = worst_memset {
-        println!("worst memset ratio (no target): {w:.2} ({row})");
+    let sc = |v: &[[f64; 7]], i: usize| med(&v.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let sc_zones = format!(
+        "{}/{}",
+        fmt(sc(&dpdk_scale, 0), 0),
+        fmt(sc(&ours_scale, 0), 0)
+    );
+    for (label, i, target) in scale_rows() {
+        lines.push(Line {
+            workload: format!("mz-scale {label}"),
+            blocks: sc_zones.clone(),
+            dpdk: sc(&dpdk_scale, i),
+            ours: sc(&ours_scale, i),
+            target,
+        });
     }
-    match worst {
+    let sum = print_lines(&lines);
+    println!();
+    if let Some((w, row)) = sum.worst_untargeted {
+        println!("worst ratio without a target (memset, mz-scale free/#1): {w:.2} ({row})");
+    }
+    println!(
+        "targets met: {} of {}{}",
+        sum.targeted - sum.missed.len(),
+        sum.targeted,
+        if sum.missed.is_empty() {
+            String::new()
+        } else {
+            format!("; missed: {}", sum.missed.join(", "))
+        }
+    );
+    match sum.worst {
         Some((w, row)) => println!("worst ratio: {w:.2} ({row})"),
         None => println!("worst ratio: -"),
     }
@@ -854,7 +1034,109 @@ Test OK
         assert_eq!(t.rows[&("rte_malloc".to_string(), GIB)][0], 1.0);
         assert_eq!(t.rows[&("rte_zmalloc".to_string(), 64)][2], 0.05);
         assert_eq!(t.rows[&("rte_zmalloc".to_string(), GIB)][0], 0.0);
-        assert!(!t.rows.keys().any(|(f, _)| f == "rte_memzone_reserve"));
+        assert_eq!(
+            t.rows[&(MZ_FUNC.to_string(), 64)],
+            [2559.0, 31.13, 0.25, 31.38, 0.01]
+        );
+    }
+
+    /// The memzone table as dpdk-test 22.11 printed it here (2 MiB pages,
+    /// 2200 of them).
+    const DPDK_MZ: &str = "\
+USER1: Performance: rte_memzone_reserve
+USER1:     Size (B)    Runs  Alloc (us)   Free (us)  Total (us)  est.memset (us)
+USER1:           64    2559       37.03        0.23       37.26             0.01
+USER1:          128    2559       33.30        0.29       33.58             0.01
+USER1:         1024    2559       41.21        0.70       41.92             0.09
+USER1:         4096    2559       43.33        1.25       44.58             0.37
+USER1:        65536    2559       42.49        9.30       51.80             5.90
+USER1:      1048576    2199      850.53      471.78     1322.31            94.32
+USER1:      2097152    1091     1544.48      826.62     2371.10           188.65
+USER1:      4194304     733     1309.90     1249.07     2558.97           377.30
+USER1:     16777216     244     3323.70     4611.99     7935.69          1509.19
+USER1:   1073741824       4   344314.10   251948.50   596262.60         96588.45
+USER1: 
+Test OK
+";
+
+    #[test]
+    fn parses_memzone_table() {
+        let t = parse_malloc_perf(DPDK_MZ);
+        assert_eq!(t.rows.len(), SIZES.len());
+        assert_eq!(
+            t.rows[&(MZ_FUNC.to_string(), 64)],
+            [2559.0, 37.03, 0.23, 37.26, 0.01]
+        );
+        assert_eq!(t.rows[&(MZ_FUNC.to_string(), 2 * MIB)][0], 1091.0);
+        assert_eq!(t.rows[&(MZ_FUNC.to_string(), GIB)][3], 596_262.6);
+        // The memzone table is complete; the malloc tables are absent.
+        let missing = missing_rows(&t);
+        assert!(
+            missing.iter().all(|m| !m.starts_with(MZ_FUNC)),
+            "{missing:?}"
+        );
+        assert_eq!(missing.len(), 2 * SIZES.len());
+    }
+
+    #[test]
+    fn parses_mirror_memzone_table() {
+        // memplane's mirror: no USER1 prefix, a note after the function
+        // name, three decimals, comment lines, an interrupted size.
+        let out = "\
+Performance: rte_memzone_reserve (memplane Memory::memzone_reserve_aligned)
+    Size (B)    Runs  Alloc (us)   Free (us)  Total (us)  est.memset (us)
+          64    2559       0.312       0.101       0.413            0.000
+# rte_memzone_reserve 2097152: stopped after 1097 zones: out of memory
+     2097152    1097     400.000     150.000     550.000            0.190
+  1073741824 Interrupted: out of memory.
+";
+        let t = parse_malloc_perf(out);
+        assert_eq!(
+            t.rows[&(MZ_FUNC.to_string(), 64)],
+            [2559.0, 0.312, 0.101, 0.413, 0.0]
+        );
+        assert_eq!(t.rows[&(MZ_FUNC.to_string(), 2 * MIB)][1], 400.0);
+        assert_eq!(t.rows[&(MZ_FUNC.to_string(), GIB)][0], 0.0);
+        assert!(t.rows[&(MZ_FUNC.to_string(), GIB)][1].is_nan());
+    }
+
+    #[test]
+    fn parses_scale_line() {
+        let out = "EAL: Detected CPU lcores: 2\n\
+                   memzone-scale zones=2500 size=64 first100_us=1.903 last100_us=82.429 \
+                   reserve_us=40.350 lookup_us=39.977 free_us=0.208 first_us=150.5\n";
+        assert_eq!(
+            parse_scale(out),
+            Some([2500.0, 1.903, 82.429, 40.350, 39.977, 0.208, 150.5])
+        );
+        assert_eq!(
+            parse_scale("memzone-scale zones=2500 first100_us=1\n"),
+            None
+        );
+        assert_eq!(parse_scale("aligned blocks=1\n"), None);
+    }
+
+    #[test]
+    fn memzone_targets() {
+        assert_eq!(mz_target_for(64, "alloc"), 0.1);
+        assert_eq!(mz_target_for(64 * KIB, "total"), 0.1);
+        assert_eq!(mz_target_for(64, "free"), 1.0);
+        assert_eq!(mz_target_for(MIB, "alloc"), 1.0);
+        let rows = scale_rows();
+        assert_eq!(rows[2].0, "reserve 2401-2500");
+        assert_eq!(rows[3].2, Some(Goal::Us(0.5)));
+    }
+
+    #[test]
+    fn lookup_stride_visits_every_zone() {
+        for n in [1, 7, 100, 2500, 7919, 15838] {
+            let s = crate::memzone_perf::stride(n);
+            let mut seen = vec![false; n];
+            for i in 0..n {
+                seen[i * s % n] = true;
+            }
+            assert!(seen.iter().all(|&b| b), "n={n} stride={s}");
+        }
     }
 
     #[test]

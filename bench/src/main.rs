@@ -15,10 +15,12 @@
 //!   [--runs N]`: `rte_eal_init -m 1024` (B = `bench/dpdk/eal_startup.c`,
 //!   built by bench/compare) vs `Memory::init` with 1 GiB
 //!   (`startup-once --prefix P`), with the kernel floor.
-//! - `memplane-bench compare malloc --aligned-bin B [--runs N]`: DPDK 22.11
-//!   `malloc_perf_autotest` rte_malloc and rte_zmalloc tables vs memplane's
-//!   mirror (`malloc-perf --prefix P`), and 4 KiB blocks aligned to 4 KiB
-//!   (B = `bench/dpdk/malloc_aligned.c` vs `malloc-aligned --prefix P`).
+//! - `memplane-bench compare malloc --aligned-bin B --scale-bin Z [--runs N]`:
+//!   DPDK 22.11 `malloc_perf_autotest` rte_malloc, rte_zmalloc and
+//!   rte_memzone_reserve tables vs memplane's mirror (`malloc-perf --prefix
+//!   P`), 4 KiB blocks aligned to 4 KiB (B = `bench/dpdk/malloc_aligned.c` vs
+//!   `malloc-aligned --prefix P`), and 2500 memzones reserved, looked up and
+//!   freed (Z = `bench/dpdk/memzone_scale.c` vs `memzone-scale --prefix P`).
 //! - `memplane-bench compare init --eal-bin B [--eal-bin-static S]
 //!   [--runs N]`: process start to a ready `rte_eal_init` vs `Memory::init`
 //!   (`init-once --prefix P --mem MIB|none`), nothing / 1 GiB / 4 GiB
@@ -30,6 +32,7 @@ mod compare_mem;
 mod init_once;
 mod malloc_perf;
 mod memseg_perf;
+mod memzone_perf;
 mod overcommit;
 mod ring_perf;
 mod startup;
@@ -73,11 +76,17 @@ fn main() {
             ));
         }
         (Some("compare"), Some("malloc")) => {
-            let Some(bin) = flag(&args, "--aligned-bin") else {
-                eprintln!("compare malloc needs --aligned-bin <malloc_aligned binary> (bench/compare builds it)");
+            let (Some(bin), Some(scale)) =
+                (flag(&args, "--aligned-bin"), flag(&args, "--scale-bin"))
+            else {
+                eprintln!("compare malloc needs --aligned-bin <malloc_aligned binary> and --scale-bin <memzone_scale binary> (bench/compare builds them)");
                 std::process::exit(2);
             };
-            std::process::exit(compare_malloc::malloc(runs(), std::path::Path::new(&bin)));
+            std::process::exit(compare_malloc::malloc(
+                runs(),
+                std::path::Path::new(&bin),
+                std::path::Path::new(&scale),
+            ));
         }
         (Some("compare"), Some("init")) => {
             let Some(bin) = flag(&args, "--eal-bin") else {
@@ -95,6 +104,7 @@ fn main() {
         }
         (Some("malloc-perf"), _) => std::process::exit(malloc_perf::run(&prefix())),
         (Some("malloc-aligned"), _) => std::process::exit(malloc_perf::run_aligned(&prefix())),
+        (Some("memzone-scale"), _) => std::process::exit(memzone_perf::run_scale(&prefix())),
         (Some("init-once"), _) => {
             let mem = match flag(&args, "--mem").as_deref() {
                 None | Some("none") => None,
@@ -110,7 +120,7 @@ fn main() {
         (Some("overcommit"), _) => overcommit::run(),
         _ => {
             eprintln!(
-                "usage: memplane-bench ring-perf [--sizes 8,32]\n       memplane-bench compare ring [--runs N] [--sizes 8,32,64,128,256]\n       memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]\n       memplane-bench compare startup --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench memseg-perf [--prefix P] [--huge-dir D]\n       memplane-bench startup-once [--prefix P]\n       memplane-bench compare malloc --aligned-bin B [--runs N]\n       memplane-bench compare init --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench malloc-perf [--prefix P]\n       memplane-bench malloc-aligned [--prefix P]\n       memplane-bench init-once [--prefix P] [--mem MIB|none]\n       memplane-bench overcommit"
+                "usage: memplane-bench ring-perf [--sizes 8,32]\n       memplane-bench compare ring [--runs N] [--sizes 8,32,64,128,256]\n       memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]\n       memplane-bench compare startup --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench memseg-perf [--prefix P] [--huge-dir D]\n       memplane-bench startup-once [--prefix P]\n       memplane-bench compare malloc --aligned-bin B --scale-bin Z [--runs N]\n       memplane-bench compare init --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench malloc-perf [--prefix P]\n       memplane-bench malloc-aligned [--prefix P]\n       memplane-bench memzone-scale [--prefix P]\n       memplane-bench init-once [--prefix P] [--mem MIB|none]\n       memplane-bench overcommit"
             );
             std::process::exit(2);
         }

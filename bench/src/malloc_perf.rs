@@ -1,7 +1,8 @@
 //! memplane's side of `bench/compare malloc`: a loop-for-loop mirror of DPDK
 //! 22.11 `malloc_perf_autotest` (`app/test/test_malloc_perf.c`) for its
-//! rte_malloc and rte_zmalloc tables, printing DPDK's own table format, and
-//! the 4 KiB blocks aligned to 4 KiB workload of `bench/dpdk/malloc_aligned.c`.
+//! rte_malloc, rte_zmalloc and rte_memzone_reserve tables, printing DPDK's
+//! own table format, and the 4 KiB blocks aligned to 4 KiB workload of
+//! `bench/dpdk/malloc_aligned.c`.
 //!
 //! `malloc-perf`, as the test does it:
 //! 1. reference: one 1 GiB block, memset 20 times, freed; prints
@@ -12,7 +13,10 @@
 //!    failure (the failing call stays inside the timed loop); if none was
 //!    allocated print `<size> Interrupted: out of memory.` and stop this
 //!    allocator; memset every block to 0; free every block
-//!    (`Memory::free`); print one row of average microseconds per block:
+//!    (`Memory::free`); print one row of average microseconds per block;
+//! 3. the rte_memzone_reserve table ([`crate::memzone_perf::table`]: up to
+//!    `memzone_capacity() - 1` zones per size, no memset, est.memset from
+//!    the reference). Each table:
 //!
 //! ```text
 //! Performance: rte_malloc (memplane Memory::malloc)
@@ -53,6 +57,9 @@ pub const SIZES: [u64; 10] = [
 ];
 /// The allocators compared, by DPDK's table names.
 pub const FUNCS: [&str; 2] = ["rte_malloc", "rte_zmalloc"];
+/// Every table of `malloc_perf_autotest`, in its order: [`FUNCS`], then
+/// the memzone table.
+pub const TABLES: [&str; 3] = [FUNCS[0], FUNCS[1], crate::memzone_perf::MZ_FUNC];
 /// The aligned workload: blocks of this size ...
 pub const ALIGNED_SIZE: usize = 4096;
 /// ... aligned to this ...
@@ -188,8 +195,9 @@ fn alloc_perf(heap: &impl Heap, name: &str, zero: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// A memplane instance as both workloads use it, with its runtime dir.
-fn instance(prefix: &str) -> Result<(Memory, TempDir), String> {
+/// A memplane instance as the malloc and memzone workloads use it, with
+/// its runtime dir.
+pub fn instance(prefix: &str) -> Result<(Memory, TempDir), String> {
     let tmp = TempDir::new(&format!("malloc-{prefix}"))
         .map_err(|e| format!("cannot create a runtime directory: {e}"))?;
     let mem = MemOptions::new()
@@ -213,9 +221,11 @@ pub fn run(prefix: &str) -> i32 {
             return 1;
         }
     };
-    let res = memset_reference(&mem)
-        .and_then(|_| alloc_perf(&mem, FUNCS[0], false))
-        .and_then(|()| alloc_perf(&mem, FUNCS[1], true));
+    let res = memset_reference(&mem).and_then(|us_per_gb| {
+        alloc_perf(&mem, FUNCS[0], false)?;
+        alloc_perf(&mem, FUNCS[1], true)?;
+        crate::memzone_perf::table(&mem, us_per_gb)
+    });
     match res {
         Ok(()) => {
             println!("Test OK");
