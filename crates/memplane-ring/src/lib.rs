@@ -12,7 +12,8 @@
 //!   [`RawRing`] over byte slices with a runtime element size.
 //! - The region is anything implementing [`RingMemory`]: [`HeapRegion`],
 //!   [`MmapRegion`] (anonymous or a mapped fd, e.g. from [`memfd_hugetlb`]),
-//!   [`RawRegion`]; a memzone later.
+//!   [`RawRegion`], or a memplane memzone ([`ZoneRegion`]: `Ring::create`
+//!   / `Ring::lookup` / `free` by name in a [`memplane::Memory`]).
 //!
 //! The layout is in [`layout`](crate::layout) (module docs).
 #![warn(missing_docs)]
@@ -22,6 +23,8 @@ pub mod layout;
 mod memory;
 mod ring;
 mod sync;
+#[cfg(not(loom))]
+mod zone;
 
 pub use error::{BulkError, RingError};
 pub use layout::{HEADER_SIZE, MAGIC, MAX_CAPACITY, NAME_MAX};
@@ -30,3 +33,5 @@ pub use ring::{
     memsize, Consumer, Element, Producer, RawConsumer, RawProducer, RawRing, Ring, RingConfig,
     SyncMode, Transfer,
 };
+#[cfg(not(loom))]
+pub use zone::{rings, RingInfo, ZoneRegion, ZoneRingError, RING_ZONE_PREFIX, ZONE_RING_NAME_MAX};
