@@ -673,15 +673,28 @@ impl Memory {
         let targets = self.targets(req.socket)?;
         let mut why = String::new();
         let strict = !req.page_sizes.is_any() && !req.size_hint_only;
+        // A preference no memory type of the instance can meet (e.g. 1G
+        // pages without a 1G list) is no preference: skip the doomed pass,
+        // which would scan every free element and try to grow.
+        let preferred = if req.size_hint_only
+            && !req.page_sizes.is_any()
+            && targets
+                .as_slice()
+                .iter()
+                .all(|&idx| self.heap.kind(idx) == HEAP_KIND_NATIVE)
+            && !(0..)
+                .map_while(|i| self.list_meta(i))
+                .any(|m| req.page_sizes.accepts(m.1.bytes()))
+        {
+            PageSizes::ANY
+        } else {
+            req.page_sizes
+        };
         for pass in 0..2 {
-            if pass == 1 && (req.page_sizes.is_any() || strict) {
+            if pass == 1 && (preferred.is_any() || strict) {
                 break;
             }
-            let sizes = if pass == 0 {
-                req.page_sizes
-            } else {
-                PageSizes::ANY
-            };
+            let sizes = if pass == 0 { preferred } else { PageSizes::ANY };
             for &idx in targets.as_slice() {
                 if let Some((data, dirty)) = self.alloc_from(idx, req, size, align, sizes, &mut why)
                 {
