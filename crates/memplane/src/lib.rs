@@ -42,6 +42,7 @@ pub mod fbarray;
 pub mod heap;
 pub mod hugepages;
 pub mod iova;
+pub mod ipc;
 mod memory;
 pub mod memseg;
 pub mod memzone;
@@ -53,6 +54,6 @@ pub mod shm;
 pub mod units;
 
 pub use error::{Error, Result};
-pub use memory::{Memory, MemoryLayout};
+pub use memory::{Instance, Memory, MemoryLayout};
 pub use options::MemOptions;
 pub use units::PageSize;
