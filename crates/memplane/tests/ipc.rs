@@ -357,7 +357,9 @@ fn request_reply_with_payload_and_fds_both_directions() {
     assert_eq!(report, "CHILD MEMFD");
 
     assert_eq!(primary.rejected(), 0);
-    kids.into_iter().for_each(|k| k.finish(&primary));
+    for k in kids {
+        k.finish(&primary);
+    }
 }
 
 #[test]
@@ -434,7 +436,9 @@ fn broadcast_request_all_and_the_secondary_alloc_flow() {
 
     // A secondary's peers are the other secondaries.
     assert_eq!(primary.rejected(), 0);
-    kids.into_iter().for_each(|k| k.finish(&primary));
+    for k in kids {
+        k.finish(&primary);
+    }
     assert!(primary.peers().is_empty());
 }
 
@@ -462,7 +466,9 @@ fn handler_makes_a_nested_blocking_request() {
             .unwrap();
         assert_eq!(reply.payload, format!("nested:inner:x{i}").as_bytes());
     }
-    kids.into_iter().for_each(|k| k.finish(&primary));
+    for k in kids {
+        k.finish(&primary);
+    }
 }
 
 #[test]
@@ -504,7 +510,11 @@ fn timeouts_no_handler_and_no_reply_are_typed_and_prompt() {
     let e = primary
         .request(&kid.path, Message::new("nope", Vec::new()), WAIT)
         .unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
     match &e {
         IpcError::NoHandler { name, peer, pid } => {
             assert_eq!((name.as_str(), peer, *pid), ("nope", &kid.path, kid.pid));
@@ -544,7 +554,9 @@ fn timeouts_no_handler_and_no_reply_are_typed_and_prompt() {
         .unwrap();
     assert_eq!(reply.payload, b"echo:after");
     assert_eq!(primary.rejected(), 0);
-    kids.into_iter().for_each(|k| k.finish(&primary));
+    for k in kids {
+        k.finish(&primary);
+    }
 }
 
 #[test]
@@ -586,7 +598,9 @@ fn dead_peer_is_no_peer_and_its_socket_is_removed() {
     assert_eq!(res.len(), 1);
     assert!(res[0].1.is_ok());
     drop(dead);
-    kids.into_iter().for_each(|k| k.finish(&primary));
+    for k in kids {
+        k.finish(&primary);
+    }
 }
 
 #[test]
@@ -664,43 +678,53 @@ fn close_fails_pending_requests_and_does_not_wait_for_a_stuck_handler() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let a = Endpoint::bind_primary(dir.path()).unwrap();
-    let b = Endpoint::bind_secondary(dir.path()).unwrap();
+    let ep_a = Endpoint::bind_primary(dir.path()).unwrap();
+    let ep_b = Endpoint::bind_secondary(dir.path()).unwrap();
     let kept = Mutex::new(Vec::new());
-    b.register_action("hang", move |inc| kept.lock().unwrap().push(inc))
+    ep_b.register_action("hang", move |inc| kept.lock().unwrap().push(inc))
         .unwrap();
-    b.register_action("stuck", |_inc| std::thread::sleep(Duration::from_secs(4)))
+    ep_b.register_action("stuck", |_inc| std::thread::sleep(Duration::from_secs(4)))
         .unwrap();
-    let b_path = b.path().to_owned();
+    let b_path = ep_b.path().to_owned();
     std::thread::scope(|s| {
         let waiter = s.spawn(|| {
             let t = Instant::now();
-            let r = a.request(&b_path, Message::new("hang", Vec::new()), WAIT);
+            let r = ep_a.request(&b_path, Message::new("hang", Vec::new()), WAIT);
             (r, t.elapsed())
         });
         std::thread::sleep(Duration::from_millis(200));
-        a.close();
+        ep_a.close();
         let (r, took) = waiter.join().unwrap();
         assert!(matches!(r, Err(IpcError::Closed)), "{r:?}");
         assert!(took < Duration::from_secs(2), "{took:?}");
     });
-    assert!(!a.path().exists());
+    assert!(!ep_a.path().exists());
     assert!(matches!(
-        a.send(&b_path, Message::new("x", Vec::new())),
+        ep_a.send(&b_path, Message::new("x", Vec::new())),
         Err(IpcError::Closed)
     ));
     // A closed peer: NoPeer.
-    let e = b
-        .request(a.path(), Message::new("x", Vec::new()), WAIT)
+    let e = ep_b
+        .request(ep_a.path(), Message::new("x", Vec::new()), WAIT)
         .unwrap_err();
     assert!(matches!(e, IpcError::NoPeer { .. }), "{e}");
 
-    // b's worker is stuck in a handler for 4 s: drop still returns soon.
+    // An idle endpoint closes at once (shutdown wakes its receiver).
+    let idle = Endpoint::bind_secondary(dir.path()).unwrap();
+    let t = Instant::now();
+    drop(idle);
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // ep_b's worker is stuck in a handler for 4 s: drop still returns soon.
     let c = Endpoint::bind_secondary(dir.path()).unwrap();
     c.send(&b_path, Message::new("stuck", Vec::new())).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let t = Instant::now();
-    drop(b);
+    drop(ep_b);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(!b_path.exists());
 }
@@ -732,7 +756,9 @@ fn many_concurrent_requesters_get_their_own_replies() {
     });
     eprintln!("8 x 1000 requests in {:?}", t.elapsed());
     assert_eq!(primary.rejected(), 0);
-    kids.into_iter().for_each(|k| k.finish(&primary));
+    for k in kids {
+        k.finish(&primary);
+    }
 }
 
 // -------------------------------------------------------------- rogue input
@@ -787,7 +813,10 @@ fn rogue() {
         .unwrap();
     let legit = Endpoint::bind_secondary(dir.path()).unwrap();
     let to = target.path().to_owned();
-    let rogue = UnixDatagram::bind(dir.path().join("mp_socket_rogue")).unwrap();
+    // Canonical, as the paths endpoints compare answers against.
+    let cdir = std::fs::canonicalize(dir.path()).unwrap();
+    let rogue = UnixDatagram::bind(cdir.join("mp_socket_rogue")).unwrap();
+    let rogue2 = UnixDatagram::bind(cdir.join("mp_socket_rogue2")).unwrap();
     let unbound = UnixDatagram::unbound().unwrap();
     let memfd = memfd_with(b"secret");
     let root = rustix::process::geteuid().is_root();
@@ -891,6 +920,42 @@ fn rogue() {
     send_raw(&rogue, &to, &valid, &[]);
     assert_eq!(rx.recv_timeout(WAIT).unwrap(), b"ok");
     assert_eq!(target.rejected(), expected);
+
+    // A hand-made peer answers a real request; a forged answer with the
+    // right id from another socket is rejected, the genuine one accepted.
+    let rogue_path = cdir.join("mp_socket_rogue");
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| legit.request(&rogue_path, Message::new("q", b"?".to_vec()), WAIT));
+        let mut buf = [0u8; 256];
+        let (n, from) = rogue.recv_from(&mut buf).unwrap();
+        assert_eq!(from.as_pathname(), Some(legit.path()));
+        assert_eq!(
+            &buf[..n],
+            &datagram(
+                2,
+                u64::from_le_bytes(buf[8..16].try_into().unwrap()),
+                b"q",
+                b"?",
+                0
+            )[..]
+        );
+        let id = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+        send_raw(
+            &rogue2,
+            legit.path(),
+            &datagram(3, id, b"q", b"forged", 0),
+            &[],
+        );
+        send_raw(
+            &rogue,
+            legit.path(),
+            &datagram(3, id, b"q", b"genuine", 0),
+            &[],
+        );
+        let r = h.join().unwrap().unwrap();
+        assert_eq!(r.payload, b"genuine");
+    });
+    assert_eq!(legit.rejected(), 1);
     println!("rogue: {expected} datagrams rejected");
 }
 

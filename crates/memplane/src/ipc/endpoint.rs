@@ -511,25 +511,31 @@ impl Inner {
             Err(RecvTimeoutError::Disconnected) => return Err(IpcError::Closed),
             Err(RecvTimeoutError::Timeout) => {
                 let was_pending = lock(&self.pending).remove(&sent.id).is_some();
-                // The answer may have come between the timeout and the lock.
-                match sent.rx.try_recv() {
-                    Ok(a) if !was_pending => a,
-                    _ => {
-                        let mut ab = lock(&self.abandoned);
-                        if ab.len() == ABANDONED {
-                            ab.pop_front();
-                        }
-                        ab.push_back(sent.id);
-                        return Err(if self.is_closed() {
-                            IpcError::Closed
-                        } else {
-                            IpcError::Timeout {
-                                name: name.to_owned(),
-                                peer: sent.peer,
-                                after: timeout,
-                            }
-                        });
+                // Not pending any more: the receiver took the answer out
+                // between the timeout and the lock and is handing it over
+                // right now (or the endpoint closed).
+                let late = if was_pending {
+                    None
+                } else {
+                    sent.rx.recv().ok()
+                };
+                if let Some(a) = late {
+                    a
+                } else {
+                    let mut ab = lock(&self.abandoned);
+                    if ab.len() == ABANDONED {
+                        ab.pop_front();
                     }
+                    ab.push_back(sent.id);
+                    return Err(if self.is_closed() {
+                        IpcError::Closed
+                    } else {
+                        IpcError::Timeout {
+                            name: name.to_owned(),
+                            peer: sent.peer,
+                            after: timeout,
+                        }
+                    });
                 }
             }
         };
