@@ -925,3 +925,14 @@ fn receive(inner: &Arc<Inner>, queue: &SyncSender<Incoming>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<super::Endpoint>();
+        send_sync::<super::Handle>();
+        send_sync::<super::Incoming>();
+    }
+}
