@@ -54,6 +54,6 @@ pub mod shm;
 pub mod units;
 
 pub use error::{Error, Result};
-pub use memory::{Memory, MemoryLayout};
+pub use memory::{Instance, Memory, MemoryLayout};
 pub use options::MemOptions;
 pub use units::PageSize;

@@ -112,7 +112,8 @@ impl List {
     }
 }
 
-/// The memory of one memplane instance (one file prefix).
+/// The memory of one memplane instance (one file prefix): the owning
+/// handle. Every method is on [`Instance`], which it dereferences to.
 ///
 /// There is no global state: two instances with different prefixes can
 /// live in one process. Dropping the handle unmaps every page, gives the
@@ -134,6 +135,51 @@ impl List {
 /// # Ok::<(), memplane::Error>(())
 /// ```
 pub struct Memory {
+    inner: std::sync::Arc<Instance>,
+}
+
+impl std::ops::Deref for Memory {
+    type Target = Instance;
+    fn deref(&self) -> &Instance {
+        &self.inner
+    }
+}
+
+impl fmt::Debug for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Memory {
+    /// Starts an instance as primary: validates the options, checks the
+    /// request against the machine (preflight), reserves the address space,
+    /// builds the shared config and memseg lists, and preallocates
+    /// `--socket-mem` / `-m`. A failed init leaves nothing behind.
+    pub fn init(opts: &MemOptions) -> Result<Memory> {
+        Self::init_with_roots(opts, &SystemRoots::real())
+    }
+
+    /// [`init`](Self::init) reading the machine's facts under other roots
+    /// (tests).
+    pub fn init_with_roots(opts: &MemOptions, roots: &SystemRoots) -> Result<Memory> {
+        let inner = std::sync::Arc::new(Instance::init_with_roots(opts, roots)?);
+        inner.start_ipc(&inner)?;
+        Ok(Memory { inner })
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // Stop the IPC threads first: a handler may hold a reference to the
+        // instance, which must be dropped here, not on that thread.
+        self.inner.stop_ipc();
+    }
+}
+
+/// One memplane instance: the shared config, the memseg lists, the heaps,
+/// the memzones. Reached through a [`Memory`] handle.
+pub struct Instance {
     // Field order is drop order: the lists (and their fbarray views) go
     // before the config mapping and the reservation they point into.
     lists: Vec<List>,
@@ -156,11 +202,11 @@ pub struct Memory {
 // SAFETY: the raw pointers point into the shared config mapping owned by
 // this value; everything reachable through them is either atomic, guarded
 // by the process-shared hotplug lock, or guarded by the fbarray locks.
-unsafe impl Send for Memory {}
+unsafe impl Send for Instance {}
 // SAFETY: as above; `&Memory` methods synchronise through those locks.
-unsafe impl Sync for Memory {}
+unsafe impl Sync for Instance {}
 
-impl fmt::Debug for Memory {
+impl fmt::Debug for Instance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Memory")
             .field("prefix", &self.opts.file_prefix)
@@ -180,18 +226,9 @@ struct ListPlan {
     va_off: usize,
 }
 
-impl Memory {
-    /// Starts an instance as primary: validates the options, checks the
-    /// request against the machine (preflight), reserves the address space,
-    /// builds the shared config and memseg lists, and preallocates
-    /// `--socket-mem` / `-m`. A failed init leaves nothing behind.
-    pub fn init(opts: &MemOptions) -> Result<Memory> {
-        Self::init_with_roots(opts, &SystemRoots::real())
-    }
-
-    /// [`init`](Self::init) reading the machine's facts under other roots
-    /// (tests).
-    pub fn init_with_roots(opts: &MemOptions, roots: &SystemRoots) -> Result<Memory> {
+impl Instance {
+    /// Builds a primary instance (see [`Memory::init`]).
+    fn init_with_roots(opts: &MemOptions, roots: &SystemRoots) -> Result<Instance> {
         let started = std::time::Instant::now();
         opts.validate()?;
         if opts.proc_type == ProcType::Secondary {
@@ -478,7 +515,7 @@ impl Memory {
                 opts.max_memzones,
             )
         };
-        let mut mem = Memory {
+        let mut mem = Instance {
             lists,
             heap,
             zones,
@@ -564,6 +601,14 @@ impl Memory {
         );
         Ok(mem)
     }
+
+    /// Starts the multi-process endpoint (primary: serves secondaries).
+    fn start_ipc(&self, _me: &std::sync::Arc<Instance>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stops the multi-process endpoint's threads.
+    fn stop_ipc(&self) {}
 
     fn config_header(&self) -> &ConfigHeader {
         // SAFETY: the config mapping lives as long as `self`.
@@ -1484,7 +1529,7 @@ impl Memory {
     }
 }
 
-impl Drop for Memory {
+impl Drop for Instance {
     fn drop(&mut self) {
         // Thread-exit hooks of the caches must not touch the config once
         // it goes: wait for running ones, stop later ones.

@@ -17,7 +17,7 @@ use super::{check_name, HeapError};
 use crate::iova::BAD_IOVA;
 use crate::memseg::{MemEvent, MemEventKind};
 use crate::units::PageSize;
-use crate::{Memory, Result};
+use crate::{Instance, Result};
 
 /// Segment ids of external chunks start here (native lists are below).
 pub(crate) const EXT_SEG_BASE: u32 = 1 << 24;
@@ -115,7 +115,7 @@ impl Heaps {
         // SAFETY: the table holds n_pages u64s in a live heap block, and
         // page < n_pages because addr lies in the chunk.
         let iova = unsafe { (c.iova_table as *const u64).add(page as usize).read() };
-        (iova != BAD_IOVA).then_some(iova + off % c.page_size)
+        (iova != BAD_IOVA).then(|| iova + off % c.page_size)
     }
 
     pub(crate) fn ext_virt2iova(&self, addr: usize) -> Option<u64> {
@@ -143,7 +143,7 @@ impl Heaps {
     }
 }
 
-impl Memory {
+impl Instance {
     /// Creates an empty external heap; returns its socket id (DPDK's
     /// `rte_malloc_heap_create`).
     pub fn heap_create(&self, name: &str) -> Result<i32> {

@@ -19,7 +19,7 @@ use crate::memseg::layout::{name_str, MEMSEG_DO_NOT_FREE, MEMSEG_HEAP};
 use crate::memseg::{MemsegError, PageRequest, PageRun};
 use crate::numa::Topology;
 use crate::units::{format_size, PageSize};
-use crate::{Error, Memory, Result};
+use crate::{Error, Instance, Result};
 
 /// A set of page sizes, as a bit per power of two.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -334,7 +334,7 @@ impl Heaps {
     }
 
     /// Adds the preallocated runs to their nodes' heaps.
-    pub(crate) fn add_initial(&self, mem: &Memory, runs: &[PageRun]) {
+    pub(crate) fn add_initial(&self, mem: &Instance, runs: &[PageRun]) {
         for r in runs {
             let Some(idx) = self.native_of_node(r.node) else {
                 continue;
@@ -354,14 +354,14 @@ impl Heaps {
 }
 
 /// How a block's memory is found: `(heap slot, segment)`.
-fn locate(mem: &Memory, addr: usize) -> Option<(u16, u32)> {
+fn locate(mem: &Instance, addr: usize) -> Option<(u16, u32)> {
     if let Some((list, node, _)) = mem.list_at(addr) {
         return mem.heap.native_of_node(node).map(|h| (h, list));
     }
     mem.heap.ext_chunk_of(addr)
 }
 
-impl Memory {
+impl Instance {
     // --- the C-style API ---------------------------------------------------
 
     /// Allocates `size` bytes aligned to `align` (0: 64; else a power of

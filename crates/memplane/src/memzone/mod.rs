@@ -54,7 +54,7 @@ use self::table::{hash_name, Claim, Table, NAME_BYTES, STATE_READY};
 use crate::heap::{AllocRequest, HeapError, PageSizes, SOCKET_ID_ANY};
 use crate::iova::BAD_IOVA;
 use crate::units::{format_size, PageSize};
-use crate::{Error, Memory, Result};
+use crate::{Error, Instance, Result};
 
 pub(crate) use self::table::table_bytes;
 
@@ -387,7 +387,7 @@ impl ZoneTable {
 /// Dropping the handle does not free the zone (it is shared by name, as in
 /// DPDK); [`free`](Self::free) does.
 pub struct Memzone<'m> {
-    mem: &'m Memory,
+    mem: &'m Instance,
     index: u32,
     generation: u32,
     name: [u8; NAME_BYTES],
@@ -414,7 +414,7 @@ impl fmt::Debug for Memzone<'_> {
 }
 
 impl<'m> Memzone<'m> {
-    fn from_entry(mem: &'m Memory, index: u32, e: &table::ZoneEntry) -> Memzone<'m> {
+    fn from_entry(mem: &'m Instance, index: u32, e: &table::ZoneEntry) -> Memzone<'m> {
         Memzone {
             mem,
             index,
@@ -615,7 +615,7 @@ impl ZoneRequest {
 /// holds.
 const PENDING_POLL: Duration = Duration::from_micros(50);
 
-impl Memory {
+impl Instance {
     /// Reserves `len` bytes named `name` on `socket` ([`SOCKET_ID_ANY`]: the
     /// caller's node first), aligned to 64 bytes.
     ///
