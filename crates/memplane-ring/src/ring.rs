@@ -217,254 +217,6 @@ impl Core {
         }
     }
 
-    /// Free slots (Enq) or entries (Deq) given our head and the other side's
-    /// tail. A value that does not fit the ring (stale cache, corrupt header)
-    /// counts as 0, which makes the caller reload, then give up safely.
-    #[inline(always)]
-    fn avail(&self, dir: Dir, head: u32, opp: u32) -> u32 {
-        let cap = self.capacity;
-        match dir {
-            Dir::Enq => cap.saturating_sub(head.wrapping_sub(opp)),
-            Dir::Deq => {
-                let ent = opp.wrapping_sub(head);
-                if ent > cap {
-                    0
-                } else {
-                    ent
-                }
-            }
-        }
-    }
-
-    /// How many of `want` fit, using the cached opposite tail first and
-    /// reloading it only when the cache says "not enough".
-    #[inline(always)]
-    fn fit(
-        &self,
-        dir: Dir,
-        head: u32,
-        opp: &HeadTail,
-        cache: &Cell<u32>,
-        want: u32,
-        bulk: bool,
-    ) -> (u32, u32) {
-        let mut av = self.avail(dir, head, cache.get());
-        if av < want {
-            let o = opp.tail.load(Acquire) as u32;
-            cache.set(o);
-            av = self.avail(dir, head, o);
-        }
-        let n = if av >= want {
-            want
-        } else if bulk {
-            0
-        } else {
-            av
-        };
-        (n, av)
-    }
-
-    /// Moves our head by up to `want`; returns (old head, n, remaining).
-    #[inline(always)]
-    fn reserve(
-        &self,
-        dir: Dir,
-        mode: SyncMode,
-        cache: &Cell<u32>,
-        want: u32,
-        bulk: bool,
-    ) -> (u32, u32, u32) {
-        let (own, opp) = self.sides(dir);
-        match mode {
-            SyncMode::Single => {
-                // We are the only writer of our tail (role claimed with
-                // Acquire), so a relaxed read of our own position is exact.
-                let head = own.tail.load(Relaxed) as u32;
-                let (n, av) = self.fit(dir, head, opp, cache, want, bulk);
-                (head, n, av - n)
-            }
-            SyncMode::Multi => {
-                let mut head = own.head.load(Acquire) as u32;
-                loop {
-                    let (n, av) = self.fit(dir, head, opp, cache, want, bulk);
-                    if n == 0 {
-                        return (head, 0, av);
-                    }
-                    // AcqRel: a later op that reads our new head also sees the
-                    // opposite tail we based it on (no over-commit on weak
-                    // memory models).
-                    match own.head.compare_exchange(
-                        u64::from(head),
-                        u64::from(head.wrapping_add(n)),
-                        AcqRel,
-                        Acquire,
-                    ) {
-                        Ok(_) => return (head, n, av - n),
-                        Err(cur) => head = cur as u32,
-                    }
-                }
-            }
-            SyncMode::MultiHts => {
-                let mut cur = own.head.load(Acquire);
-                let mut rounds = 0;
-                loop {
-                    let (h, t) = (cur as u32, (cur >> 32) as u32);
-                    if h != t {
-                        wait_round(&mut rounds);
-                        cur = own.head.load(Acquire);
-                        continue;
-                    }
-                    let (n, av) = self.fit(dir, h, opp, cache, want, bulk);
-                    if n == 0 {
-                        return (h, 0, av);
-                    }
-                    match own.head.compare_exchange(
-                        cur,
-                        pack(h.wrapping_add(n), t),
-                        AcqRel,
-                        Acquire,
-                    ) {
-                        Ok(_) => return (h, n, av - n),
-                        Err(c) => cur = c,
-                    }
-                }
-            }
-            SyncMode::MultiRts => {
-                let max = own.htd_max.load(Relaxed);
-                let mut cur = own.head.load(Acquire);
-                let mut rounds = 0;
-                loop {
-                    let h = cur as u32;
-                    let t = own.tail.load(Acquire) as u32;
-                    if h.wrapping_sub(t) > max {
-                        wait_round(&mut rounds);
-                        cur = own.head.load(Acquire);
-                        continue;
-                    }
-                    let (n, av) = self.fit(dir, h, opp, cache, want, bulk);
-                    if n == 0 {
-                        return (h, 0, av);
-                    }
-                    let cnt = ((cur >> 32) as u32).wrapping_add(1);
-                    match own.head.compare_exchange(
-                        cur,
-                        pack(h.wrapping_add(n), cnt),
-                        AcqRel,
-                        Acquire,
-                    ) {
-                        Ok(_) => return (h, n, av - n),
-                        Err(c) => cur = c,
-                    }
-                }
-            }
-        }
-    }
-
-    /// Makes `n` elements from `head` visible to the other side.
-    #[inline(always)]
-    fn publish(&self, dir: Dir, mode: SyncMode, head: u32, n: u32) {
-        let (own, _) = self.sides(dir);
-        let new = head.wrapping_add(n);
-        match mode {
-            SyncMode::Single => own.tail.store(u64::from(new), Release),
-            SyncMode::Multi => {
-                // Wait for the ops reserved before ours. Acquire, so their
-                // slot accesses happen-before our Release below and reach
-                // whoever acquires our tail.
-                let mut rounds = 0;
-                while own.tail.load(Acquire) as u32 != head {
-                    wait_round(&mut rounds);
-                }
-                own.tail.store(u64::from(new), Release);
-            }
-            SyncMode::MultiHts => {
-                own.tail.store(u64::from(new), Release);
-                own.head.store(pack(new, new), Release);
-            }
-            SyncMode::MultiRts => {
-                let mut t = own.tail.load(Acquire);
-                loop {
-                    let h = own.head.load(Acquire);
-                    let cnt = ((t >> 32) as u32).wrapping_add(1);
-                    // Last one out (every started op has finished) moves the
-                    // tail to the head; others only count themselves done.
-                    let pos = if cnt == (h >> 32) as u32 {
-                        h as u32
-                    } else {
-                        t as u32
-                    };
-                    match own
-                        .tail
-                        .compare_exchange(t, pack(pos, cnt), AcqRel, Acquire)
-                    {
-                        Ok(_) => break,
-                        Err(c) => t = c,
-                    }
-                }
-            }
-        }
-    }
-
-    /// Copies `n` elements of `unit` `U`s each from `src` into the slots
-    /// starting at position `head`.
-    ///
-    /// # Safety
-    ///
-    /// `[head, head + n)` must be reserved by the caller, `n <= size`, `src`
-    /// valid for `n * unit` reads, and `size_of::<U>() * unit == esize`.
-    #[inline(always)]
-    unsafe fn copy_in<U: Copy>(&self, head: u32, src: *const U, n: u32, unit: usize) {
-        #[cfg(loom)]
-        for i in 0..n {
-            self.cells[(head.wrapping_add(i) & self.mask) as usize].with_mut(|_| ());
-        }
-        let base = self.slots.as_ptr().cast::<U>();
-        let idx = (head & self.mask) as usize;
-        let n = n as usize;
-        let first = self.size as usize - idx;
-        // SAFETY: idx + first <= size and n - first <= size slots lie inside
-        // the slot array (caller: n <= size); the reservation gives us
-        // exclusive access to them; src is valid per the caller.
-        unsafe {
-            if idx + n <= self.size as usize {
-                // Common case, and with a constant `n` (single-element ops)
-                // a fixed-size move instead of a memcpy call.
-                core::ptr::copy_nonoverlapping(src, base.add(idx * unit), n * unit);
-            } else {
-                core::ptr::copy_nonoverlapping(src, base.add(idx * unit), first * unit);
-                core::ptr::copy_nonoverlapping(src.add(first * unit), base, (n - first) * unit);
-            }
-        }
-    }
-
-    /// Copies `n` elements out of the slots starting at `head` into `dst`.
-    ///
-    /// # Safety
-    ///
-    /// As [`copy_in`](Self::copy_in), with `dst` valid for `n * unit` writes.
-    #[inline(always)]
-    unsafe fn copy_out<U: Copy>(&self, head: u32, dst: *mut U, n: u32, unit: usize) {
-        #[cfg(loom)]
-        for i in 0..n {
-            self.cells[(head.wrapping_add(i) & self.mask) as usize].with(|_| ());
-        }
-        let base = self.slots.as_ptr().cast::<U>();
-        let idx = (head & self.mask) as usize;
-        let n = n as usize;
-        let first = self.size as usize - idx;
-        // SAFETY: as in copy_in; the entries were published by producers
-        // (acquired through the producer tail) and are ours until we
-        // publish our consumer tail.
-        unsafe {
-            if idx + n <= self.size as usize {
-                core::ptr::copy_nonoverlapping(base.add(idx * unit), dst, n * unit);
-            } else {
-                core::ptr::copy_nonoverlapping(base.add(idx * unit), dst, first * unit);
-                core::ptr::copy_nonoverlapping(base, dst.add(first * unit), (n - first) * unit);
-            }
-        }
-    }
-
     fn count(&self) -> u32 {
         let h = self.hdr();
         let p = h.prod.tail.load(Acquire) as u32;
@@ -477,6 +229,19 @@ impl Core {
         let len = n.iter().position(|&b| b == 0).unwrap_or(n.len());
         String::from_utf8_lossy(&n[..len]).into_owned()
     }
+}
+
+/// Copies `count` units of `U` from `src` to `dst`.
+///
+/// # Safety
+///
+/// `src` valid for `count` reads and `dst` for `count` writes of `U`, both
+/// aligned for `U`, not overlapping.
+#[inline(always)]
+unsafe fn copy_units<U: Copy>(dst: *mut U, src: *const U, count: usize, unit: usize) {
+    let _ = unit;
+    // SAFETY: per the caller.
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, count) };
 }
 
 /// A ring with runtime element size, moving elements as raw bytes.
@@ -779,16 +544,31 @@ impl<M: RingMemory> core::fmt::Debug for RawRing<M> {
     }
 }
 
-/// Common state of a producer or consumer handle.
+/// Common state of a producer or consumer handle: everything an operation
+/// needs (both sides of the header, the slots, the geometry and the sync
+/// mode) one load away from the handle, so a call is a few loads and no
+/// chasing through the ring.
 struct Handle<'r> {
-    core: &'r Core,
-    dir: Dir,
+    /// Our side of the header (the producer side for a producer).
+    own: &'r HeadTail,
+    /// The other side, whose tail bounds us.
+    opp: &'r HeadTail,
+    /// First slot.
+    slots: NonNull<u8>,
+    mask: u32,
+    capacity: u32,
     mode: SyncMode,
     /// Last opposite tail seen (Acquire-loaded); refreshed only when it
     /// says there is not enough room/data.
     cache: Cell<u32>,
+    core: &'r Core,
     claimed: bool,
 }
+
+// SAFETY: `slots` points into the ring's region, which `core` (borrowed for
+// 'r) keeps alive; slot accesses are ordered by the head/tail protocol as for
+// `Core`, which is Send + Sync. `cache` is a Cell, so Handle stays !Sync.
+unsafe impl Send for Handle<'_> {}
 
 impl<'r> Handle<'r> {
     fn new(core: &'r Core, dir: Dir) -> Result<Self, RingError> {
@@ -805,12 +585,284 @@ impl<'r> Handle<'r> {
             });
         }
         Ok(Self {
-            core,
-            dir,
+            own,
+            opp,
+            slots: core.slots,
+            mask: core.mask,
+            capacity: core.capacity,
             mode,
             cache: Cell::new(opp.tail.load(Acquire) as u32),
+            core,
             claimed,
         })
+    }
+
+    /// Free slots (Enq) or entries (Deq) given our head and the other side's
+    /// tail. A value that does not fit the ring (a stale cached tail that
+    /// other consumers/producers have overtaken, a corrupt header) counts as
+    /// 0, which makes the caller reload, then give up safely.
+    #[inline(always)]
+    fn avail(&self, dir: Dir, head: u32, opp: u32) -> u32 {
+        let cap = self.capacity;
+        match dir {
+            Dir::Enq => cap.saturating_sub(head.wrapping_sub(opp)),
+            Dir::Deq => {
+                let ent = opp.wrapping_sub(head);
+                if ent > cap {
+                    0
+                } else {
+                    ent
+                }
+            }
+        }
+    }
+
+    /// How many of `want` fit, using the cached opposite tail first and
+    /// reloading it only when the cache says "not enough". Returns
+    /// (n, available).
+    #[inline(always)]
+    fn fit(&self, dir: Dir, head: u32, want: u32, bulk: bool) -> (u32, u32) {
+        let mut av = self.avail(dir, head, self.cache.get());
+        if av < want {
+            let o = self.opp.tail.load(Acquire) as u32;
+            self.cache.set(o);
+            av = self.avail(dir, head, o);
+        }
+        let n = if av >= want {
+            want
+        } else if bulk {
+            0
+        } else {
+            av
+        };
+        (n, av)
+    }
+
+    /// Moves our head by up to `want` in the CAS-based modes (`Multi`, RTS,
+    /// HTS; `Single` goes through [`reserve_fast`](Self::reserve_fast) and
+    /// shares the `Multi` arm only to keep the match exhaustive); returns
+    /// (old head, n, remaining).
+    #[inline(always)]
+    fn reserve_multi(&self, dir: Dir, mode: SyncMode, want: u32, bulk: bool) -> (u32, u32, u32) {
+        let own = self.own;
+        match mode {
+            SyncMode::Single | SyncMode::Multi => {
+                let mut head = own.head.load(Acquire) as u32;
+                loop {
+                    let (n, av) = self.fit(dir, head, want, bulk);
+                    if n == 0 {
+                        return (head, 0, av);
+                    }
+                    // AcqRel: a later op that reads our new head also sees the
+                    // opposite tail we based it on (no over-commit on weak
+                    // memory models).
+                    match own.head.compare_exchange(
+                        u64::from(head),
+                        u64::from(head.wrapping_add(n)),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return (head, n, av - n),
+                        Err(cur) => head = cur as u32,
+                    }
+                }
+            }
+            SyncMode::MultiHts => {
+                let mut cur = own.head.load(Acquire);
+                let mut rounds = 0;
+                loop {
+                    let (h, t) = (cur as u32, (cur >> 32) as u32);
+                    if h != t {
+                        wait_round(&mut rounds);
+                        cur = own.head.load(Acquire);
+                        continue;
+                    }
+                    let (n, av) = self.fit(dir, h, want, bulk);
+                    if n == 0 {
+                        return (h, 0, av);
+                    }
+                    match own.head.compare_exchange(
+                        cur,
+                        pack(h.wrapping_add(n), t),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return (h, n, av - n),
+                        Err(c) => cur = c,
+                    }
+                }
+            }
+            SyncMode::MultiRts => {
+                let max = own.htd_max.load(Relaxed);
+                let mut cur = own.head.load(Acquire);
+                let mut rounds = 0;
+                loop {
+                    let h = cur as u32;
+                    let t = own.tail.load(Acquire) as u32;
+                    if h.wrapping_sub(t) > max {
+                        wait_round(&mut rounds);
+                        cur = own.head.load(Acquire);
+                        continue;
+                    }
+                    let (n, av) = self.fit(dir, h, want, bulk);
+                    if n == 0 {
+                        return (h, 0, av);
+                    }
+                    let cnt = ((cur >> 32) as u32).wrapping_add(1);
+                    match own.head.compare_exchange(
+                        cur,
+                        pack(h.wrapping_add(n), cnt),
+                        AcqRel,
+                        Acquire,
+                    ) {
+                        Ok(_) => return (h, n, av - n),
+                        Err(c) => cur = c,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes `n` elements from `head` visible to the other side, in the
+    /// CAS-based modes (see [`reserve_multi`](Self::reserve_multi)).
+    #[inline(always)]
+    fn publish_multi(&self, mode: SyncMode, head: u32, n: u32) {
+        let own = self.own;
+        let new = head.wrapping_add(n);
+        match mode {
+            SyncMode::Single | SyncMode::Multi => {
+                // Wait for the ops reserved before ours. Acquire, so their
+                // slot accesses happen-before our Release below and reach
+                // whoever acquires our tail.
+                let mut rounds = 0;
+                while own.tail.load(Acquire) as u32 != head {
+                    wait_round(&mut rounds);
+                }
+                own.tail.store(u64::from(new), Release);
+            }
+            SyncMode::MultiHts => {
+                own.tail.store(u64::from(new), Release);
+                own.head.store(pack(new, new), Release);
+            }
+            SyncMode::MultiRts => {
+                let mut t = own.tail.load(Acquire);
+                loop {
+                    let h = own.head.load(Acquire);
+                    let cnt = ((t >> 32) as u32).wrapping_add(1);
+                    // Last one out (every started op has finished) moves the
+                    // tail to the head; others only count themselves done.
+                    let pos = if cnt == (h >> 32) as u32 {
+                        h as u32
+                    } else {
+                        t as u32
+                    };
+                    match own
+                        .tail
+                        .compare_exchange(t, pack(pos, cnt), AcqRel, Acquire)
+                    {
+                        Ok(_) => break,
+                        Err(c) => t = c,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `n` elements of `unit` `U`s each from `src` into the slots
+    /// starting at position `head`.
+    ///
+    /// # Safety
+    ///
+    /// `[head, head + n)` must be reserved by the caller, `n <= size`, `src`
+    /// valid for `n * unit` reads, and `size_of::<U>() * unit == esize`.
+    #[inline(always)]
+    unsafe fn copy_in<U: Copy>(&self, head: u32, src: *const U, n: u32, unit: usize) {
+        #[cfg(loom)]
+        for i in 0..n {
+            self.core.cells[(head.wrapping_add(i) & self.mask) as usize].with_mut(|_| ());
+        }
+        let base = self.slots.as_ptr().cast::<U>();
+        let idx = (head & self.mask) as usize;
+        let size = self.mask as usize + 1;
+        let n = n as usize;
+        // SAFETY: [idx, idx + n) or its two wrapped pieces lie inside the
+        // slot array (caller: n <= size); the reservation gives us exclusive
+        // access to them; src is valid per the caller.
+        unsafe {
+            if idx + n <= size {
+                copy_units(base.add(idx * unit), src, n * unit, unit);
+            } else {
+                let first = size - idx;
+                copy_units(base.add(idx * unit), src, first * unit, unit);
+                copy_units(base, src.add(first * unit), (n - first) * unit, unit);
+            }
+        }
+    }
+
+    /// Copies `n` elements out of the slots starting at `head` into `dst`.
+    ///
+    /// # Safety
+    ///
+    /// As [`copy_in`](Self::copy_in), with `dst` valid for `n * unit` writes.
+    #[inline(always)]
+    unsafe fn copy_out<U: Copy>(&self, head: u32, dst: *mut U, n: u32, unit: usize) {
+        #[cfg(loom)]
+        for i in 0..n {
+            self.core.cells[(head.wrapping_add(i) & self.mask) as usize].with(|_| ());
+        }
+        let base = self.slots.as_ptr().cast::<U>();
+        let idx = (head & self.mask) as usize;
+        let size = self.mask as usize + 1;
+        let n = n as usize;
+        // SAFETY: as in copy_in; the entries were published by producers
+        // (acquired through the producer tail) and are ours until we
+        // publish our consumer tail.
+        unsafe {
+            if idx + n <= size {
+                copy_units(dst, base.add(idx * unit), n * unit, unit);
+            } else {
+                let first = size - idx;
+                copy_units(dst, base.add(idx * unit), first * unit, unit);
+                copy_units(dst.add(first * unit), base, (n - first) * unit, unit);
+            }
+        }
+    }
+
+    /// True for the modes whose whole operation is inlined at the call
+    /// site (`Single`, `Multi`); RTS and HTS go through an out-of-line call.
+    #[inline(always)]
+    fn inline_mode(&self) -> bool {
+        matches!(self.mode, SyncMode::Single | SyncMode::Multi)
+    }
+
+    /// Reserves up to `want` positions in the `Single` or `Multi` protocol
+    /// (inlined into the caller); returns (old head, n, remaining). The
+    /// range `[head, head + n)` is ours until [`publish_fast`].
+    ///
+    /// [`publish_fast`]: Self::publish_fast
+    #[inline(always)]
+    fn reserve_fast(&self, dir: Dir, want: u32, bulk: bool) -> (u32, u32, u32) {
+        if self.mode == SyncMode::Single {
+            // We are the only writer of our tail (role claimed with
+            // Acquire), so a relaxed read of our own position is exact.
+            let head = self.own.tail.load(Relaxed) as u32;
+            let (n, av) = self.fit(dir, head, want, bulk);
+            (head, n, av - n)
+        } else {
+            self.reserve_multi(dir, SyncMode::Multi, want, bulk)
+        }
+    }
+
+    /// Publishes what [`reserve_fast`](Self::reserve_fast) reserved.
+    #[inline(always)]
+    fn publish_fast(&self, head: u32, n: u32) {
+        if self.mode == SyncMode::Single {
+            self.own
+                .tail
+                .store(u64::from(head.wrapping_add(n)), Release);
+        } else {
+            self.publish_multi(SyncMode::Multi, head, n);
+        }
     }
 
     /// # Safety
@@ -819,16 +871,45 @@ impl<'r> Handle<'r> {
     unsafe fn enqueue<U: Copy>(
         &self,
         src: *const U,
-        n: u32,
+        want: u32,
         unit: usize,
         bulk: bool,
     ) -> (u32, u32) {
-        let (head, n, rem) = self.core.reserve(Dir::Enq, self.mode, &self.cache, n, bulk);
+        if self.inline_mode() {
+            let (head, n, rem) = self.reserve_fast(Dir::Enq, want, bulk);
+            if n != 0 {
+                // SAFETY: [head, head+n) reserved above, n <= capacity <=
+                // size; src per our caller.
+                unsafe { self.copy_in(head, src, n, unit) };
+                self.publish_fast(head, n);
+            }
+            (n, rem)
+        } else {
+            // SAFETY: per our caller.
+            unsafe { self.enqueue_slow(src, want, unit, bulk) }
+        }
+    }
+
+    /// RTS and HTS enqueue, kept out of line so the common modes inline
+    /// into small call sites.
+    ///
+    /// # Safety
+    /// As [`enqueue`](Self::enqueue).
+    #[inline(never)]
+    unsafe fn enqueue_slow<U: Copy>(
+        &self,
+        src: *const U,
+        want: u32,
+        unit: usize,
+        bulk: bool,
+    ) -> (u32, u32) {
+        let mode = self.mode;
+        let (head, n, rem) = self.reserve_multi(Dir::Enq, mode, want, bulk);
         if n != 0 {
             // SAFETY: [head, head+n) reserved above, n <= capacity <= size;
             // src per our caller.
-            unsafe { self.core.copy_in(head, src, n, unit) };
-            self.core.publish(Dir::Enq, self.mode, head, n);
+            unsafe { self.copy_in(head, src, n, unit) };
+            self.publish_multi(mode, head, n);
         }
         (n, rem)
     }
@@ -836,12 +917,48 @@ impl<'r> Handle<'r> {
     /// # Safety
     /// `dst` valid for `n * unit` writes of `U`, `size_of::<U>() * unit == esize`.
     #[inline(always)]
-    unsafe fn dequeue<U: Copy>(&self, dst: *mut U, n: u32, unit: usize, bulk: bool) -> (u32, u32) {
-        let (head, n, rem) = self.core.reserve(Dir::Deq, self.mode, &self.cache, n, bulk);
+    unsafe fn dequeue<U: Copy>(
+        &self,
+        dst: *mut U,
+        want: u32,
+        unit: usize,
+        bulk: bool,
+    ) -> (u32, u32) {
+        if self.inline_mode() {
+            let (head, n, rem) = self.reserve_fast(Dir::Deq, want, bulk);
+            if n != 0 {
+                // SAFETY: [head, head+n) reserved above (published entries,
+                // ours until we publish), n <= capacity <= size; dst per our
+                // caller.
+                unsafe { self.copy_out(head, dst, n, unit) };
+                self.publish_fast(head, n);
+            }
+            (n, rem)
+        } else {
+            // SAFETY: per our caller.
+            unsafe { self.dequeue_slow(dst, want, unit, bulk) }
+        }
+    }
+
+    /// RTS and HTS dequeue, out of line.
+    ///
+    /// # Safety
+    /// As [`dequeue`](Self::dequeue).
+    #[inline(never)]
+    unsafe fn dequeue_slow<U: Copy>(
+        &self,
+        dst: *mut U,
+        want: u32,
+        unit: usize,
+        bulk: bool,
+    ) -> (u32, u32) {
+        let mode = self.mode;
+        let (head, n, rem) = self.reserve_multi(Dir::Deq, mode, want, bulk);
         if n != 0 {
-            // SAFETY: as in enqueue.
-            unsafe { self.core.copy_out(head, dst, n, unit) };
-            self.core.publish(Dir::Deq, self.mode, head, n);
+            // SAFETY: [head, head+n) reserved above, n <= capacity <= size;
+            // dst per our caller.
+            unsafe { self.copy_out(head, dst, n, unit) };
+            self.publish_multi(mode, head, n);
         }
         (n, rem)
     }
@@ -850,27 +967,20 @@ impl<'r> Handle<'r> {
     /// As `dequeue`; only for a single consumer.
     #[inline(always)]
     unsafe fn peek<U: Copy>(&self, dst: *mut U, n: u32, unit: usize) -> u32 {
-        let head = self.core.sides(Dir::Deq).0.tail.load(Relaxed) as u32;
-        let (n, _) = self.core.fit(
-            Dir::Deq,
-            head,
-            self.core.sides(Dir::Deq).1,
-            &self.cache,
-            n,
-            false,
-        );
+        let head = self.own.tail.load(Relaxed) as u32;
+        let (n, _) = self.fit(Dir::Deq, head, n, false);
         // SAFETY: entries [head, head+n) are published and, with a single
         // consumer, cannot be released to producers while we read them.
-        unsafe { self.core.copy_out(head, dst, n, unit) };
+        unsafe { self.copy_out(head, dst, n, unit) };
         n
     }
 
     #[inline(always)]
     fn bulk_len(&self, len: usize) -> Result<u32, BulkError> {
-        if len > self.core.capacity as usize {
+        if len > self.capacity as usize {
             return Err(BulkError::TooLarge {
                 requested: len,
-                capacity: self.core.capacity,
+                capacity: self.capacity,
             });
         }
         Ok(len as u32)
@@ -893,8 +1003,7 @@ impl<'r> Handle<'r> {
 impl Drop for Handle<'_> {
     fn drop(&mut self) {
         if self.claimed {
-            let (own, _) = self.core.sides(self.dir);
-            own.owner.store(0, Release);
+            self.own.owner.store(0, Release);
         }
     }
 }
@@ -937,7 +1046,7 @@ impl RawProducer<'_> {
     /// Enqueues as many elements of `bytes` as fit.
     pub fn enqueue_burst(&self, bytes: &[u8]) -> Result<Transfer, BulkError> {
         let es = self.h.core.esize;
-        let n = elems(bytes.len(), es)?.min(self.h.core.capacity as usize) as u32;
+        let n = elems(bytes.len(), es)?.min(self.h.capacity as usize) as u32;
         // SAFETY: as above.
         let (count, remaining) = unsafe { self.h.enqueue(bytes.as_ptr(), n, es as usize, false) };
         Ok(Transfer { count, remaining })
@@ -965,7 +1074,7 @@ impl RawConsumer<'_> {
     /// Dequeues up to `out.len() / esize` elements.
     pub fn dequeue_burst(&self, out: &mut [u8]) -> Result<Transfer, BulkError> {
         let es = self.h.core.esize;
-        let n = elems(out.len(), es)?.min(self.h.core.capacity as usize) as u32;
+        let n = elems(out.len(), es)?.min(self.h.capacity as usize) as u32;
         // SAFETY: as above.
         let (count, remaining) = unsafe { self.h.dequeue(out.as_mut_ptr(), n, es as usize, false) };
         Ok(Transfer { count, remaining })
@@ -1106,7 +1215,7 @@ pub struct Consumer<'r, T> {
 
 impl<T: Element> Producer<'_, T> {
     /// Enqueues one element; gives it back if the ring is full.
-    #[inline]
+    #[inline(always)]
     pub fn try_enqueue(&self, item: T) -> Result<(), T> {
         // SAFETY: one T readable at &item.
         let (n, _) = unsafe { self.h.enqueue(&raw const item, 1, 1, true) };
@@ -1118,7 +1227,7 @@ impl<T: Element> Producer<'_, T> {
     }
 
     /// Enqueues all of `items` or none; returns the free slots left.
-    #[inline]
+    #[inline(always)]
     pub fn enqueue_bulk(&self, items: &[T]) -> Result<u32, BulkError> {
         let n = self.h.bulk_len(items.len())?;
         // SAFETY: items holds n Ts.
@@ -1134,9 +1243,9 @@ impl<T: Element> Producer<'_, T> {
     }
 
     /// Enqueues as many of `items` as fit (possibly none).
-    #[inline]
+    #[inline(always)]
     pub fn enqueue_burst(&self, items: &[T]) -> Transfer {
-        let n = items.len().min(self.h.core.capacity as usize) as u32;
+        let n = items.len().min(self.h.capacity as usize) as u32;
         // SAFETY: items holds at least n Ts.
         let (count, remaining) = unsafe { self.h.enqueue(items.as_ptr(), n, 1, false) };
         Transfer { count, remaining }
@@ -1150,7 +1259,7 @@ impl<T: Element> Producer<'_, T> {
 
 impl<T: Element> Consumer<'_, T> {
     /// Dequeues one element, if any.
-    #[inline]
+    #[inline(always)]
     pub fn dequeue(&self) -> Option<T> {
         let mut out = core::mem::MaybeUninit::<T>::uninit();
         // SAFETY: room for one T at out.
@@ -1161,7 +1270,7 @@ impl<T: Element> Consumer<'_, T> {
     }
 
     /// Fills all of `out` or takes nothing; returns the entries left.
-    #[inline]
+    #[inline(always)]
     pub fn dequeue_bulk(&self, out: &mut [T]) -> Result<u32, BulkError> {
         let n = self.h.bulk_len(out.len())?;
         // SAFETY: out has room for n Ts.
@@ -1177,9 +1286,9 @@ impl<T: Element> Consumer<'_, T> {
     }
 
     /// Dequeues up to `out.len()` elements into the front of `out`.
-    #[inline]
+    #[inline(always)]
     pub fn dequeue_burst(&self, out: &mut [T]) -> Transfer {
-        let n = out.len().min(self.h.core.capacity as usize) as u32;
+        let n = out.len().min(self.h.capacity as usize) as u32;
         // SAFETY: out has room for n Ts.
         let (count, remaining) = unsafe { self.h.dequeue(out.as_mut_ptr(), n, 1, false) };
         Transfer { count, remaining }
@@ -1189,7 +1298,7 @@ impl<T: Element> Consumer<'_, T> {
     /// them. Only for a [`SyncMode::Single`] consumer.
     pub fn peek(&self, out: &mut [T]) -> Result<u32, RingError> {
         self.h.check_peek()?;
-        let n = out.len().min(self.h.core.capacity as usize) as u32;
+        let n = out.len().min(self.h.capacity as usize) as u32;
         // SAFETY: out has room for n Ts; single consumer checked.
         Ok(unsafe { self.h.peek(out.as_mut_ptr(), n, 1) })
     }
