@@ -664,9 +664,9 @@ fn memory_memzone_reserves_and_lists_zones() {
     let o = memplane(&[
         "memory",
         "--memzone",
-        "x=0",
-        "--memzone",
         "x=4K",
+        "--memzone",
+        "x=8K",
         "--file-prefix",
         &prefix,
     ]);

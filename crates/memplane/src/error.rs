@@ -46,6 +46,16 @@ pub enum Error {
     #[error(transparent)]
     Memzone(#[from] crate::memzone::MemzoneError),
 
+    /// An IPC message could not be sent or answered (peer gone, timeout,
+    /// malformed).
+    #[error(transparent)]
+    Ipc(#[from] crate::ipc::IpcError),
+
+    /// A multi-process operation failed: no primary, attach refused, VA
+    /// conflict, primary gone, sync failed.
+    #[error(transparent)]
+    Mp(#[from] crate::mp::MpError),
+
     /// A system file or directory could not be read or written.
     #[error("{action} {path}: {source}")]
     Io {

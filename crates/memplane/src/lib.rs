@@ -46,6 +46,7 @@ pub mod ipc;
 mod memory;
 pub mod memseg;
 pub mod memzone;
+pub mod mp;
 pub mod numa;
 pub mod options;
 pub mod preflight;

@@ -35,6 +35,8 @@ use crate::shm::vaspace::{VaReservation, DEFAULT_BASE_VA};
 use crate::units::{format_size, PageSize};
 use crate::{Error, Result};
 
+mod multiproc;
+
 /// One list as this process sees it: the shared header and fbarray, and
 /// the process-local store holding the backing descriptors.
 struct List {
@@ -163,7 +165,25 @@ impl Memory {
     /// [`init`](Self::init) reading the machine's facts under other roots
     /// (tests).
     pub fn init_with_roots(opts: &MemOptions, roots: &SystemRoots) -> Result<Memory> {
-        let inner = std::sync::Arc::new(Instance::init_with_roots(opts, roots)?);
+        let secondary = match opts.proc_type {
+            ProcType::Primary => false,
+            ProcType::Secondary => true,
+            ProcType::Auto => {
+                opts.validate()?;
+                let dir = RuntimeDir::create(&opts.file_prefix, opts.runtime_dir.as_deref())?;
+                matches!(
+                    dir.primary_status()?,
+                    crate::runtime_dir::PrimaryStatus::Live { .. }
+                )
+            }
+        };
+        let instance = if secondary {
+            opts.validate()?;
+            Instance::attach(opts, roots)?
+        } else {
+            Instance::init_with_roots(opts, roots)?
+        };
+        let inner = std::sync::Arc::new(instance);
         inner.start_ipc(&inner)?;
         Ok(Memory { inner })
     }
@@ -185,6 +205,7 @@ pub struct Instance {
     lists: Vec<List>,
     pub(crate) heap: crate::heap::Heaps,
     pub(crate) zones: crate::memzone::ZoneTable,
+    pub(crate) mp: crate::mp::MpState,
     registry: std::sync::RwLock<Registry>,
     config: NonNull<ConfigHeader>,
     config_fd: OwnedFd,
@@ -231,13 +252,6 @@ impl Instance {
     fn init_with_roots(opts: &MemOptions, roots: &SystemRoots) -> Result<Instance> {
         let started = std::time::Instant::now();
         opts.validate()?;
-        if opts.proc_type == ProcType::Secondary {
-            return Err(Error::System(
-                "--proc-type secondary: attaching to a primary is not supported by this build yet; \
-                 start a primary with another --file-prefix"
-                    .into(),
-            ));
-        }
         let primary = if opts.shared_config() {
             let dir = RuntimeDir::create(&opts.file_prefix, opts.runtime_dir.as_deref())?;
             let lock = dir.try_lock_primary()?;
@@ -519,6 +533,7 @@ impl Instance {
             lists,
             heap,
             zones,
+            mp: crate::mp::MpState::primary(),
             registry: std::sync::RwLock::new(Registry::default()),
             config,
             config_fd,
@@ -602,13 +617,16 @@ impl Instance {
         Ok(mem)
     }
 
-    /// Starts the multi-process endpoint (primary: serves secondaries).
-    fn start_ipc(&self, _me: &std::sync::Arc<Instance>) -> Result<()> {
-        Ok(())
+    /// Starts the multi-process endpoint (primary: serves secondaries;
+    /// secondary: follows the primary's memory map).
+    fn start_ipc(&self, me: &std::sync::Arc<Instance>) -> Result<()> {
+        self.start_ipc_impl(me)
     }
 
     /// Stops the multi-process endpoint's threads.
-    fn stop_ipc(&self) {}
+    fn stop_ipc(&self) {
+        self.mp.stop();
+    }
 
     fn config_header(&self) -> &ConfigHeader {
         // SAFETY: the config mapping lives as long as `self`.
@@ -781,6 +799,18 @@ impl Instance {
         if req.count == 0 {
             return Err(MemsegError::ZeroPages.into());
         }
+        if self.mp.is_secondary() {
+            // Only the primary maps pages: it maps them for everybody.
+            self.list_for(req.node, req.page_size)?;
+            return self.mp_request_pages(&crate::mp::PagesOp::Alloc {
+                node: req.node,
+                page_size: req.page_size.bytes(),
+                count: req.count,
+                contiguous: req.contiguous,
+                exact: req.exact,
+                heap: seg_flags & MEMSEG_HEAP != 0,
+            });
+        }
         let list = self.list_for(req.node, req.page_size)?;
         let psz = req.page_size.bytes();
         let _g = self.config_header().hotplug_lock.write();
@@ -927,6 +957,15 @@ impl Instance {
             h.pinned.fetch_add(segs.len() as u32, Ordering::Relaxed);
         }
         h.version.fetch_add(1, Ordering::Release);
+        // Every secondary maps the pages before anyone hears of them.
+        if let Err(e) = self.mp_sync_all() {
+            for &(first, count, _) in &reserved {
+                if let Err(e) = self.release_slots(list, first, count, false) {
+                    tracing::error!(list = %list.name, error = %e, "cannot roll back pages after a failed sync");
+                }
+            }
+            return Err(e.into());
+        }
 
         let out: Vec<PageRun> = reserved
             .iter()
@@ -1142,6 +1181,14 @@ impl Instance {
         let list = self
             .list_of_addr(addr)
             .ok_or(MemsegError::NotInAnyList { addr })?;
+        if self.mp.is_secondary() {
+            self.mp_request_pages(&crate::mp::PagesOp::Free {
+                addr: addr as u64,
+                len: len as u64,
+                heap,
+            })?;
+            return Ok(());
+        }
         let psz = list.page_size.bytes() as usize;
         let off = addr - list.base_va;
         let list_len = list.capacity as usize * psz;
@@ -1180,7 +1227,7 @@ impl Instance {
                 .into());
             }
         }
-        self.release_slots(list, first, count)?;
+        self.release_slots(list, first, count, true)?;
         Ok(())
     }
 
@@ -1189,27 +1236,32 @@ impl Instance {
         self.free_pages(run.va, run.len)
     }
 
-    /// Fires FREE, unmaps, releases and records. The caller holds the
-    /// hotplug write lock and checked the slots are used.
-    fn release_slots(&self, list: &List, first: u32, count: u32) -> Result<(), MemsegError> {
+    /// Fires FREE (with `events`), unmaps, records, has every secondary
+    /// unmap, then gives the pages back to the kernel. The caller holds
+    /// the hotplug write lock and checked the slots are used.
+    fn release_slots(
+        &self,
+        list: &List,
+        first: u32,
+        count: u32,
+        events: bool,
+    ) -> Result<(), MemsegError> {
         let psz = list.page_size.bytes() as usize;
-        self.fire(&[MemEvent {
-            kind: MemEventKind::Free,
-            addr: list.slot_va(first),
-            len: count as usize * psz,
-            page_size: list.page_size,
-            node: list.node,
-        }]);
+        if events {
+            self.fire(&[MemEvent {
+                kind: MemEventKind::Free,
+                addr: list.slot_va(first),
+                len: count as usize * psz,
+                page_size: list.page_size,
+                node: list.node,
+            }]);
+        }
         // SAFETY: the pages are ours and their owner gave them up; the
         // range goes straight back to PROT_NONE.
         unsafe {
             self.reservation
                 .unmap(list.va_off + first as usize * psz, count as usize * psz)
         }?;
-        if let Err(e) = list.store.release(first, count) {
-            // The VA is already gone; keep the books straight anyway.
-            tracing::error!(list = %list.name, first, count, error = %e, "cannot give pages back to the kernel");
-        }
         let mut pinned = 0;
         {
             let w = list.segs.write_lock();
@@ -1225,6 +1277,16 @@ impl Instance {
         h.used.fetch_sub(count, Ordering::Relaxed);
         h.pinned.fetch_sub(pinned, Ordering::Relaxed);
         h.version.fetch_add(1, Ordering::Release);
+        // Secondaries unmap before the pages go back to the kernel (a
+        // mapping over a released memfd range would fault in new pages).
+        // The slots stay unclaimable meanwhile: we hold the write lock.
+        if let Err(e) = self.mp_sync_all() {
+            tracing::error!(list = %list.name, first, count, error = %e, "secondaries did not all unmap freed pages");
+        }
+        if let Err(e) = list.store.release(first, count) {
+            // The VA is already gone; keep the books straight anyway.
+            tracing::error!(list = %list.name, first, count, error = %e, "cannot give pages back to the kernel");
+        }
         tracing::debug!(list = %list.name, first, count, "pages unmapped");
         Ok(())
     }
@@ -1519,7 +1581,7 @@ impl Instance {
                     break;
                 };
                 let count = list.segs.find_contig_used(first).unwrap_or(1).max(1);
-                if let Err(e) = self.release_slots(list, first, count) {
+                if let Err(e) = self.release_slots(list, first, count, true) {
                     tracing::error!(list = %list.name, error = %e, "cannot release pages at shutdown");
                 }
                 start = first + count;
@@ -1533,7 +1595,18 @@ impl Drop for Instance {
     fn drop(&mut self) {
         // Thread-exit hooks of the caches must not touch the config once
         // it goes: wait for running ones, stop later ones.
+        if self.mp.is_secondary() {
+            // Blocks this thread cached go back to the shared heap; those
+            // of other threads went back when the threads exited.
+            self.heap_cache_flush();
+        }
         self.heap.token().kill();
+        if self.mp.is_secondary() {
+            // The primary owns the pages and files: just let go of the
+            // mappings (the reservation goes with this value).
+            tracing::debug!(prefix = %self.opts.file_prefix, "secondary detached");
+            return;
+        }
         self.shutdown();
         if let Some((dir, lock)) = self.primary.take() {
             let config = dir.config_path();

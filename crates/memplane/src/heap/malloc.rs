@@ -90,6 +90,9 @@ pub struct AllocRequest {
     pub contig: bool,
     /// Zero the block.
     pub zero: bool,
+    /// Past the thread cache: a long-lived block (a memzone) should not
+    /// pull a refill of neighbours into this thread's cache.
+    pub uncached: bool,
 }
 
 impl AllocRequest {
@@ -104,7 +107,15 @@ impl AllocRequest {
             size_hint_only: false,
             contig: false,
             zero: false,
+            uncached: false,
         }
+    }
+
+    /// Bypasses the thread cache (a long-lived block).
+    #[must_use]
+    pub fn uncached(mut self) -> Self {
+        self.uncached = true;
+        self
     }
     /// Sets the alignment.
     #[must_use]
@@ -229,6 +240,36 @@ impl Heaps {
             h.kind_word(idx).store(HEAP_KIND_NATIVE, Ordering::Release);
         }
         Ok(h)
+    }
+
+    /// A view of the heap table another process set up: the native heaps
+    /// are the entries of kind native, in table order.
+    ///
+    /// # Safety
+    /// As [`init`](Self::init), for tables that are complete (the primary
+    /// set the config's magic after creating them).
+    pub(crate) unsafe fn attach(
+        heads: *mut u8,
+        max: u32,
+        ext: *mut u8,
+        max_ext: u32,
+        tcache: *mut u8,
+    ) -> Heaps {
+        #[allow(clippy::cast_ptr_alignment)] // the layout aligns both to 64
+        let mut h = Heaps {
+            heads: heads.cast::<HeapHeader>(),
+            max,
+            ext: ext.cast::<ExtChunk>(),
+            max_ext,
+            native: Vec::new(),
+            tcache: tcache.cast::<CacheSlot>(),
+            token: CacheToken::new(),
+        };
+        h.native = (0..max as u16)
+            .filter(|&i| h.kind(i) == HEAP_KIND_NATIVE)
+            .filter_map(|i| u32::try_from(h.head_socket(i)).ok().map(|n| (n, i)))
+            .collect();
+        h
     }
 
     /// The heap's kind word (an atomic: shared by reference while other
@@ -657,6 +698,7 @@ impl Instance {
     /// The general allocation call: every constraint of [`AllocRequest`].
     pub fn heap_alloc(&self, req: &AllocRequest) -> Result<NonNull<u8>> {
         if req.size != 0
+            && !req.uncached
             && req.size as u64 <= CACHE_MAX
             && req.align <= 64
             && (req.align == 0 || req.align.is_power_of_two())

@@ -132,6 +132,12 @@ pub enum MemsegError {
         /// Address of the page.
         addr: usize,
     },
+    /// A store operation only the primary process does.
+    #[error("{what} is done by the primary process, not by a secondary")]
+    Secondary {
+        /// The operation.
+        what: &'static str,
+    },
     /// A page of the range belongs to a malloc heap.
     #[error("page {addr:#x} belongs to a malloc heap; free the heap's blocks instead, the heap gives its pages back")]
     HeapOwned {

@@ -368,6 +368,22 @@ unsafe impl Send for ZoneTable {}
 unsafe impl Sync for ZoneTable {}
 
 impl ZoneTable {
+    /// A view of the table another process set up.
+    ///
+    /// # Safety
+    /// `base` points at a complete table in the config mapping, 64-byte
+    /// aligned, that outlives the value.
+    pub(crate) unsafe fn attach(base: *mut u8) -> ZoneTable {
+        #[allow(clippy::cast_ptr_alignment)]
+        // SAFETY: the header is at `base` (caller); its capacity was written
+        // at init, before any secondary could attach.
+        let capacity = unsafe { (*base.cast::<table::TableHeader>()).capacity };
+        ZoneTable {
+            // SAFETY: forwarded from the caller; the capacity is the table's.
+            t: unsafe { Table::new(base, capacity, false) },
+        }
+    }
+
     /// Sets up a fresh table of `capacity` entries.
     ///
     /// # Safety
@@ -951,6 +967,7 @@ impl Instance {
             return Ok(got);
         }
         let mut ar = AllocRequest::new(req.len)
+            .uncached()
             .align(req.align)
             .bound(req.bound)
             .socket(req.socket)
