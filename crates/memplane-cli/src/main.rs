@@ -8,6 +8,7 @@
 
 mod check;
 mod hugepages;
+mod info;
 mod memory;
 
 use std::path::PathBuf;
@@ -56,6 +57,10 @@ enum Command {
     /// and mapped pages, tear it down and check every hugepage went back
     /// (e.g. `memplane memory --socket-mem 64 --alloc 2M=4`).
     Memory(memory::Args),
+    /// Attach to a running instance (by --file-prefix) as a secondary and
+    /// show its memory: memory types, memsegs, heaps, memzones, rings
+    /// (DPDK's dpdk-proc-info), as tables or --json.
+    Info(info::Args),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         Command::Hugepages(args) => hugepages::run(&discovery, args),
         Command::Check(args) => check::run(&discovery, &args),
         Command::Memory(args) => memory::run(&discovery, args),
+        Command::Info(args) => info::run(&discovery, &args),
     };
     match result {
         Ok(code) => code,

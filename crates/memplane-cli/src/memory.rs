@@ -34,6 +34,10 @@ pub struct Args {
     /// on NODE or any node, e.g. rx=64K or table=1G@0 (repeatable).
     #[arg(long = "memzone", value_name = "NAME=SIZE[@NODE]")]
     memzone: Vec<String>,
+    /// After init, create an MP/MC ring NAME of COUNT 8-byte slots (a power
+    /// of two) in a memzone, e.g. rx=1024 (repeatable).
+    #[arg(long = "ring", value_name = "NAME=COUNT")]
+    ring: Vec<String>,
     /// Keep the instance alive SECS seconds before tearing it down, to look
     /// at it from another shell (Ctrl-C ends the wait early).
     #[arg(long, value_name = "SECS")]
@@ -65,6 +69,7 @@ struct Request {
     pages: bool,
     allocs: Vec<AllocSpec>,
     zones: Vec<ZoneSpec>,
+    rings: Vec<(String, usize)>,
     hold: Option<Duration>,
     eal: Vec<String>,
 }
@@ -75,6 +80,21 @@ struct ZoneSpec {
     name: String,
     len: usize,
     socket: i32,
+}
+
+fn parse_ring(text: &str) -> Result<(String, usize), Error> {
+    const FORM: &str = "expected NAME=COUNT, e.g. rx=1024";
+    let (name, count) = text
+        .split_once('=')
+        .ok_or_else(|| bad("--ring", text, format!("no '='; {FORM}")))?;
+    let count = count.trim().parse::<usize>().map_err(|_| {
+        bad(
+            "--ring",
+            text,
+            format!("'{count}' is not a slot count; {FORM}"),
+        )
+    })?;
+    Ok((name.to_string(), count))
 }
 
 fn parse_zone(text: &str) -> Result<ZoneSpec, Error> {
@@ -194,6 +214,7 @@ impl Request {
         let mut pages = args.pages;
         let mut alloc = args.alloc;
         let mut memzone = args.memzone;
+        let mut ring = args.ring;
         let mut hold = args.hold;
         let mut eal = Vec::with_capacity(args.options.len());
         let mut it = args.options.into_iter();
@@ -222,7 +243,7 @@ impl Request {
                         pages = true;
                     }
                 }
-                "--alloc" | "--hold" | "--memzone" => {
+                "--alloc" | "--hold" | "--memzone" | "--ring" => {
                     let value = match inline {
                         Some(v) => v,
                         None => it.next().ok_or_else(|| OptionsError::MissingValue {
@@ -230,6 +251,7 @@ impl Request {
                             expected: match name {
                                 "--alloc" => "SIZE=COUNT[@NODE], e.g. --alloc 2M=4".into(),
                                 "--memzone" => "NAME=SIZE[@NODE], e.g. --memzone rx=64K".into(),
+                                "--ring" => "NAME=COUNT, e.g. --ring rx=1024".into(),
                                 _ => "seconds, e.g. --hold 30".into(),
                             },
                         })?,
@@ -237,6 +259,7 @@ impl Request {
                     match name {
                         "--alloc" => alloc.push(value),
                         "--memzone" => memzone.push(value),
+                        "--ring" => ring.push(value),
                         _ => hold = Some(value),
                     }
                 }
@@ -246,6 +269,10 @@ impl Request {
         let allocs = alloc
             .iter()
             .map(|a| parse_alloc(a))
+            .collect::<Result<_, _>>()?;
+        let rings = ring
+            .iter()
+            .map(|r| parse_ring(r))
             .collect::<Result<_, _>>()?;
         let zones = memzone
             .iter()
@@ -257,6 +284,7 @@ impl Request {
             pages,
             allocs,
             zones,
+            rings,
             hold,
             eal,
         })
@@ -331,7 +359,7 @@ fn approx_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
-fn fmt_range(start: usize, len: usize) -> String {
+pub(crate) fn fmt_range(start: usize, len: usize) -> String {
     format!("{start:#x}-{:#x}", start + len)
 }
 
@@ -343,14 +371,14 @@ fn fmt_free(map: &BTreeMap<PageSize, u64>) -> String {
 }
 
 /// A left/right-aligned text table; the last column is not padded.
-struct Table {
+pub(crate) struct Table {
     head: Vec<&'static str>,
     right: Vec<bool>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(cols: &[(&'static str, bool)]) -> Table {
+    pub(crate) fn new(cols: &[(&'static str, bool)]) -> Table {
         Table {
             head: cols.iter().map(|c| c.0).collect(),
             right: cols.iter().map(|c| c.1).collect(),
@@ -358,11 +386,11 @@ impl Table {
         }
     }
 
-    fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
-    fn render(&self, indent: &str) -> String {
+    pub(crate) fn render(&self, indent: &str) -> String {
         let mut width: Vec<usize> = self.head.iter().map(|h| h.len()).collect();
         for r in &self.rows {
             for (w, c) in width.iter_mut().zip(r) {
@@ -729,6 +757,24 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
         )?);
     }
 
+    let mut rings = Vec::with_capacity(req.rings.len());
+    for (name, count) in &req.rings {
+        rings.push(
+            memplane_ring::RawRing::create(
+                &mem,
+                name,
+                8,
+                *count,
+                memplane::heap::SOCKET_ID_ANY,
+                memplane_ring::RingConfig::MPMC,
+            )
+            .map_err(|e| match e {
+                memplane_ring::ZoneRingError::Memory(m) => m,
+                other => bad("--ring", name, other.to_string()),
+            })?,
+        );
+    }
+
     let layout = mem.layout();
     // Labels of the summary lines (and of the teardown lines) line up.
     let label_width = allocs
@@ -806,6 +852,7 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
 
     let started = Instant::now();
     // The zones go with the instance (no free: teardown takes everything).
+    drop(rings);
     drop(zones);
     drop(mem);
     let teardown = started.elapsed();
@@ -891,6 +938,7 @@ mod tests {
             pages: false,
             alloc: vec!["2M=1".into()],
             memzone: vec!["a=1M".into()],
+            ring: vec![],
             hold: None,
             options: [
                 "--socket-mem",
@@ -933,6 +981,7 @@ mod tests {
             pages: false,
             alloc: vec![],
             memzone: vec![],
+            ring: vec![],
             hold: None,
             options: vec!["--alloc".into()],
         };

@@ -851,3 +851,98 @@ fn memory_hold_keeps_pages_until_interrupted() {
     assert!(err.contains("all hugepages given back"), "{err}");
     assert_eq!(free_counts(), before);
 }
+
+#[test]
+fn info_attaches_to_a_running_instance_and_reports_json() {
+    if !need_hugepages(8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let prefix = unique_prefix("info");
+    let rundir = tempfile::tempdir().unwrap();
+    let rd = rundir.path().to_str().unwrap().to_string();
+    // Nothing running yet: a clear error.
+    let o = memplane(&["info", "--file-prefix", &prefix, "--runtime-dir", &rd]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("no primary process is running"), "{err}");
+
+    let mut primary = Command::new(env!("CARGO_BIN_EXE_memplane"))
+        .args([
+            "memory",
+            "--hold",
+            "60",
+            "--memzone",
+            "rx=64K",
+            "--ring",
+            "q=1024",
+            "--file-prefix",
+            &prefix,
+            "--runtime-dir",
+            &rd,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = rundir
+        .path()
+        .join("memplane")
+        .join(&prefix)
+        .join("mp_socket");
+    let t = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(t.elapsed().as_secs() < 20, "the primary never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The primary reserves its zones right after init: wait for them.
+    let mut v = serde_json::Value::Null;
+    while t.elapsed().as_secs() < 20 {
+        let o = memplane(&[
+            "info",
+            "--json",
+            "--file-prefix",
+            &prefix,
+            "--runtime-dir",
+            &rd,
+        ]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        if v["rings"].as_array().is_some_and(|r| !r.is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(v["prefix"], prefix.as_str());
+    assert_eq!(v["primary_pid"], primary.id());
+    assert_ne!(v["reader_pid"], primary.id());
+    let zones = v["memzones"]["zones"].as_array().unwrap();
+    let names: Vec<&str> = zones.iter().map(|z| z["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["rx", "RG_q"], "{v}");
+    let rings = v["rings"].as_array().unwrap();
+    assert_eq!(rings[0]["name"], "q");
+    assert_eq!(rings[0]["capacity"], 1024);
+    assert_eq!(rings[0]["element_size"], 8);
+    assert_eq!(v["heaps"][0]["name"], "socket_0");
+    assert!(v["heaps"][0]["stats"]["alloc_count"].as_u64().unwrap() >= 2);
+    let segs = v["memsegs"].as_array().unwrap();
+    assert!(segs
+        .iter()
+        .any(|s| s["page_size"] == 2 << 20 && s["pages"].as_u64().unwrap() >= 1));
+    // Human form.
+    let o = memplane(&["info", "--file-prefix", &prefix, "--runtime-dir", &rd]);
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("memzones: 2 of 2560") && out.contains("rings:"),
+        "{out}"
+    );
+    // End the hold early with Ctrl-C: the primary tears down cleanly.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(primary.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let st = primary.wait().unwrap();
+    assert!(st.success(), "{st}");
+}

@@ -633,6 +633,11 @@ impl Instance {
         unsafe { self.config.as_ref() }
     }
 
+    /// The primary process's pid (this process's in a primary).
+    pub fn primary_pid(&self) -> u32 {
+        self.config_header().primary_pid
+    }
+
     /// A stable id of this instance, for the per-thread callback marker.
     fn id(&self) -> usize {
         self.config.as_ptr() as usize

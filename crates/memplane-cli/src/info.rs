@@ -1,0 +1,246 @@
+//! `memplane info`: attach to a running instance as a secondary and show
+//! where its memory went — memory types, memsegs per node and page size,
+//! heaps, memzones, rings — as tables or JSON (DPDK's `dpdk-proc-info`).
+//!
+//! The secondary only reads: it allocates nothing and detaches on exit.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use memplane::hugepages::Discovery;
+use memplane::units::format_size;
+use memplane::{Error, MemOptions, Memory};
+use serde::Serialize;
+
+use crate::memory::{fmt_range, Table};
+
+/// Arguments of `memplane info`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// The instance's options: at least `--file-prefix` (and
+    /// `--runtime-dir` if the primary used one).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "EAL_OPTIONS"
+    )]
+    options: Vec<String>,
+}
+
+/// Pages of one node and page size.
+#[derive(Debug, Default, Clone, Serialize)]
+struct MemsegSummary {
+    node: u32,
+    page_size: u64,
+    pages: u64,
+    bytes: u64,
+    pinned: u64,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    prefix: String,
+    primary_pid: u32,
+    reader_pid: u32,
+    layout: memplane::MemoryLayout,
+    memsegs: Vec<MemsegSummary>,
+    heaps: Vec<memplane::heap::HeapInfo>,
+    memzones: serde_json::Value,
+    rings: Vec<memplane_ring::RingInfo>,
+}
+
+/// Runs `memplane info`.
+pub fn run(discovery: &Discovery, args: &Args) -> Result<ExitCode, Error> {
+    let (json, eal) = split_json(args);
+    let mut all: Vec<&str> = eal.iter().map(String::as_str).collect();
+    if !all.iter().any(|a| a.starts_with("--proc-type")) {
+        all.extend(["--proc-type", "secondary"]);
+    }
+    let opts = MemOptions::parse_args(&all)?;
+    let mem = Memory::init_with_roots(&opts, discovery.roots())?;
+    let report = gather(&mem, &opts.file_prefix);
+    let mut out = std::io::stdout().lock();
+    let text = if json {
+        serde_json::to_string_pretty(&report).expect("report serializes") + "\n"
+    } else {
+        render(&mem, &report)
+    };
+    // A closed pipe ends the output, not the detach.
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--json` may come among the EAL options too.
+fn split_json(args: &Args) -> (bool, Vec<String>) {
+    let mut json = args.json;
+    let mut eal = Vec::with_capacity(args.options.len());
+    for a in &args.options {
+        if a == "--json" {
+            json = true;
+        } else {
+            eal.push(a.clone());
+        }
+    }
+    (json, eal)
+}
+
+fn gather(mem: &Memory, prefix: &str) -> Report {
+    let layout = mem.layout();
+    let mut by_type: BTreeMap<(u32, u64), MemsegSummary> = BTreeMap::new();
+    mem.memseg_walk(|s| {
+        let page = s.len as u64;
+        let e = by_type
+            .entry((s.node, page))
+            .or_insert_with(|| MemsegSummary {
+                node: s.node,
+                page_size: page,
+                ..MemsegSummary::default()
+            });
+        e.pages += 1;
+        e.bytes += page;
+        e.pinned += u64::from(s.pinned);
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    Report {
+        prefix: prefix.to_string(),
+        primary_pid: mem.primary_pid(),
+        reader_pid: std::process::id(),
+        layout,
+        memsegs: by_type.into_values().collect(),
+        heaps: mem.heaps(),
+        memzones: mem.memzone_dump_json(),
+        rings: memplane_ring::rings(mem),
+    }
+}
+
+fn render(mem: &Memory, r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "memplane info: prefix '{}', primary pid {}, read by pid {} (a secondary)",
+        r.prefix, r.primary_pid, r.reader_pid
+    );
+    let _ = writeln!(
+        o,
+        "  address space {} ({}), IOVA mode {:?}, {} mapped",
+        fmt_range(r.layout.base_va, r.layout.va_len),
+        format_size(r.layout.va_len as u64),
+        r.layout.iova_mode,
+        format_size(r.layout.total_mapped)
+    );
+
+    let _ = writeln!(o, "\nmemory types (memseg lists):");
+    let mut t = Table::new(&[
+        ("list", true),
+        ("node", true),
+        ("page", true),
+        ("used", true),
+        ("capacity", true),
+        ("pinned", true),
+        ("backing", false),
+        ("VA range", false),
+    ]);
+    for l in &r.layout.lists {
+        t.row(vec![
+            l.index.to_string(),
+            l.node.to_string(),
+            l.page_size.to_string(),
+            l.used.to_string(),
+            l.capacity.to_string(),
+            l.pinned.to_string(),
+            l.backing.as_str().to_string(),
+            fmt_range(l.base_va, l.len),
+        ]);
+    }
+    o.push_str(&t.render("  "));
+
+    let _ = write!(o, "\nmemsegs by node and page size:");
+    if r.memsegs.is_empty() {
+        o.push_str(" none mapped\n");
+    } else {
+        o.push('\n');
+        let mut t = Table::new(&[
+            ("node", true),
+            ("page", true),
+            ("pages", true),
+            ("bytes", true),
+            ("pinned", true),
+        ]);
+        for m in &r.memsegs {
+            t.row(vec![
+                m.node.to_string(),
+                format_size(m.page_size),
+                m.pages.to_string(),
+                format_size(m.bytes),
+                m.pinned.to_string(),
+            ]);
+        }
+        o.push_str(&t.render("  "));
+    }
+
+    let _ = writeln!(o, "\nmalloc heaps:");
+    let mut t = Table::new(&[
+        ("name", false),
+        ("socket", true),
+        ("total", true),
+        ("free", true),
+        ("allocated", true),
+        ("greatest free", true),
+        ("blocks", true),
+        ("cached", true),
+    ]);
+    for h in &r.heaps {
+        let s = h.stats;
+        t.row(vec![
+            h.name.clone(),
+            h.socket.to_string(),
+            format_size(s.total_bytes),
+            format_size(s.free_bytes),
+            format_size(s.alloc_bytes),
+            format_size(s.greatest_free),
+            s.alloc_count.to_string(),
+            s.cached_count.to_string(),
+        ]);
+    }
+    o.push_str(&t.render("  "));
+
+    o.push('\n');
+    let mut zones = Vec::new();
+    let _ = mem.memzone_dump(&mut zones);
+    o.push_str(&String::from_utf8_lossy(&zones));
+
+    let _ = write!(o, "\nrings:");
+    if r.rings.is_empty() {
+        o.push_str(" none\n");
+    } else {
+        o.push('\n');
+        let mut t = Table::new(&[
+            ("name", false),
+            ("capacity", true),
+            ("elem", true),
+            ("count", true),
+            ("producer", false),
+            ("consumer", false),
+        ]);
+        for ring in &r.rings {
+            t.row(vec![
+                ring.name.clone(),
+                ring.capacity.to_string(),
+                ring.element_size.to_string(),
+                ring.count.to_string(),
+                ring.producer.clone(),
+                ring.consumer.clone(),
+            ]);
+        }
+        o.push_str(&t.render("  "));
+    }
+    let _ = writeln!(o, "\nmempools: none (mempools are not built yet)");
+    o
+}
