@@ -231,6 +231,36 @@ impl Core {
     }
 }
 
+/// Moves one `T` from `src` to `dst`. Element types of 4, 8 and 16 bytes
+/// move as one integer of that size: arrays and structs of that size would
+/// otherwise be moved with a byte copy that keeps the value (and the
+/// caller's variables holding it) in memory instead of registers.
+///
+/// # Safety
+///
+/// `src` valid for reading and `dst` for writing one `T`, both aligned for
+/// `T`, not overlapping.
+#[inline(always)]
+unsafe fn move_one<T: Copy>(src: *const T, dst: *mut T) {
+    // SAFETY: per the caller; the integer has exactly T's size, and every
+    // bit pattern of T's bytes is a valid integer and (Element contract)
+    // a valid T.
+    unsafe {
+        match size_of::<T>() {
+            4 => dst
+                .cast::<u32>()
+                .write_unaligned(src.cast::<u32>().read_unaligned()),
+            8 => dst
+                .cast::<u64>()
+                .write_unaligned(src.cast::<u64>().read_unaligned()),
+            16 => dst
+                .cast::<u128>()
+                .write_unaligned(src.cast::<u128>().read_unaligned()),
+            _ => dst.write(src.read()),
+        }
+    }
+}
+
 /// Copies `count` units of `U` from `src` to `dst`.
 ///
 /// # Safety
@@ -865,6 +895,23 @@ impl<'r> Handle<'r> {
         }
     }
 
+    /// Pointer to the slot of position `pos` for a typed ring (`T` is the
+    /// element type), with the loom access check.
+    #[inline(always)]
+    fn slot<T>(&self, pos: u32, write: bool) -> *mut T {
+        let idx = pos & self.mask;
+        #[cfg(loom)]
+        if write {
+            self.core.cells[idx as usize].with_mut(|_| ());
+        } else {
+            self.core.cells[idx as usize].with(|_| ());
+        }
+        #[cfg(not(loom))]
+        let _ = write;
+        // SAFETY: idx <= mask < size: inside the slot array.
+        unsafe { self.slots.as_ptr().cast::<T>().add(idx as usize) }
+    }
+
     /// # Safety
     /// `src` valid for `n * unit` reads of `U`, `size_of::<U>() * unit == esize`.
     #[inline(always)]
@@ -887,6 +934,27 @@ impl<'r> Handle<'r> {
         } else {
             // SAFETY: per our caller.
             unsafe { self.enqueue_slow(src, want, unit, bulk) }
+        }
+    }
+
+    /// Enqueues one element of a typed ring (`T` is the element type),
+    /// passed by value: it goes from registers straight into its slot (no
+    /// general copy loop; the out-of-line modes get their own copy, so
+    /// `item` need not live in memory).
+    #[inline(always)]
+    fn enqueue_one<T: Copy>(&self, item: T) -> bool {
+        if self.inline_mode() {
+            let (head, n, _) = self.reserve_fast(Dir::Enq, 1, true);
+            if n != 0 {
+                // SAFETY: the slot of `head` is reserved for us (n == 1).
+                unsafe { move_one(&raw const item, self.slot::<T>(head, true)) };
+                self.publish_fast(head, n);
+            }
+            n != 0
+        } else {
+            let tmp = item;
+            // SAFETY: one T readable at &tmp; unit 1 and U = T.
+            unsafe { self.enqueue_slow(&raw const tmp, 1, 1, true).0 == 1 }
         }
     }
 
@@ -938,6 +1006,37 @@ impl<'r> Handle<'r> {
             // SAFETY: per our caller.
             unsafe { self.dequeue_slow(dst, want, unit, bulk) }
         }
+    }
+
+    /// Dequeues one element of a typed ring by value (see
+    /// [`enqueue_one`](Self::enqueue_one)).
+    #[inline(always)]
+    fn dequeue_one<T: Copy>(&self) -> Option<T> {
+        if self.inline_mode() {
+            let (head, n, _) = self.reserve_fast(Dir::Deq, 1, true);
+            if n == 0 {
+                return None;
+            }
+            let mut out = core::mem::MaybeUninit::<T>::uninit();
+            // SAFETY: the entry at `head` is reserved for us (n == 1).
+            unsafe { move_one(self.slot::<T>(head, false), out.as_mut_ptr()) };
+            self.publish_fast(head, n);
+            // SAFETY: written above; any bits are a valid T (Element
+            // contract).
+            Some(unsafe { out.assume_init() })
+        } else {
+            self.dequeue_one_slow()
+        }
+    }
+
+    #[inline(never)]
+    fn dequeue_one_slow<T: Copy>(&self) -> Option<T> {
+        let mut tmp = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: room for one T at tmp; unit 1 and U = T.
+        let (n, _) = unsafe { self.dequeue_slow(tmp.as_mut_ptr(), 1, 1, true) };
+        // SAFETY: n == 1 means one T was copied in; any bits are a valid T
+        // (Element contract).
+        (n == 1).then(|| unsafe { tmp.assume_init() })
     }
 
     /// RTS and HTS dequeue, out of line.
@@ -1217,9 +1316,7 @@ impl<T: Element> Producer<'_, T> {
     /// Enqueues one element; gives it back if the ring is full.
     #[inline(always)]
     pub fn try_enqueue(&self, item: T) -> Result<(), T> {
-        // SAFETY: one T readable at &item.
-        let (n, _) = unsafe { self.h.enqueue(&raw const item, 1, 1, true) };
-        if n == 1 {
+        if self.h.enqueue_one(item) {
             Ok(())
         } else {
             Err(item)
@@ -1261,12 +1358,7 @@ impl<T: Element> Consumer<'_, T> {
     /// Dequeues one element, if any.
     #[inline(always)]
     pub fn dequeue(&self) -> Option<T> {
-        let mut out = core::mem::MaybeUninit::<T>::uninit();
-        // SAFETY: room for one T at out.
-        let (n, _) = unsafe { self.h.dequeue(out.as_mut_ptr(), 1, 1, true) };
-        // SAFETY: n == 1 means one T was copied in; any bits are a valid T
-        // (Element contract).
-        (n == 1).then(|| unsafe { out.assume_init() })
+        self.h.dequeue_one()
     }
 
     /// Fills all of `out` or takes nothing; returns the entries left.
