@@ -336,7 +336,9 @@ impl<M: RingMemory> RawRing<M> {
             owner: AtomicU32::new(0),
             _pad0: 0,
             #[cfg(not(loom))]
-            _pad: [0; 96],
+            _pad1: [0; 40],
+            #[cfg(not(loom))]
+            _pad: [0; 56],
         };
         let hdr = Header {
             magic: AtomicU64::new(0),
