@@ -660,6 +660,10 @@ impl<'a> Raw<'a> {
 #[derive(Clone, Copy)]
 pub struct FbArray<'a> {
     raw: Raw<'a>,
+    /// Reads skip the shared lock (a secondary process: killed while
+    /// holding a read lock, it would block writers for good, as readers
+    /// are counted, not named).
+    lock_free_reads: bool,
 }
 
 impl std::fmt::Debug for FbArray<'_> {
@@ -786,7 +790,7 @@ macro_rules! unlocked {
 /// Shared access to an fbarray: a consistent view for several queries.
 pub struct FbReadGuard<'a> {
     raw: Raw<'a>,
-    _guard: ReadGuard<'a>,
+    _guard: Option<ReadGuard<'a>>,
 }
 
 /// Exclusive access to an fbarray: queries and updates without relocking, so
@@ -897,7 +901,10 @@ impl<'a> FbArray<'a> {
         };
         // Release: attachers that see the magic (Acquire) see the header.
         raw.header().magic.store(FBARRAY_MAGIC, Ordering::Release);
-        Ok(FbArray { raw })
+        Ok(FbArray {
+            raw,
+            lock_free_reads: false,
+        })
     }
 
     /// Attaches to an array another handle (maybe in another process)
@@ -971,17 +978,33 @@ impl<'a> FbArray<'a> {
                 lay,
                 _region: PhantomData,
             },
+            lock_free_reads: false,
         })
     }
 
     unlocked!();
 
-    /// Takes the read lock: a consistent view for several queries.
+    /// Takes the read lock: a consistent view for several queries. (A
+    /// view made by [`attach_lock_free`](Self::attach_lock_free) reads
+    /// without it: each word is read atomically, the view across words may
+    /// be mid-update.)
     pub fn read_lock(&self) -> FbReadGuard<'a> {
         FbReadGuard {
             raw: self.raw,
-            _guard: self.raw.header().lock.read(),
+            _guard: (!self.lock_free_reads).then(|| self.raw.header().lock.read()),
         }
+    }
+
+    /// Like [`attach`](Self::attach), for a reader that must never hold the
+    /// shared lock (a secondary process): its reads take no lock.
+    ///
+    /// # Safety
+    /// As [`attach`](Self::attach).
+    pub unsafe fn attach_lock_free(region: *mut u8, len: usize) -> Result<FbArray<'a>> {
+        // SAFETY: forwarded from the caller.
+        let mut a = unsafe { Self::attach(region, len) }?;
+        a.lock_free_reads = true;
+        Ok(a)
     }
 
     /// Takes the write lock: queries and updates as one atomic step.
@@ -1003,7 +1026,7 @@ impl<'a> FbArray<'a> {
             .map_err(|source| self.lock_err(source))?;
         Ok(FbReadGuard {
             raw: self.raw,
-            _guard: guard,
+            _guard: Some(guard),
         })
     }
 
@@ -1237,7 +1260,10 @@ impl OwnedFbArray {
 
     /// The array.
     pub fn array(&self) -> FbArray<'_> {
-        FbArray { raw: self.raw }
+        FbArray {
+            raw: self.raw,
+            lock_free_reads: false,
+        }
     }
 
     /// The memfd backing the array.

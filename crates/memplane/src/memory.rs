@@ -600,6 +600,7 @@ impl Instance {
             mem.fixed = Some("--legacy-mem");
         }
 
+        mem.heap.set_page_map(mem.heap_page_map());
         mem.heap.add_initial(&mem, &heap_runs);
 
         // Complete: other processes may attach from now on.
@@ -633,9 +634,58 @@ impl Instance {
         unsafe { self.config.as_ref() }
     }
 
+    /// Views of the lists' fbarrays for the heaps' crash recovery.
+    fn heap_page_map(&self) -> crate::heap::PageMap {
+        let base = self.config.as_ptr().cast::<u8>();
+        let lists = self
+            .lists
+            .iter()
+            .filter_map(|l| {
+                let h = l.header();
+                // SAFETY: the fbarray region lies in the config mapping,
+                // which outlives the heaps (both owned by the instance).
+                let view = unsafe {
+                    let region = base.add(h.fbarray_off as usize);
+                    if self.mp.is_secondary() {
+                        FbArray::attach_lock_free(region, h.fbarray_len as usize)
+                    } else {
+                        FbArray::attach(region, h.fbarray_len as usize)
+                    }
+                }
+                .ok()?;
+                Some((
+                    l.base_va,
+                    l.capacity as usize * l.page_size.bytes() as usize,
+                    l.page_size.bytes() as usize,
+                    view,
+                ))
+            })
+            .collect();
+        crate::heap::PageMap { lists }
+    }
+
     /// The primary process's pid (this process's in a primary).
     pub fn primary_pid(&self) -> u32 {
         self.config_header().primary_pid
+    }
+
+    /// The hotplug lock for writing. A holder that died (a secondary
+    /// killed while changing the heap table) is taken over, with an error
+    /// logged: its change may be half done.
+    fn hotplug_write_guard(&self) -> crate::shm::lock::WriteGuard<'_> {
+        let lock = &self.config_header().hotplug_lock;
+        loop {
+            match lock.write_timeout(std::time::Duration::from_millis(200)) {
+                Ok(g) => return g,
+                Err(crate::shm::lock::LockError::OwnerDead { pid }) => {
+                    if let Some(g) = lock.take_over_dead_writer() {
+                        tracing::error!(pid, "took over the hotplug lock from a dead process");
+                        return g;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// A stable id of this instance, for the per-thread callback marker.
@@ -653,7 +703,7 @@ impl Instance {
     pub(crate) fn hotplug_write(
         &self,
     ) -> (crate::shm::lock::HeldMark, crate::shm::lock::WriteGuard<'_>) {
-        let g = self.config_header().hotplug_lock.write();
+        let g = self.hotplug_write_guard();
         (crate::shm::lock::HeldMark::new(), g)
     }
 
@@ -773,6 +823,14 @@ impl Instance {
     fn read_locked<R>(&self, f: impl FnOnce() -> R) -> R {
         if events::is_in_callback(self.id()) {
             f()
+        } else if self.mp.is_secondary() {
+            // A secondary never holds the shared lock for reading: killed
+            // while holding it, it would block the primary for good (readers
+            // are counted, not named). Its walks exclude its own resyncs,
+            // which are the only changes to its mappings.
+            let _g = self.mp.local_hotplug.read();
+            let _held = crate::shm::lock::HeldMark::new();
+            f()
         } else {
             let _g = self.config_header().hotplug_lock.read();
             let _held = crate::shm::lock::HeldMark::new();
@@ -818,7 +876,7 @@ impl Instance {
         }
         let list = self.list_for(req.node, req.page_size)?;
         let psz = req.page_size.bytes();
-        let _g = self.config_header().hotplug_lock.write();
+        let _g = self.hotplug_write_guard();
         let _held = crate::shm::lock::HeldMark::new();
 
         let asked = u64::from(req.count) * psz;
@@ -1208,7 +1266,7 @@ impl Instance {
         }
         let first = (off / psz) as u32;
         let count = (len / psz) as u32;
-        let _g = self.config_header().hotplug_lock.write();
+        let _g = self.hotplug_write_guard();
         let _held = crate::shm::lock::HeldMark::new();
         for s in first..first + count {
             if !list.segs.is_used(s)? {
@@ -1577,7 +1635,7 @@ impl Instance {
     /// Unmaps every page (preallocated ones too) and releases the backing,
     /// as [`Drop`] does.
     fn shutdown(&mut self) {
-        let _g = self.config_header().hotplug_lock.write();
+        let _g = self.hotplug_write_guard();
         let _held = crate::shm::lock::HeldMark::new();
         for list in &self.lists {
             let mut start = 0;

@@ -118,6 +118,7 @@ fn secondary_child() {
     match role.as_str() {
         "share" => child_share(&prefix, &rundir),
         "events" => child_events(&prefix, &rundir),
+        "churn" => child_churn(&prefix, &rundir),
         "auto" => {
             let mem = Memory::init(&opts(&prefix, &rundir, &["--proc-type", "auto"])).unwrap();
             assert!(mem.is_secondary());
@@ -187,6 +188,52 @@ fn child_events(prefix: &str, rundir: &str) {
             (MemEventKind::Free, va, 8 * MB)
         ]
     );
+}
+
+/// Allocates, frees, reserves and frees zones forever (until killed).
+fn child_churn(prefix: &str, rundir: &str) {
+    let mem = Memory::init(&opts(prefix, rundir, &["--proc-type", "secondary"])).unwrap();
+    let me = std::process::id();
+    let mut live = Vec::new();
+    let mut zones = Vec::new();
+    let mut seed = u64::from(me) | 1;
+    for i in 0u64.. {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let size = match seed % 16 {
+            0 => 3 * MB,
+            1..=4 => 64 << (seed % 12),
+            _ => 64 + (seed % 2000) as usize,
+        };
+        if let Ok(p) = mem.malloc(size, 0) {
+            // SAFETY: our fresh block.
+            unsafe { std::ptr::write_bytes(p.as_ptr(), 0xa5, size.min(4096)) };
+            live.push(p);
+        }
+        if live.len() > 64 || seed % 3 == 0 {
+            if let Some(p) = live.pop() {
+                // SAFETY: our block, not used after.
+                unsafe { mem.free(p).unwrap() };
+            }
+        }
+        if seed % 5 == 0 {
+            if let Ok(z) = mem.memzone_reserve(
+                &format!("churn-{me}-{i}"),
+                64 + (seed % 5000) as usize,
+                SOCKET_ID_ANY,
+                MemzoneFlags::NONE,
+            ) {
+                zones.push(z);
+            }
+        }
+        if zones.len() > 8 {
+            zones.remove(0).free().unwrap();
+        }
+        if i == 50 {
+            tell("ready");
+        }
+    }
 }
 
 fn setup(tag: &str) -> (String, tempfile::TempDir) {
@@ -332,4 +379,96 @@ fn attach_errors_name_the_problem() {
         other => panic!("expected a VA conflict, got {other}"),
     }
     drop(mem);
+}
+
+#[test]
+fn secondaries_killed_at_random_moments_leave_a_working_primary() {
+    if !need_hugepages(2048, 64) {
+        return;
+    }
+    let _pool = pool_lock(true);
+    let free_before = common::real_counter(2048, "free_hugepages");
+    let (prefix, dir) = setup("churn");
+    let rundir = dir.path().to_str().unwrap().to_string();
+    let rounds: u64 = std::env::var("MP_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    {
+        let mem = Arc::new(Memory::init(&opts(&prefix, &rundir, &[])).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The primary keeps allocating and freeing meanwhile.
+        let worker = {
+            let (mem, stop) = (Arc::clone(&mem), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let p = mem.malloc(1000 + (n % 300_000) as usize, 0).unwrap();
+                    let z = mem
+                        .memzone_reserve(&format!("prim-{}", n % 4), 256, 0, MemzoneFlags::NONE)
+                        .unwrap();
+                    // SAFETY: our block, not used after.
+                    unsafe { mem.free(p).unwrap() };
+                    z.free().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut seed = 0x1234_5678_u64;
+        let t = Instant::now();
+        for round in 0..rounds {
+            eprintln!("round {round}: spawn at {:?}", t.elapsed());
+            let mut child = Secondary::spawn("churn", &prefix, &rundir);
+            child.expect("ready");
+            eprintln!("round {round}: ready at {:?}", t.elapsed());
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(Duration::from_micros(seed % 20_000));
+            child.child.kill().unwrap();
+            child.child.wait().unwrap();
+            eprintln!("round {round}: killed at {:?}", t.elapsed());
+            let r = Instant::now();
+            let p = mem.malloc(5 * MB, 0).unwrap();
+            // SAFETY: our block.
+            unsafe { mem.free(p).unwrap() };
+            mem.heap_trim();
+            mem.heap_validate()
+                .unwrap_or_else(|e| panic!("round {round}: heap invalid after a kill: {e}"));
+            eprintln!("round {round}: primary ok after {:?}", r.elapsed());
+            assert!(
+                r.elapsed() < Duration::from_secs(8),
+                "round {round}: the primary needed {:?} after the kill",
+                r.elapsed()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = worker.join().unwrap();
+        eprintln!(
+            "{rounds} kills in {:?}; the primary's worker did {n} rounds meanwhile",
+            t.elapsed()
+        );
+        // Zones of the dead stay (zones outlive their creator) until freed.
+        let mut freed = 0;
+        mem.memzone_walk(|z| {
+            if z.name.starts_with("churn-") {
+                freed += 1;
+            }
+        });
+        for z in mem.memzones() {
+            if z.name.starts_with("churn-") {
+                mem.memzone_lookup(&z.name).unwrap().free().unwrap();
+            }
+        }
+        eprintln!("{freed} zones of killed secondaries freed");
+        mem.heap_validate().unwrap();
+        let mem = Arc::try_unwrap(mem).unwrap();
+        drop(mem);
+    }
+    assert_eq!(
+        common::real_counter(2048, "free_hugepages"),
+        free_before,
+        "hugepages lost after the kills"
+    );
 }

@@ -299,22 +299,95 @@ macro_rules! hset {
 }
 
 impl<'a> Locked<'a> {
-    /// Takes the heap's lock.
+    /// Takes the heap's lock, taking it over from a holder that died; the
+    /// flag says whether that happened (the heap may then be half-updated:
+    /// validate or rebuild it).
     ///
     /// # Safety
     /// `h` points at an initialised heap head that outlives `'a`, and every
     /// element reachable from it lies in memory mapped for at least as long.
-    pub(crate) unsafe fn lock(h: *mut HeapHeader, idx: u16) -> Locked<'a> {
-        // SAFETY: per the contract; the lock field is an atomic, shared by
-        // reference while the other fields are reached by raw pointer.
+    pub(crate) unsafe fn lock_robust(h: *mut HeapHeader, idx: u16) -> (Locked<'a>, bool) {
+        // SAFETY: per the contract, as in `lock`.
         let lock: &'a SpinLock = unsafe { &*addr_of!((*h).lock) };
-        let guard = lock.lock();
-        Locked {
+        let wrap = |guard| Locked {
             h,
             idx,
             _guard: guard,
             _held: crate::shm::lock::HeldMark::new(),
+        };
+        if let Some(g) = lock.try_lock() {
+            return (wrap(g), false);
         }
+        loop {
+            match lock.lock_timeout(std::time::Duration::from_millis(100)) {
+                Ok(g) => return (wrap(g), false),
+                Err(crate::shm::lock::LockError::OwnerDead { pid }) => {
+                    if let Some(g) = lock.take_over_dead_owner() {
+                        tracing::error!(
+                            heap = idx,
+                            pid,
+                            "took over a heap lock from a dead process"
+                        );
+                        return (wrap(g), true);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Rebuilds the free lists, the last pointer, the prev links and the
+    /// counters from the chain of elements in address order, after a
+    /// holder died mid-update. Fails (changing nothing) if the chain itself
+    /// is broken: an element outside the heap's memory or with a bad
+    /// cookie.
+    pub(crate) fn rebuild(
+        &mut self,
+        in_memory: &dyn Fn(u64, u64) -> bool,
+    ) -> Result<(), Corruption> {
+        let mut elems: Vec<(u64, Elem)> = Vec::new();
+        let mut cur = hf!(self, first);
+        let bound = (hf!(self, total) / UNIT).max(1) + 1;
+        while cur != 0 {
+            let bad = |what: &str| Corruption {
+                addr: cur,
+                what: format!("cannot rebuild the heap: {what}"),
+            };
+            if cur % UNIT != 0 || !in_memory(cur, HDR) {
+                return Err(bad("an element link leads outside the heap's memory"));
+            }
+            // SAFETY: checked just above to be mapped heap memory.
+            let Some(e) = (unsafe { sealed(cur) }) else {
+                return Err(bad("an element header's cookie does not match"));
+            };
+            if e.heap != self.idx || e.size < UNIT || !in_memory(cur, e.size) {
+                return Err(bad("an element's heap or size is wrong"));
+            }
+            elems.push((cur, e));
+            if elems.len() as u64 > bound {
+                return Err(bad("the element chain loops"));
+            }
+            cur = e.next;
+        }
+        hset!(self, fl_bitmap, 0);
+        hset!(self, sl_bitmap, [0; FL_COUNT]);
+        hset!(self, heads, [[0; SL_COUNT]; FL_COUNT]);
+        hset!(self, free_count, 0);
+        hset!(self, free_bytes, 0);
+        let mut prev = 0;
+        let mut busy = 0;
+        for &(addr, e) in &elems {
+            self.set_link(addr, Link::Prev, prev);
+            if e.state == STATE_FREE {
+                self.free_insert(addr);
+            } else {
+                busy += 1;
+            }
+            prev = addr;
+        }
+        hset!(self, last, prev);
+        hset!(self, busy_count, busy);
+        Ok(())
     }
 
     /// Resets the head of a fresh or destroyed heap (lock held).
@@ -1338,4 +1411,79 @@ pub(crate) enum BlockFault {
     AlreadyFree,
     /// The header names another heap.
     OtherHeap { heap: u16 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heap head and 1 MiB of memory in process-private buffers.
+    struct TestHeap {
+        head: Box<std::mem::MaybeUninit<HeapHeader>>,
+        mem: Vec<u64>,
+    }
+
+    impl TestHeap {
+        fn new() -> TestHeap {
+            let mut t = TestHeap {
+                head: Box::new(std::mem::MaybeUninit::zeroed()),
+                mem: vec![0u64; (1 << 20) / 8 + 8],
+            };
+            let base = t.base();
+            let mut l = t.lock();
+            l.reset(0, 0, "test");
+            l.add_memory(base, 1 << 20, 0, false, 0);
+            drop(l);
+            t
+        }
+
+        fn base(&self) -> u64 {
+            (self.mem.as_ptr() as u64).next_multiple_of(UNIT)
+        }
+
+        fn lock(&mut self) -> Locked<'_> {
+            // SAFETY: the head is zero-filled (a valid unlocked lock) and
+            // both buffers live as long as the guard borrows `self`.
+            unsafe { Locked::lock_robust(self.head.as_mut_ptr(), 0).0 }
+        }
+    }
+
+    #[test]
+    fn rebuild_restores_free_lists_and_counters_after_a_half_update() {
+        let mut t = TestHeap::new();
+        let (base, end) = (t.base(), t.base() + (1 << 20));
+        let inside = move |a: u64, n: u64| a >= base && a + n <= end;
+        let want = Want {
+            size: 1024,
+            align: UNIT,
+            bound: 0,
+            seg_ok: None,
+            contig_ok: None,
+        };
+        let mut l = t.lock();
+        let blocks: Vec<u64> = (0..20).map(|_| l.alloc(&want, 1000).unwrap().0).collect();
+        for &b in blocks.iter().step_by(3) {
+            l.free(b - HDR, false);
+        }
+        l.validate(&inside, false).unwrap();
+        // A dead holder's half-done update: free lists and counters lost.
+        hset!(l, fl_bitmap, 0);
+        hset!(l, sl_bitmap, [0; FL_COUNT]);
+        hset!(l, heads, [[0; SL_COUNT]; FL_COUNT]);
+        hset!(l, free_count, 0);
+        hset!(l, busy_count, 99);
+        hset!(l, last, 0);
+        assert!(l.validate(&inside, false).is_err());
+        l.rebuild(&inside).unwrap();
+        l.validate(&inside, false).unwrap();
+        // And it works again: every block frees, the heap is one element.
+        for &b in blocks.iter().skip(1).step_by(3) {
+            l.free(b - HDR, false);
+        }
+        l.validate(&inside, false).unwrap();
+        // A header overwritten in the chain cannot be rebuilt around.
+        // SAFETY: inside the test buffer.
+        unsafe { ((blocks[5] - HDR) as *mut u32).write(0xdead_beef) };
+        assert!(l.rebuild(&inside).is_err());
+    }
 }

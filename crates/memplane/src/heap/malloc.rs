@@ -182,6 +182,48 @@ pub(crate) struct Heaps {
     /// Thread-cache slots: `SLOTS_PER_HEAP` per native heap, in slot order.
     tcache: *mut CacheSlot,
     token: std::sync::Arc<CacheToken>,
+    /// The lists' pages, to check links against after a crash.
+    page_map: std::sync::OnceLock<PageMap>,
+}
+
+/// Which pages belong to heaps: (base, length, page size, the list's
+/// fbarray view) per memseg list.
+pub(crate) struct PageMap {
+    pub(crate) lists: Vec<(usize, usize, usize, crate::fbarray::FbArray<'static>)>,
+}
+
+impl PageMap {
+    /// Whether every page of `[addr, addr + len)` is a used heap page.
+    fn owns(&self, addr: u64, len: u64) -> bool {
+        let (Ok(start), Ok(len)) = (usize::try_from(addr), usize::try_from(len)) else {
+            return false;
+        };
+        let end = start.saturating_add(len);
+        let mut p = start;
+        while p < end {
+            let Some((base, _, page, segs)) = self.lists.iter().find(|l| p >= l.0 && p - l.0 < l.1)
+            else {
+                return false;
+            };
+            let slot = ((p - base) / page) as u32;
+            if !segs.is_used(slot).unwrap_or(false) {
+                return false;
+            }
+            let flags = segs
+                .get_ptr::<crate::memseg::layout::Memseg>(slot)
+                .ok()
+                .map_or(0, |m| {
+                    // SAFETY: an element of the fbarray in the config mapping;
+                    // an aligned u32 read cannot tear.
+                    unsafe { std::ptr::addr_of!((*m.as_ptr()).flags).read_volatile() }
+                });
+            if flags & MEMSEG_HEAP == 0 {
+                return false;
+            }
+            p = (p / page + 1) * page;
+        }
+        true
+    }
 }
 
 // SAFETY: the pointers lead into the shared config mapping owned by the
@@ -228,6 +270,7 @@ impl Heaps {
                 .collect(),
             tcache: tcache.cast::<CacheSlot>(),
             token: CacheToken::new(),
+            page_map: std::sync::OnceLock::new(),
         };
         for &(node, idx) in &h.native {
             let mut l = h.lock(idx);
@@ -264,6 +307,7 @@ impl Heaps {
             native: Vec::new(),
             tcache: tcache.cast::<CacheSlot>(),
             token: CacheToken::new(),
+            page_map: std::sync::OnceLock::new(),
         };
         h.native = (0..max as u16)
             .filter(|&i| h.kind(i) == HEAP_KIND_NATIVE)
@@ -316,7 +360,38 @@ impl Heaps {
     pub(super) fn lock(&self, idx: u16) -> Locked<'_> {
         // SAFETY: the head is in the config mapping that outlives `self`;
         // heap memory stays mapped while it is in a heap.
-        unsafe { Locked::lock(self.heads.add(idx as usize), idx) }
+        let (mut l, took_over) = unsafe { Locked::lock_robust(self.heads.add(idx as usize), idx) };
+        if took_over {
+            self.recover(&mut l, idx);
+        }
+        l
+    }
+
+    /// After taking a lock over from a dead holder: validate, and rebuild
+    /// the free lists and counters if the holder left them half-updated.
+    fn recover(&self, l: &mut Locked<'_>, idx: u16) {
+        let owns = |a: u64, n: u64| {
+            self.page_map.get().is_some_and(|m| m.owns(a, n))
+                || self.ext_contains(idx, a as usize, n as usize)
+        };
+        match l.validate(&owns, false) {
+            Ok(()) => tracing::warn!(heap = idx, "heap consistent after its lock holder died"),
+            Err(c) => {
+                tracing::error!(heap = idx, addr = c.addr, what = %c.what, "heap inconsistent after its lock holder died: rebuilding its free lists");
+                match l.rebuild(&owns).and_then(|()| l.validate(&owns, false)) {
+                    Ok(()) => tracing::warn!(heap = idx, "heap rebuilt"),
+                    Err(c) => {
+                        tracing::error!(heap = idx, addr = c.addr, what = %c.what, "heap cannot be fully repaired");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the heaps the view of the memseg lists they check links
+    /// against when recovering from a dead lock holder.
+    pub(crate) fn set_page_map(&self, map: PageMap) {
+        let _ = self.page_map.set(map);
     }
 
     pub(super) fn max(&self) -> u32 {

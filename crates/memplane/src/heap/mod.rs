@@ -51,8 +51,8 @@ pub use self::boxed::{HeapBox, HeapSlice, Zeroable};
 pub use self::core::{Corruption, ElemInfo, HeapStats};
 pub use self::extmem::ExtChunkInfo;
 pub use self::global::{HugepageGlobalAlloc, InstallError};
-pub(crate) use self::malloc::Heaps;
 pub use self::malloc::{AllocRequest, HeapInfo, PageSizes};
+pub(crate) use self::malloc::{Heaps, PageMap};
 
 /// Any NUMA node: the caller's first, then the others (DPDK's
 /// `SOCKET_ID_ANY`).

@@ -191,19 +191,43 @@ impl Endpoint {
         // From here on, dropping `endpoint` cleans up (socket file, threads).
         let (tx, rx) = mpsc::sync_channel::<Incoming>(WORK_QUEUE);
         let spawn_err = |e| IpcError::io("spawning an IPC thread", e);
+        // Both threads are running before `bind` returns, so whatever
+        // std allocates when a thread starts (its name) is allocated now,
+        // not later from a heap that may have become the global allocator.
+        let (started, running) = mpsc::channel::<()>();
         let worker = {
             let inner = Arc::clone(&inner);
+            let started = started.clone();
             std::thread::Builder::new()
                 .name("mp-ipc-worker".into())
-                .spawn(move || work(&inner, &rx))
+                .spawn(move || {
+                    // The IPC threads never allocate from the hugepage heap
+                    // (when it is the global allocator): a sync handler
+                    // runs while the primary holds the hotplug lock, and
+                    // growing the heap from here would wait for it.
+                    crate::heap::HugepageGlobalAlloc::bypass(|| {
+                        let _ = started.send(());
+                        work(&inner, &rx);
+                    });
+                })
                 .map_err(spawn_err)?
         };
         lock(&endpoint.threads).worker = Some(worker);
-        let receiver = std::thread::Builder::new()
-            .name("mp-ipc-rx".into())
-            .spawn(move || receive(&inner, &tx))
-            .map_err(spawn_err)?;
+        let receiver = {
+            std::thread::Builder::new()
+                .name("mp-ipc-rx".into())
+                .spawn(move || {
+                    crate::heap::HugepageGlobalAlloc::bypass(|| {
+                        let _ = started.send(());
+                        receive(&inner, &tx);
+                    });
+                })
+                .map_err(spawn_err)?
+        };
         lock(&endpoint.threads).receiver = Some(receiver);
+        for _ in 0..2 {
+            let _ = running.recv_timeout(Duration::from_secs(5));
+        }
         tracing::debug!(path = %endpoint.inner.path.display(), primary, "IPC endpoint bound");
         Ok(endpoint)
     }
@@ -505,8 +529,29 @@ impl Inner {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Message, IpcError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let answer = match sent.rx.recv_timeout(left) {
+        // Wait in slices: a peer that died after taking the request fails
+        // the wait at once instead of at the deadline.
+        let pid = peer_pid(&sent.peer);
+        let mut got = Err(RecvTimeoutError::Timeout);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            got = sent.rx.recv_timeout(left.min(DEATH_POLL));
+            if !matches!(got, Err(RecvTimeoutError::Timeout)) {
+                break;
+            }
+            if pid.is_some_and(crate::shm::lock::pid_is_dead) {
+                if lock(&self.pending).remove(&sent.id).is_some() {
+                    return Err(IpcError::NoPeer { path: sent.peer });
+                }
+                // The answer arrived meanwhile: take it.
+                got = sent.rx.recv().map_err(|_| RecvTimeoutError::Disconnected);
+                break;
+            }
+        }
+        let answer = match got {
             Ok(a) => a,
             Err(RecvTimeoutError::Disconnected) => return Err(IpcError::Closed),
             Err(RecvTimeoutError::Timeout) => {
@@ -632,6 +677,20 @@ fn send_error(f: SendFail, to: &Path, name: &str, after: Duration) -> IpcError {
         },
         SendFail::Io(e) => IpcError::io(format!("sending \"{name}\" to {}", to.display()), e),
     }
+}
+
+/// How often a waiting requester checks whether its peer died.
+const DEATH_POLL: Duration = Duration::from_millis(50);
+
+/// The pid behind a socket: `mp_socket_<pid>_<n>` names it; the primary's
+/// `mp_socket` is named by `primary.pid` next to it.
+fn peer_pid(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    if let Some(rest) = name.strip_prefix("mp_socket_") {
+        return rest.split('_').next()?.parse().ok();
+    }
+    let pid = std::fs::read_to_string(path.with_file_name("primary.pid")).ok()?;
+    pid.trim().parse().ok()
 }
 
 /// A one-way message or a request, as an action receives it.

@@ -439,6 +439,7 @@ impl Instance {
                 },
             ),
         };
+        inst.heap.set_page_map(inst.heap_page_map());
         inst.mp_resync(true)?;
         tracing::info!(
             prefix = %opts.file_prefix,
@@ -508,7 +509,16 @@ impl Instance {
             .sync_lock
             .lock()
             .map_err(|_| Error::System("sync lock poisoned".into()))?;
-        let _g = take_lock.then(|| self.config_header().hotplug_lock.read());
+        // Walks in this process wait while mappings change. (The primary
+        // holds the shared lock for writing whenever the lists change; a
+        // self-resync reads the lists without it: a slot the primary is
+        // changing right now is fixed by the sync that follows.)
+        let _local = self
+            .mp
+            .local_hotplug
+            .write()
+            .map_err(|_| Error::System("local hotplug lock poisoned".into()))?;
+        let _ = take_lock;
         for (list, m) in self.lists.iter().zip(&s.mapped) {
             let v = list.header().version.load(Ordering::Acquire);
             if m.version.load(Ordering::Relaxed) == v {
@@ -632,7 +642,7 @@ fn attach_lists(
         // SAFETY: the fbarray region lies inside the config mapping, which
         // lives as long as the lists (both owned by the instance).
         let segs = unsafe {
-            FbArray::attach(
+            FbArray::attach_lock_free(
                 config_ptr.add(lh.fbarray_off as usize),
                 lh.fbarray_len as usize,
             )

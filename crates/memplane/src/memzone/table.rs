@@ -190,19 +190,42 @@ impl Table {
         unsafe { (*self.header).capacity }
     }
 
-    /// The table's lock, for writing.
+    /// The table's lock, for writing. A writer that died holding it is
+    /// taken over and the table rebuilt from its entries.
     pub(crate) fn write(&self) -> Writing<'_> {
-        Writing {
-            t: self,
-            _guard: self.lock().write(),
+        let lock = self.lock();
+        if let Some(g) = lock.try_write() {
+            return Writing { t: self, _guard: g };
+        }
+        loop {
+            match lock.write_timeout(std::time::Duration::from_millis(100)) {
+                Ok(g) => return Writing { t: self, _guard: g },
+                Err(crate::shm::lock::LockError::OwnerDead { pid }) => {
+                    if let Some(g) = lock.take_over_dead_writer() {
+                        tracing::error!(pid, "took over the memzone table lock from a dead process; rebuilding the table");
+                        let mut w = Writing { t: self, _guard: g };
+                        w.rebuild();
+                        return w;
+                    }
+                }
+                Err(_) => {}
+            }
         }
     }
 
-    /// The table's lock, for reading.
+    /// The table's lock, for reading (a dead writer is handled as in
+    /// [`write`](Self::write)).
     pub(crate) fn read(&self) -> Reading<'_> {
-        Reading {
-            t: self,
-            _guard: self.lock().read(),
+        let lock = self.lock();
+        if let Some(g) = lock.try_read() {
+            return Reading { t: self, _guard: g };
+        }
+        loop {
+            match lock.read_timeout(std::time::Duration::from_millis(100)) {
+                Ok(g) => return Reading { t: self, _guard: g },
+                Err(crate::shm::lock::LockError::OwnerDead { .. }) => drop(self.write()),
+                Err(_) => {}
+            }
         }
     }
 
@@ -421,6 +444,54 @@ impl Writing<'_> {
     pub(crate) fn find(&self, name: &[u8; NAME_BYTES], hash: u32) -> Option<u32> {
         self.t.find(name, hash)
     }
+
+    /// Rebuilds the index, the free stack and the count from the entries,
+    /// after a writer died mid-update. Claims and frees of dead processes
+    /// are dropped (a zone whose free was cut short is gone; its memory
+    /// may stay allocated in the heap).
+    pub(crate) fn rebuild(&mut self) {
+        let t = self.t;
+        let h = t.header_mut();
+        let mask = h.buckets - 1;
+        for b in 0..h.buckets {
+            t.set_bucket(b, 0);
+        }
+        h.free_head = 0;
+        h.count = 0;
+        for i in (0..h.high_water.min(h.capacity)).rev() {
+            let e = t.entry_mut(i);
+            let state = e.state.load(Ordering::Acquire);
+            let dead = crate::shm::lock::pid_is_dead(e.owner_pid);
+            let keep = match state {
+                STATE_READY => true,
+                STATE_RESERVING => !dead,
+                _ => false,
+            };
+            if !keep {
+                if state != STATE_FREE {
+                    tracing::warn!(
+                        entry = i,
+                        state,
+                        pid = e.owner_pid,
+                        "dropping a memzone entry a dead process left half done"
+                    );
+                    e.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                e.state.store(STATE_FREE, Ordering::Release);
+                e.name = [0; NAME_BYTES];
+                e.next_free = h.free_head;
+                h.free_head = i + 1;
+                continue;
+            }
+            e.hash = hash_name(&e.name);
+            let mut slot = e.hash & mask;
+            while t.bucket(slot) != 0 {
+                slot = (slot + 1) & mask;
+            }
+            t.set_bucket(slot, i + 1);
+            h.count += 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -514,6 +585,38 @@ mod tests {
             }
         }
         assert_eq!(tab.read().count() as usize, live.len());
+    }
+
+    #[test]
+    fn rebuild_recovers_the_index_and_drops_dead_claims() {
+        let (_buf, tab) = table(16);
+        let mut ids = Vec::new();
+        for n in ["a", "b", "c", "d"] {
+            let Claim::Claimed(i) = claim(&tab, n) else {
+                panic!()
+            };
+            ids.push(i);
+        }
+        for &i in &ids[..3] {
+            tab.write().publish(i);
+        }
+        // "d" stays RESERVING by a pid that does not exist.
+        tab.write().entry_mut(ids[3]).owner_pid = 0x3fff_fff0;
+        // A writer died mid-update: the index is wiped.
+        {
+            let w = tab.write();
+            for b in 0..bucket_count(16) {
+                w.t.set_bucket(b, 0);
+            }
+        }
+        assert_eq!(find(&tab, "a"), None);
+        tab.write().rebuild();
+        for (n, &i) in ["a", "b", "c"].iter().zip(&ids) {
+            assert_eq!(find(&tab, n), Some(i), "{n}");
+        }
+        assert_eq!(find(&tab, "d"), None, "a dead claim is dropped");
+        assert_eq!(tab.read().count(), 3);
+        assert!(matches!(claim(&tab, "d"), Claim::Claimed(_)));
     }
 
     #[test]

@@ -249,6 +249,9 @@ pub(crate) struct MpState {
     pub attached: Mutex<HashSet<PathBuf>>,
     /// Serializes syncs in a secondary (handler and self-resync).
     pub sync_lock: Mutex<()>,
+    /// A secondary's stand-in for the shared hotplug lock: walks read,
+    /// resyncs write.
+    pub local_hotplug: std::sync::RwLock<()>,
 }
 
 impl MpState {
