@@ -119,6 +119,15 @@ fn secondary_child() {
         "share" => child_share(&prefix, &rundir),
         "events" => child_events(&prefix, &rundir),
         "churn" => child_churn(&prefix, &rundir),
+        "primary" => {
+            let mem = Memory::init(&opts(&prefix, &rundir, &[])).unwrap();
+            let z = mem.memzone_reserve("p", 4096, 0, MemzoneFlags::NONE).unwrap();
+            // SAFETY: our zone.
+            unsafe { z.as_mut_ptr().write(42) };
+            tell("ready");
+            let _ = hear(); // killed before anything comes
+            drop(mem);
+        }
         "auto" => {
             let mem = Memory::init(&opts(&prefix, &rundir, &["--proc-type", "auto"])).unwrap();
             assert!(mem.is_secondary());
@@ -471,4 +480,32 @@ fn secondaries_killed_at_random_moments_leave_a_working_primary() {
         free_before,
         "hugepages lost after the kills"
     );
+}
+
+#[test]
+fn a_dead_primary_fails_the_secondarys_next_page_request_cleanly() {
+    if !need_hugepages(2048, 8) {
+        return;
+    }
+    let _pool = pool_lock(false);
+    let (prefix, dir) = setup("deadp");
+    let rundir = dir.path().to_str().unwrap().to_string();
+    let mut primary = Secondary::spawn("primary", &prefix, &rundir);
+    primary.expect("ready");
+    let mem = Memory::init(&opts(&prefix, &rundir, &["--proc-type", "secondary"])).unwrap();
+    let z = mem.memzone_lookup("p").unwrap();
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    // What is mapped stays readable.
+    // SAFETY: the zone's page stays mapped in this process.
+    assert_eq!(unsafe { z.as_ptr().read() }, 42);
+    let t = Instant::now();
+    let e = mem.malloc(64 * MB, 0).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert!(e.to_string().contains("is gone or not answering"), "{e}");
+    let e = mem
+        .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))
+        .unwrap_err();
+    assert!(matches!(e, Error::Mp(MpError::PrimaryGone { .. })), "{e}");
+    drop(mem);
 }
