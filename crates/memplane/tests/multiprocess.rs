@@ -96,6 +96,16 @@ impl Secondary {
     }
 }
 
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        // A failed test must not leave a child holding hugepages.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Child side: prints `@...` lines, reads commands from stdin.
 fn tell(what: &str) {
     println!("\n@{what}");
@@ -120,7 +130,11 @@ fn secondary_child() {
         "events" => child_events(&prefix, &rundir),
         "churn" => child_churn(&prefix, &rundir),
         "primary" => {
-            let mem = Memory::init(&opts(&prefix, &rundir, &[])).unwrap();
+            // Far from the default base: the test process attaches to it
+            // while other tests' primaries sit at the default.
+            let mem =
+                Memory::init(&opts(&prefix, &rundir, &["--base-virtaddr", "0x600000000000"]))
+                    .unwrap();
             let z = mem.memzone_reserve("p", 4096, 0, MemzoneFlags::NONE).unwrap();
             // SAFETY: our zone.
             unsafe { z.as_mut_ptr().write(42) };

@@ -199,6 +199,20 @@ impl Instance {
 
     /// `mp_pages`: a secondary's page request, done here and synced.
     pub(crate) fn mp_handle_pages(&self, req: Incoming) {
+        let attached = self
+            .mp
+            .attached
+            .lock()
+            .is_ok_and(|a| a.contains(&req.peer.path));
+        if !attached {
+            tracing::warn!(pid = req.peer.pid, "page request from a process that did not attach: refused");
+            let reply = PagesReply {
+                error: Some("this process did not attach as a secondary (mp_attach)".into()),
+                runs: Vec::new(),
+            };
+            answer(req, &reply, Vec::new());
+            return;
+        }
         let r: std::result::Result<Vec<RunWire>, String> =
             match decode::<PagesOp>("pages", &req.msg.payload) {
                 Err(e) => Err(e.to_string()),
