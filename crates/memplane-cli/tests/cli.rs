@@ -857,7 +857,8 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     if !need_hugepages(8) {
         return;
     }
-    let _pool = pool_lock(false);
+    // Exclusive: the primary's teardown checks that every hugepage came back.
+    let _pool = pool_lock(true);
     let prefix = unique_prefix("info");
     let rundir = tempfile::tempdir().unwrap();
     let rd = rundir.path().to_str().unwrap().to_string();
@@ -943,6 +944,11 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
         rustix::process::Signal::INT,
     )
     .unwrap();
-    let st = primary.wait().unwrap();
-    assert!(st.success(), "{st}");
+    let out = primary.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
