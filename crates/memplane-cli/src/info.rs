@@ -14,7 +14,7 @@ use memplane::units::format_size;
 use memplane::{Error, MemOptions, Memory};
 use serde::Serialize;
 
-use crate::memory::{fmt_range, Table};
+use crate::memory::{fmt_range, heaps_and_zones, Table};
 
 /// Arguments of `memplane info`.
 #[derive(Debug, clap::Args)]
@@ -185,36 +185,7 @@ fn render(mem: &Memory, r: &Report) -> String {
         o.push_str(&t.render("  "));
     }
 
-    let _ = writeln!(o, "\nmalloc heaps:");
-    let mut t = Table::new(&[
-        ("name", false),
-        ("socket", true),
-        ("total", true),
-        ("free", true),
-        ("allocated", true),
-        ("greatest free", true),
-        ("blocks", true),
-        ("cached", true),
-    ]);
-    for h in &r.heaps {
-        let s = h.stats;
-        t.row(vec![
-            h.name.clone(),
-            h.socket.to_string(),
-            format_size(s.total_bytes),
-            format_size(s.free_bytes),
-            format_size(s.alloc_bytes),
-            format_size(s.greatest_free),
-            s.alloc_count.to_string(),
-            s.cached_count.to_string(),
-        ]);
-    }
-    o.push_str(&t.render("  "));
-
-    o.push('\n');
-    let mut zones = Vec::new();
-    let _ = mem.memzone_dump(&mut zones);
-    o.push_str(&String::from_utf8_lossy(&zones));
+    o.push_str(&heaps_and_zones(mem, &r.heaps));
 
     let _ = write!(o, "\nrings:");
     if r.rings.is_empty() {

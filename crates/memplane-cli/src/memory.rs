@@ -370,6 +370,43 @@ fn fmt_free(map: &BTreeMap<PageSize, u64>) -> String {
         .join(", ")
 }
 
+/// The "malloc heaps" table and the memzone dump, as `memory` and `info`
+/// show them.
+pub(crate) fn heaps_and_zones(mem: &Memory, heaps: &[memplane::heap::HeapInfo]) -> String {
+    let mut o = String::from("\nmalloc heaps:\n");
+    let mut t = Table::new(&[
+        ("name", false),
+        ("socket", true),
+        ("total", true),
+        ("free", true),
+        ("allocated", true),
+        ("greatest free", true),
+        ("blocks", true),
+        ("free elements", true),
+        ("cached", true),
+    ]);
+    for h in heaps {
+        let s = h.stats;
+        t.row(vec![
+            h.name.clone(),
+            h.socket.to_string(),
+            format_size(s.total_bytes),
+            format_size(s.free_bytes),
+            format_size(s.alloc_bytes),
+            format_size(s.greatest_free),
+            s.alloc_count.to_string(),
+            s.free_count.to_string(),
+            s.cached_count.to_string(),
+        ]);
+    }
+    o.push_str(&t.render("  "));
+    o.push('\n');
+    let mut zones = Vec::new();
+    let _ = mem.memzone_dump(&mut zones);
+    o.push_str(&String::from_utf8_lossy(&zones));
+    o
+}
+
 /// A left/right-aligned text table; the last column is not padded.
 pub(crate) struct Table {
     head: Vec<&'static str>,
@@ -570,36 +607,7 @@ fn render_human(
     }
     o.push_str(&t.render("  "));
 
-    let _ = writeln!(o, "\nmalloc heaps:");
-    let mut t = Table::new(&[
-        ("name", false),
-        ("socket", true),
-        ("total", true),
-        ("free", true),
-        ("allocated", true),
-        ("greatest free", true),
-        ("blocks", true),
-        ("free elements", true),
-    ]);
-    for h in mem.heaps() {
-        let s = h.stats;
-        t.row(vec![
-            h.name.clone(),
-            h.socket.to_string(),
-            format_size(s.total_bytes),
-            format_size(s.free_bytes),
-            format_size(s.alloc_bytes),
-            format_size(s.greatest_free),
-            s.alloc_count.to_string(),
-            s.free_count.to_string(),
-        ]);
-    }
-    o.push_str(&t.render("  "));
-
-    o.push('\n');
-    let mut zones = Vec::new();
-    let _ = mem.memzone_dump(&mut zones);
-    o.push_str(&String::from_utf8_lossy(&zones));
+    o.push_str(&heaps_and_zones(mem, &mem.heaps()));
 
     let _ = write!(o, "\nmapped runs (VA-contiguous):");
     if layout.runs.is_empty() {

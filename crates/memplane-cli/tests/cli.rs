@@ -868,7 +868,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     assert!(!o.status.success());
     assert!(err.contains("no primary process is running"), "{err}");
 
-    let mut primary = Command::new(env!("CARGO_BIN_EXE_memplane"))
+    let primary = Command::new(env!("CARGO_BIN_EXE_memplane"))
         .args([
             "memory",
             "--hold",
