@@ -132,10 +132,15 @@ fn secondary_child() {
         "primary" => {
             // Far from the default base: the test process attaches to it
             // while other tests' primaries sit at the default.
-            let mem =
-                Memory::init(&opts(&prefix, &rundir, &["--base-virtaddr", "0x600000000000"]))
-                    .unwrap();
-            let z = mem.memzone_reserve("p", 4096, 0, MemzoneFlags::NONE).unwrap();
+            let mem = Memory::init(&opts(
+                &prefix,
+                &rundir,
+                &["--base-virtaddr", "0x600000000000"],
+            ))
+            .unwrap();
+            let z = mem
+                .memzone_reserve("p", 4096, 0, MemzoneFlags::NONE)
+                .unwrap();
             // SAFETY: our zone.
             unsafe { z.as_mut_ptr().write(42) };
             tell("ready");
@@ -515,7 +520,11 @@ fn a_dead_primary_fails_the_secondarys_next_page_request_cleanly() {
     assert_eq!(unsafe { z.as_ptr().read() }, 42);
     let t = Instant::now();
     let e = mem.malloc(64 * MB, 0).unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(e.to_string().contains("is gone or not answering"), "{e}");
     let e = mem
         .alloc_pages(&PageRequest::new(0, PageSize::SIZE_2M, 1))

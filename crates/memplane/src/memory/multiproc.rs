@@ -205,7 +205,10 @@ impl Instance {
             .lock()
             .is_ok_and(|a| a.contains(&req.peer.path));
         if !attached {
-            tracing::warn!(pid = req.peer.pid, "page request from a process that did not attach: refused");
+            tracing::warn!(
+                pid = req.peer.pid,
+                "page request from a process that did not attach: refused"
+            );
             let reply = PagesReply {
                 error: Some("this process did not attach as a secondary (mp_attach)".into()),
                 runs: Vec::new(),
