@@ -1,1 +1,55 @@
-//! memplane mempool: not built yet (see the issue tracker).
+//! memplane mempool: pools of fixed-size objects in an instance's hugepage
+//! memory (DPDK's `rte_mempool`), shared by name with every thread and
+//! process of the instance.
+//!
+//! - A pool lives in memzones: header `MP_<name>` (sizes, flags, the
+//!   handler's NAME, chunk list, per-lcore caches, private area) and
+//!   objects in `MP_<name>_<k>`; see [`layout`] and [`required_memory`].
+//! - Objects: `[header: pool address, IOVA, cookie][element][padding]`,
+//!   64-byte aligned unless `NO_CACHE_ALIGN`. Channel spreading (DPDK's
+//!   default without `NO_SPREAD`) is not implemented: a documented no-op.
+//! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
+//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, or user handlers
+//!   registered with [`register_handler`].
+//! - Get is all-or-nothing; put checks the object belongs to the pool.
+//!   Per-lcore caches follow DPDK's policy up to 26.03 (size <= 512 and
+//!   <= n / 1.5, flush threshold 1.5 x size), for threads with an lcore
+//!   id ([`register_thread`]); [`MempoolCache`] is a user-owned cache.
+//! - [`TypedMempool`] hands out [`PoolBox`]es that go back on drop.
+//!
+//! ```no_run
+//! use memplane::{MemOptions, Memory};
+//! use memplane_mempool::{register_thread, Mempool, MempoolConfig};
+//!
+//! let mem = Memory::init(&MemOptions::parse_args(&["--file-prefix", "doc-mp"])?)?;
+//! let pool = Mempool::create(&mem, "pkts", &MempoolConfig::new(4095, 2048).cache_size(256))?;
+//! register_thread(&mem)?; // this thread now uses a cache
+//! let mut objs = [std::ptr::null_mut(); 32];
+//! pool.get_bulk(&mut objs)?;
+//! pool.put_bulk(&objs)?;
+//! pool.cache_flush()?;
+//! assert_eq!(pool.avail_count(), 4095);
+//! pool.free()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+mod error;
+pub mod handler;
+pub mod layout;
+mod lcore;
+mod pool;
+mod typed;
+
+pub use error::MempoolError;
+pub use handler::{handler_names, register_handler, Backend, BackendParams, Handler};
+pub use layout::{
+    calc_obj_size, required_memory, MempoolFlags, ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS, MAX_LCORES,
+    NAME_MAX,
+};
+pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};
+pub use pool::{
+    mempool_names, mempools, AuditReport, ChunkInfo, Mempool, MempoolCache, MempoolConfig,
+    MempoolInfo, POOL_ZONE_PREFIX,
+};
+pub use typed::{PoolBox, TypedMempool};

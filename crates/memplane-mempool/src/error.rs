@@ -1,0 +1,190 @@
+//! The mempool's error type.
+
+use memplane_ring::ZoneRingError;
+
+/// Why a mempool operation was refused. Unless a variant says otherwise,
+/// nothing changed: no object was taken or returned, no zone was left
+/// behind.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MempoolError {
+    /// The pool name is empty, too long or holds a NUL byte.
+    #[error("mempool name {name:?} is invalid: {why} (1 to {max} bytes, no NUL; the header zone is named MP_<name>)", max = crate::NAME_MAX)]
+    BadName {
+        /// The name.
+        name: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// `n == 0`.
+    #[error("a mempool needs at least one object (n = 0)")]
+    ZeroObjects,
+    /// More objects than a pool can index.
+    #[error("{n} objects is more than a mempool holds (at most {max})")]
+    TooManyObjects {
+        /// What was asked.
+        n: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// The element size is 0 or too large.
+    #[error("element size {size} is invalid: {why}")]
+    BadEltSize {
+        /// What was asked.
+        size: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The cache size breaks DPDK's rule (at most 512 and at most n / 1.5).
+    #[error("cache size {cache_size} is invalid for {n} objects: {why}")]
+    BadCacheSize {
+        /// What was asked.
+        cache_size: u32,
+        /// Objects in the pool.
+        n: u32,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The private area is too large.
+    #[error("private area of {size} bytes is too large (at most {max})")]
+    PrivateTooLarge {
+        /// What was asked.
+        size: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// Flag bits that are not mempool flags.
+    #[error("unknown mempool flag bits {bits:#x}")]
+    BadFlags {
+        /// The unknown bits.
+        bits: u32,
+    },
+    /// No handler of that name is registered in this process.
+    #[error("no mempool handler named {name:?} in this process (registered: {known}); register it with register_handler before creating or looking up the pool")]
+    UnknownHandler {
+        /// The name.
+        name: String,
+        /// The names that are registered.
+        known: String,
+    },
+    /// A handler could not be registered.
+    #[error("cannot register mempool handler {name:?}: {why}")]
+    BadHandler {
+        /// The name.
+        name: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// A pool (or another zone) has the name already.
+    #[error("a mempool named {name:?} exists already (memzone MP_{name} is taken); free it or choose another name")]
+    Exists {
+        /// The name.
+        name: String,
+    },
+    /// No pool of that name.
+    #[error("no mempool named {name:?} (no memzone MP_{name} with a published pool header)")]
+    NotFound {
+        /// The name.
+        name: String,
+    },
+    /// A bulk get asked for more objects than are available now. Nothing
+    /// was taken.
+    #[error("asked for {requested} objects, only {available} available in the backend now (objects in other threads' caches are not counted)")]
+    NotEnough {
+        /// Objects asked for.
+        requested: u32,
+        /// What the backend (plus this thread's cache) held.
+        available: u32,
+    },
+    /// A put of a pointer that is not an object of this pool. Nothing was
+    /// returned.
+    #[error("{addr:#x} is not an object of mempool {pool:?}{}", owner.as_ref().map(|o| format!(" (it belongs to mempool {o:?})")).unwrap_or_default())]
+    ForeignObject {
+        /// The pointer.
+        addr: usize,
+        /// This pool.
+        pool: String,
+        /// The pool its header names, when it is an object of another pool
+        /// of the same instance.
+        owner: Option<String>,
+    },
+    /// A put of an object that is in the pool already (debug builds check
+    /// the object's cookie). Nothing was returned.
+    #[error("object {addr:#x} of mempool {pool:?} is put back twice (its cookie says it is in the pool)")]
+    DoublePut {
+        /// The object.
+        addr: usize,
+        /// The pool.
+        pool: String,
+    },
+    /// `free` while objects are out.
+    #[error("mempool {name:?} still has {in_use} of {n} objects out (in use, or in user-owned caches); put them back first, or free_forced")]
+    InUse {
+        /// The pool.
+        name: String,
+        /// Objects out.
+        in_use: u32,
+        /// Objects in the pool.
+        n: u32,
+    },
+    /// The objects could not be placed in at most [`MAX_CHUNKS`](crate::MAX_CHUNKS) memzones.
+    #[error("cannot place {n} objects of {total_size} bytes in {max} memzones (memory too fragmented or too little)")]
+    TooManyChunks {
+        /// Objects.
+        n: u32,
+        /// Bytes per object.
+        total_size: u32,
+        /// The chunk limit.
+        max: usize,
+    },
+    /// The objects need more memory than the instance can ever map.
+    #[error("the objects need {need} bytes; this instance can map at most {max} (all memseg lists); use fewer or smaller objects, or more memory (--socket-limit / --pagesz-mem / more hugepages)")]
+    TooLarge {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes the instance's memseg lists can hold.
+        max: usize,
+    },
+    /// Every lcore id of the instance's registry is taken.
+    #[error("all {max} lcore ids of this instance are registered; unregister threads that no longer use mempools")]
+    NoLcore {
+        /// The registry size.
+        max: usize,
+    },
+    /// An SP/SC backend side is in use by another thread at this moment:
+    /// the pool was created single-producer/consumer but is used
+    /// concurrently.
+    #[error("mempool {name:?}: the backend's single {role} side is in use by another thread or process (pool created with SP_PUT/SC_GET but used concurrently)")]
+    SingleRoleBusy {
+        /// The pool.
+        name: String,
+        /// "producer" or "consumer".
+        role: &'static str,
+    },
+    /// A typed pool was looked up with another element type.
+    #[error("mempool {name:?} holds {elt_size}-byte elements; the type needs {size} bytes aligned to {align}")]
+    TypeMismatch {
+        /// The pool.
+        name: String,
+        /// Its element size.
+        elt_size: u32,
+        /// `size_of::<T>()`.
+        size: usize,
+        /// `align_of::<T>()`.
+        align: usize,
+    },
+    /// The pool's shared structures are inconsistent.
+    #[error("mempool {name:?} is corrupt: {why}")]
+    Corrupt {
+        /// The pool.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A memzone could not be reserved, found or freed.
+    #[error(transparent)]
+    Memory(#[from] memplane::Error),
+    /// The backend ring could not be created or found.
+    #[error(transparent)]
+    Ring(#[from] ZoneRingError),
+}

@@ -1,0 +1,422 @@
+//! Backends ("handlers", DPDK's mempool ops), resolved by NAME in every
+//! process: the pool header stores the handler's name, and each process
+//! maps it to code through its own registry. Built in: `ring_mp_mc`
+//! (default), `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc` (a memplane ring
+//! named `MP_<name>`, in zone `RG_MP_<name>`) and `stack` (a spinlock-guarded
+//! LIFO in zone `MS_<name>`). Users add handlers with
+//! [`register_handler`]; a process that opens a pool must have registered
+//! the same handler name.
+
+// Zones are 64-byte aligned (memzone minimum): header casts are aligned.
+#![allow(clippy::cast_ptr_alignment)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use memplane::heap::SOCKET_ID_ANY;
+use memplane::memzone::{Memzone, MemzoneFlags};
+use memplane::shm::lock::SpinLock;
+use memplane::Memory;
+use memplane_ring::{BulkError, Ring, RingConfig, RingError, SyncMode, ZoneRegion, ZoneRingError};
+
+use crate::layout::HANDLER_NAME_MAX;
+use crate::MempoolError;
+
+/// What a handler is told about the pool it serves.
+#[derive(Debug, Clone)]
+pub struct BackendParams {
+    /// Pool name (at most 25 bytes).
+    pub name: String,
+    /// Objects the backend must be able to hold.
+    pub n: u32,
+    /// Socket asked for the pool.
+    pub socket: i32,
+    /// The pool's flag bits.
+    pub flags: u32,
+}
+
+/// A pool's object store: holds pointers to free objects. Lives in shared
+/// memory (every process opens its own `Backend` value on it).
+pub trait Backend: Send + Sync {
+    /// Stores all of `objs` (the backend was sized for every object of the
+    /// pool, so this only fails on misuse).
+    fn enqueue(&self, objs: &[*mut u8]) -> Result<(), MempoolError>;
+    /// Takes exactly `out.len()` objects, or none
+    /// ([`MempoolError::NotEnough`]).
+    fn dequeue(&self, out: &mut [*mut u8]) -> Result<(), MempoolError>;
+    /// Objects stored now.
+    fn count(&self) -> u32;
+    /// Frees the backend's shared memory.
+    fn destroy(self: Box<Self>) -> Result<(), MempoolError>;
+}
+
+/// A backend kind, registered by name.
+pub trait Handler: Send + Sync {
+    /// Creates the backend's shared state for a new pool.
+    fn create<'m>(
+        &self,
+        mem: &'m Memory,
+        p: &BackendParams,
+    ) -> Result<Box<dyn Backend + 'm>, MempoolError>;
+    /// Opens the backend of an existing pool (possibly created by another
+    /// process).
+    fn attach<'m>(
+        &self,
+        mem: &'m Memory,
+        p: &BackendParams,
+    ) -> Result<Box<dyn Backend + 'm>, MempoolError>;
+}
+
+type Registry = HashMap<String, Arc<dyn Handler>>;
+
+static HANDLERS: RwLock<Option<Registry>> = RwLock::new(None);
+
+fn builtins() -> Registry {
+    let mut m: Registry = HashMap::new();
+    for (name, p, c) in [
+        ("ring_mp_mc", SyncMode::Multi, SyncMode::Multi),
+        ("ring_sp_sc", SyncMode::Single, SyncMode::Single),
+        ("ring_mp_sc", SyncMode::Multi, SyncMode::Single),
+        ("ring_sp_mc", SyncMode::Single, SyncMode::Multi),
+    ] {
+        m.insert(
+            name.to_string(),
+            Arc::new(RingHandler {
+                cfg: RingConfig {
+                    producer: p,
+                    consumer: c,
+                    exact: true,
+                },
+            }),
+        );
+    }
+    m.insert("stack".to_string(), Arc::new(StackHandler));
+    m
+}
+
+fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
+    let mut g = HANDLERS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(g.get_or_insert_with(builtins))
+}
+
+/// Registers a handler under `name` in this process (DPDK's
+/// `rte_mempool_register_ops`). Names are 1 to 31 bytes; a name in use is
+/// refused.
+pub fn register_handler(name: &str, h: Arc<dyn Handler>) -> Result<(), MempoolError> {
+    let bad = |why| MempoolError::BadHandler {
+        name: name.to_string(),
+        why,
+    };
+    if name.is_empty() || name.len() > HANDLER_NAME_MAX || name.contains('\0') {
+        return Err(bad("names are 1 to 31 bytes without NUL"));
+    }
+    with_registry(|r| {
+        if r.contains_key(name) {
+            return Err(bad("a handler of that name is registered already"));
+        }
+        r.insert(name.to_string(), h);
+        Ok(())
+    })
+}
+
+/// Names of the handlers registered in this process, sorted.
+pub fn handler_names() -> Vec<String> {
+    let mut v: Vec<String> = with_registry(|r| r.keys().cloned().collect());
+    v.sort();
+    v
+}
+
+/// The handler registered as `name` in this process.
+pub fn find_handler(name: &str) -> Result<Arc<dyn Handler>, MempoolError> {
+    with_registry(|r| r.get(name).cloned()).ok_or_else(|| MempoolError::UnknownHandler {
+        name: name.to_string(),
+        known: handler_names().join(", "),
+    })
+}
+
+/// The default handler for pool flags (DPDK's choice in
+/// `rte_mempool_create_empty`).
+pub(crate) fn default_handler(flags: crate::MempoolFlags) -> &'static str {
+    use crate::MempoolFlags as F;
+    match (flags.contains(F::SP_PUT), flags.contains(F::SC_GET)) {
+        (true, true) => "ring_sp_sc",
+        (true, false) => "ring_sp_mc",
+        (false, true) => "ring_mp_sc",
+        (false, false) => "ring_mp_mc",
+    }
+}
+
+// --- ring handlers -------------------------------------------------------
+
+struct RingHandler {
+    cfg: RingConfig,
+}
+
+fn ring_name(pool: &str) -> String {
+    format!("MP_{pool}")
+}
+
+struct RingBackend<'m> {
+    ring: Ring<u64, ZoneRegion<'m>>,
+    name: String,
+}
+
+impl Handler for RingHandler {
+    fn create<'m>(
+        &self,
+        mem: &'m Memory,
+        p: &BackendParams,
+    ) -> Result<Box<dyn Backend + 'm>, MempoolError> {
+        let ring = Ring::create(mem, &ring_name(&p.name), p.n as usize, p.socket, self.cfg)?;
+        Ok(Box::new(RingBackend {
+            ring,
+            name: p.name.clone(),
+        }))
+    }
+
+    fn attach<'m>(
+        &self,
+        mem: &'m Memory,
+        p: &BackendParams,
+    ) -> Result<Box<dyn Backend + 'm>, MempoolError> {
+        let ring = Ring::lookup(mem, &ring_name(&p.name))?;
+        Ok(Box::new(RingBackend {
+            ring,
+            name: p.name.clone(),
+        }))
+    }
+}
+
+fn as_words(objs: &[*mut u8]) -> &[u64] {
+    // SAFETY: pointers and u64 have the same size and alignment on the
+    // 64-bit targets memplane supports; reading a pointer's bits as an
+    // integer is always valid.
+    unsafe { std::slice::from_raw_parts(objs.as_ptr().cast::<u64>(), objs.len()) }
+}
+
+fn as_words_mut(objs: &mut [*mut u8]) -> &mut [u64] {
+    // SAFETY: as `as_words`; any u64 written is a valid (raw) pointer.
+    unsafe { std::slice::from_raw_parts_mut(objs.as_mut_ptr().cast::<u64>(), objs.len()) }
+}
+
+const _: () = assert!(std::mem::size_of::<*mut u8>() == 8);
+
+impl RingBackend<'_> {
+    fn role_err(&self, e: RingError, role: &'static str) -> MempoolError {
+        match e {
+            RingError::RoleTaken { .. } => MempoolError::SingleRoleBusy {
+                name: self.name.clone(),
+                role,
+            },
+            e => MempoolError::Ring(ZoneRingError::Ring(e)),
+        }
+    }
+}
+
+impl Backend for RingBackend<'_> {
+    #[inline]
+    fn enqueue(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        let p = self
+            .ring
+            .producer()
+            .map_err(|e| self.role_err(e, "producer"))?;
+        match p.enqueue_bulk(as_words(objs)) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(MempoolError::Corrupt {
+                name: self.name.clone(),
+                why: format!("backend ring refused objects being returned: {e}"),
+            }),
+        }
+    }
+
+    #[inline]
+    fn dequeue(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        let c = self
+            .ring
+            .consumer()
+            .map_err(|e| self.role_err(e, "consumer"))?;
+        match c.dequeue_bulk(as_words_mut(out)) {
+            Ok(_) => Ok(()),
+            Err(BulkError::Insufficient {
+                requested,
+                available,
+            }) => Err(MempoolError::NotEnough {
+                requested,
+                available,
+            }),
+            Err(_) => Err(MempoolError::NotEnough {
+                requested: out.len() as u32,
+                available: self.ring.count(),
+            }),
+        }
+    }
+
+    fn count(&self) -> u32 {
+        self.ring.count()
+    }
+
+    fn destroy(self: Box<Self>) -> Result<(), MempoolError> {
+        self.ring.free()?;
+        Ok(())
+    }
+}
+
+// --- stack handler -------------------------------------------------------
+
+struct StackHandler;
+
+#[repr(C, align(64))]
+struct StackHead {
+    lock: SpinLock,
+    len: std::sync::atomic::AtomicU32,
+    cap: u32,
+}
+
+struct StackBackend<'m> {
+    zone: Memzone<'m>,
+    head: *const StackHead,
+    slots: *mut u64,
+    cap: u32,
+}
+
+// SAFETY: the pointers are into the zone (mapped as long as the Memory
+// the zone borrows); the slots are only touched under the shared lock.
+unsafe impl Send for StackBackend<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for StackBackend<'_> {}
+
+fn stack_zone(pool: &str) -> String {
+    format!("MS_{pool}")
+}
+
+impl StackBackend<'_> {
+    fn head(&self) -> &StackHead {
+        // SAFETY: the zone starts with an initialised StackHead.
+        unsafe { &*self.head }
+    }
+}
+
+fn open_stack(zone: Memzone<'_>) -> Result<StackBackend<'_>, MempoolError> {
+    let head = zone.as_ptr().cast::<StackHead>();
+    // SAFETY: the zone holds a StackHead at its (64-aligned) start.
+    let cap = unsafe { (*head).cap };
+    if (cap as usize) * 8 + 64 > zone.len() {
+        return Err(MempoolError::Corrupt {
+            name: zone.name().to_string(),
+            why: format!("stack of {cap} slots in a zone of {} bytes", zone.len()),
+        });
+    }
+    Ok(StackBackend {
+        head,
+        // SAFETY: inside the zone (checked above).
+        slots: unsafe { zone.as_mut_ptr().add(64) }.cast::<u64>(),
+        cap,
+        zone,
+    })
+}
+
+impl Handler for StackHandler {
+    fn create<'m>(
+        &self,
+        mem: &'m Memory,
+        p: &BackendParams,
+    ) -> Result<Box<dyn Backend + 'm>, MempoolError> {
+        let bytes = 64 + p.n as usize * 8;
+        let socket = if p.socket < 0 {
+            SOCKET_ID_ANY
+        } else {
+            p.socket
+        };
+        let zone = mem.memzone_reserve_aligned(
+            &stack_zone(&p.name),
+            bytes,
+            socket,
+            MemzoneFlags::ZERO,
+            64,
+        )?;
+        // SAFETY: fresh zeroed zone of at least 64 bytes; nobody else
+        // opens it before the pool is published.
+        unsafe { (*zone.as_mut_ptr().cast::<StackHead>()).cap = p.n };
+        Ok(Box::new(open_stack(zone)?))
+    }
+
+    fn attach<'m>(
+        &self,
+        mem: &'m Memory,
+        p: &BackendParams,
+    ) -> Result<Box<dyn Backend + 'm>, MempoolError> {
+        let zone =
+            mem.memzone_lookup(&stack_zone(&p.name))
+                .ok_or_else(|| MempoolError::NotFound {
+                    name: p.name.clone(),
+                })?;
+        Ok(Box::new(open_stack(zone)?))
+    }
+}
+
+impl Backend for StackBackend<'_> {
+    fn enqueue(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        let h = self.head();
+        let _g = h.lock.lock();
+        let len = h.len.load(std::sync::atomic::Ordering::Relaxed);
+        if len as usize + objs.len() > self.cap as usize {
+            return Err(MempoolError::Corrupt {
+                name: self.zone.name().to_string(),
+                why: format!(
+                    "stack of {} holds {len}, cannot take {} more",
+                    self.cap,
+                    objs.len()
+                ),
+            });
+        }
+        // SAFETY: len + objs.len() <= cap slots, under the lock.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                as_words(objs).as_ptr(),
+                self.slots.add(len as usize),
+                objs.len(),
+            );
+        }
+        h.len.store(
+            len + objs.len() as u32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    fn dequeue(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        let h = self.head();
+        let _g = h.lock.lock();
+        let len = h.len.load(std::sync::atomic::Ordering::Relaxed);
+        let n = out.len() as u32;
+        if n > len {
+            return Err(MempoolError::NotEnough {
+                requested: n,
+                available: len,
+            });
+        }
+        let base = len - n;
+        // SAFETY: slots [base, len) are filled, under the lock.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.slots.add(base as usize),
+                as_words_mut(out).as_mut_ptr(),
+                n as usize,
+            );
+        }
+        h.len.store(base, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn count(&self) -> u32 {
+        self.head().len.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn destroy(self: Box<Self>) -> Result<(), MempoolError> {
+        let StackBackend { zone, .. } = *self;
+        zone.free()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! What a pool looks like in shared memory, and the size arithmetic.
+//!
+//! - Header zone `MP_<name>`: [`PoolHeader`] (64-byte aligned, fixed
+//!   size), then, if the cache size is not 0, [`MAX_LCORES`] per-lcore
+//!   caches ([`CacheSlot`] + `3 x cache_size` object slots each), then the
+//!   private area (rounded up to 64).
+//! - Object zones `MP_<name>_<k>`: objects back to back, each
+//!   `[ObjHeader padded to header_size][element][trailer padding]`.
+//!
+//! Everything stored is an absolute virtual address (the same in every
+//! process of an instance) or a plain number; nothing process-local.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use crate::MempoolError;
+
+/// "MPLPOOL1": a published pool header.
+pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MPLPOOL1");
+/// Layout version of the header.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Longest pool name (DPDK's `RTE_MEMPOOL_NAMESIZE - 1`): `MP_<name>`
+/// must leave room for a chunk suffix and the ring's `RG_` prefix.
+pub const NAME_MAX: usize = 25;
+/// Longest handler name (DPDK: 31 bytes).
+pub const HANDLER_NAME_MAX: usize = 31;
+/// Most object zones (chunks) a pool may have (zone names
+/// `MP_<name>_0` .. `MP_<name>_63` fit the 31-byte memzone name limit).
+pub const MAX_CHUNKS: usize = 64;
+/// Lcore ids per instance (DPDK's default `RTE_MAX_LCORE`), and caches per
+/// pool.
+pub const MAX_LCORES: usize = 128;
+/// Largest cache size (DPDK's `RTE_MEMPOOL_CACHE_MAX_SIZE`).
+pub const CACHE_MAX_SIZE: u32 = 512;
+/// Largest element size accepted (1 GiB).
+pub const MAX_ELT_SIZE: u32 = 1 << 30;
+/// Largest private area accepted (1 GiB).
+pub const MAX_PRIVATE_SIZE: u32 = 1 << 30;
+/// Most objects in one pool.
+pub const MAX_OBJECTS: u32 = i32::MAX as u32;
+
+/// Cookie of an object that is in the pool (backend or a cache).
+pub const COOKIE_IN_POOL: u64 = 0xbadb_adba_dadd_2e55;
+/// Cookie of an object handed out.
+pub const COOKIE_IN_USE: u64 = 0xf2ee_f2ee_dadd_2e55;
+
+/// Pool creation flags: DPDK's `RTE_MEMPOOL_F_*` values.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+pub struct MempoolFlags(u32);
+
+impl MempoolFlags {
+    /// No flags: multi-producer/multi-consumer ring, cache-aligned objects.
+    pub const NONE: Self = Self(0);
+    /// Do not spread objects over memory channels. Spreading is not
+    /// implemented yet (always a no-op), so this changes nothing today.
+    pub const NO_SPREAD: Self = Self(0x1);
+    /// Objects aligned to 8 bytes instead of 64, header not padded
+    /// (implies `NO_SPREAD`).
+    pub const NO_CACHE_ALIGN: Self = Self(0x2);
+    /// Single producer: the default handler becomes `ring_sp_*`.
+    pub const SP_PUT: Self = Self(0x4);
+    /// Single consumer: the default handler becomes `ring_*_sc`.
+    pub const SC_GET: Self = Self(0x8);
+    /// Objects need not be IOVA-contiguous: object zones are reserved
+    /// without `IOVA_CONTIG`, and each object's IOVA is looked up.
+    pub const NO_IOVA_CONTIG: Self = Self(0x20);
+    const ALL: u32 = 0x1 | 0x2 | 0x4 | 0x8 | 0x20;
+
+    /// The bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Flags from bits; unknown bits are an error.
+    pub fn from_bits(bits: u32) -> Result<Self, MempoolError> {
+        if bits & !Self::ALL != 0 {
+            return Err(MempoolError::BadFlags {
+                bits: bits & !Self::ALL,
+            });
+        }
+        Ok(Self(bits))
+    }
+
+    /// Whether all of `other`'s bits are set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for MempoolFlags {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+impl std::fmt::Debug for MempoolFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = [
+            (Self::NO_SPREAD, "NO_SPREAD"),
+            (Self::NO_CACHE_ALIGN, "NO_CACHE_ALIGN"),
+            (Self::SP_PUT, "SP_PUT"),
+            (Self::SC_GET, "SC_GET"),
+            (Self::NO_IOVA_CONTIG, "NO_IOVA_CONTIG"),
+        ];
+        let set: Vec<&str> = names
+            .iter()
+            .filter(|(fl, _)| self.contains(*fl))
+            .map(|(_, n)| *n)
+            .collect();
+        if set.is_empty() {
+            f.write_str("NONE")
+        } else {
+            f.write_str(&set.join("|"))
+        }
+    }
+}
+
+/// Sizes of one object (DPDK's `rte_mempool_objsz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ObjSize {
+    /// Object header (pool address, IOVA, cookie), padded to 64 unless
+    /// `NO_CACHE_ALIGN`.
+    pub header_size: u32,
+    /// Element size rounded up to 8.
+    pub elt_size: u32,
+    /// Padding after the element so the total is a multiple of 64 (8 with
+    /// `NO_CACHE_ALIGN`).
+    pub trailer_size: u32,
+    /// Bytes per object.
+    pub total_size: u32,
+}
+
+/// Object sizes for `elt_size`-byte elements (DPDK's
+/// `rte_mempool_calc_obj_size`, without channel spreading).
+pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, MempoolError> {
+    if elt_size == 0 {
+        return Err(MempoolError::BadEltSize {
+            size: 0,
+            why: "elements need at least one byte",
+        });
+    }
+    if elt_size > MAX_ELT_SIZE {
+        return Err(MempoolError::BadEltSize {
+            size: u64::from(elt_size),
+            why: "larger than 1 GiB",
+        });
+    }
+    let align: u32 = if flags.contains(MempoolFlags::NO_CACHE_ALIGN) {
+        8
+    } else {
+        64
+    };
+    let header_size = (std::mem::size_of::<ObjHeader>() as u32).next_multiple_of(align);
+    let elt = elt_size.next_multiple_of(8);
+    let total = (header_size + elt).next_multiple_of(align);
+    Ok(ObjSize {
+        header_size,
+        elt_size: elt,
+        trailer_size: total - header_size - elt,
+        total_size: total,
+    })
+}
+
+/// Bytes of object memory (the `MP_<name>_<k>` zones, summed) a pool of
+/// `n` elements of `elt_size` bytes with `flags` takes: `n x total_size`
+/// rounded up to 64 (the memzone granule). Exactly what
+/// [`Mempool::create`](crate::Mempool::create) reserves when the objects
+/// fit one zone; when memory is fragmented and the objects are split over
+/// several zones, each zone is rounded up to 64 on its own (a difference
+/// only with `NO_CACHE_ALIGN`).
+pub fn required_memory(n: u32, elt_size: u32, flags: MempoolFlags) -> Result<usize, MempoolError> {
+    if n == 0 {
+        return Err(MempoolError::ZeroObjects);
+    }
+    let sz = calc_obj_size(elt_size, flags)?;
+    (n as usize)
+        .checked_mul(sz.total_size as usize)
+        .map(|b| b.next_multiple_of(64))
+        .ok_or(MempoolError::TooManyObjects {
+            n: u64::from(n),
+            max: MAX_OBJECTS,
+        })
+}
+
+/// The header in front of every object.
+#[repr(C)]
+pub struct ObjHeader {
+    /// Address of the owning pool's header (same in every process).
+    pub pool: u64,
+    /// IOVA of the element (`BAD_IOVA` when unknown).
+    pub iova: u64,
+    /// [`COOKIE_IN_POOL`] or [`COOKIE_IN_USE`] (kept by debug builds).
+    pub cookie: AtomicU64,
+}
+
+/// One object zone.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct ChunkDesc {
+    /// First byte.
+    pub va: u64,
+    /// Its IOVA (`BAD_IOVA` when not contiguous or unknown).
+    pub iova: u64,
+    /// Bytes used by objects.
+    pub len: u64,
+    /// Index of its first object.
+    pub first: u32,
+    /// Objects in it.
+    pub count: u32,
+}
+
+/// The pool header at the start of zone `MP_<name>`.
+#[repr(C, align(64))]
+pub struct PoolHeader {
+    /// [`POOL_MAGIC`] once published (stored last, Release).
+    pub magic: AtomicU64,
+    /// [`LAYOUT_VERSION`].
+    pub version: u32,
+    /// [`MempoolFlags`] bits.
+    pub flags: u32,
+    /// Pool name, NUL-padded.
+    pub name: [u8; 32],
+    /// Handler name, NUL-padded (resolved by name in every process).
+    pub handler: [u8; 32],
+    /// Objects.
+    pub n: u32,
+    /// Element size (rounded to 8).
+    pub elt_size: u32,
+    /// Element size as asked.
+    pub elt_size_req: u32,
+    /// Object header size.
+    pub header_size: u32,
+    /// Trailer size.
+    pub trailer_size: u32,
+    /// Bytes per object.
+    pub total_size: u32,
+    /// Per-lcore cache size (0: no caches).
+    pub cache_size: u32,
+    /// Cache flush threshold (1.5 x cache size).
+    pub flush_thresh: u32,
+    /// Object slots per cache (3 x cache size).
+    pub cache_cap: u32,
+    /// Private area size (rounded to 64).
+    pub private_size: u32,
+    /// Socket asked at creation.
+    pub socket: i32,
+    /// Object zones.
+    pub nb_chunks: u32,
+    /// Objects placed.
+    pub populated: u32,
+    /// Pid of the creator.
+    pub creator_pid: u32,
+    /// This header's address.
+    pub self_va: u64,
+    /// Offset of the first cache from the header.
+    pub cache_off: u64,
+    /// Bytes per cache.
+    pub cache_stride: u64,
+    /// Offset of the private area from the header.
+    pub priv_off: u64,
+    /// Object zones in population order.
+    pub chunks: [ChunkDesc; MAX_CHUNKS],
+}
+
+/// The head of one per-lcore cache; `cache_cap` object slots follow it.
+#[repr(C, align(64))]
+pub struct CacheSlot {
+    /// Objects in the cache. Written only by the thread owning the lcore
+    /// id; read by anyone (counts).
+    pub len: AtomicU32,
+}
+
+/// Geometry of the header zone.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderGeometry {
+    /// Offset of the first cache.
+    pub cache_off: usize,
+    /// Bytes per cache (0 without caches).
+    pub cache_stride: usize,
+    /// Slots per cache.
+    pub cache_cap: u32,
+    /// Offset of the private area.
+    pub priv_off: usize,
+    /// Private area size (rounded to 64).
+    pub priv_size: usize,
+    /// Zone size.
+    pub total: usize,
+}
+
+/// Lays out the header zone for `cache_size` and `private_size`.
+pub fn header_geometry(cache_size: u32, private_size: u32) -> HeaderGeometry {
+    let cache_off = std::mem::size_of::<PoolHeader>().next_multiple_of(64);
+    let cache_cap = cache_size * 3;
+    let cache_stride = if cache_size == 0 {
+        0
+    } else {
+        (std::mem::size_of::<CacheSlot>() + cache_cap as usize * 8).next_multiple_of(64)
+    };
+    let priv_off = cache_off + cache_stride * if cache_size == 0 { 0 } else { MAX_LCORES };
+    let priv_size = (private_size as usize).next_multiple_of(64);
+    HeaderGeometry {
+        cache_off,
+        cache_stride,
+        cache_cap,
+        priv_off,
+        priv_size,
+        total: priv_off + priv_size.max(64),
+    }
+}
+
+/// A name as a NUL-padded array (the caller checked the length).
+pub fn name_bytes(s: &str) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[..s.len()].copy_from_slice(s.as_bytes());
+    b
+}
+
+/// A NUL-padded array as a string.
+pub fn name_str(b: &[u8; 32]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<ObjHeader>() == 24);
+    assert!(std::mem::size_of::<ChunkDesc>() == 32);
+    assert!(std::mem::size_of::<CacheSlot>() == 64);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_sizes_follow_dpdk_without_spreading() {
+        let s = calc_obj_size(64, MempoolFlags::NONE).unwrap();
+        assert_eq!(
+            (s.header_size, s.elt_size, s.trailer_size, s.total_size),
+            (64, 64, 0, 128)
+        );
+        let s = calc_obj_size(2048, MempoolFlags::NONE).unwrap();
+        assert_eq!(s.total_size, 2112);
+        let s = calc_obj_size(1, MempoolFlags::NONE).unwrap();
+        assert_eq!((s.elt_size, s.trailer_size, s.total_size), (8, 56, 128));
+        let s = calc_obj_size(13, MempoolFlags::NO_CACHE_ALIGN).unwrap();
+        assert_eq!(
+            (s.header_size, s.elt_size, s.trailer_size, s.total_size),
+            (24, 16, 0, 40)
+        );
+        assert!(calc_obj_size(0, MempoolFlags::NONE).is_err());
+        assert!(calc_obj_size(MAX_ELT_SIZE + 1, MempoolFlags::NONE).is_err());
+        assert_eq!(required_memory(10, 64, MempoolFlags::NONE).unwrap(), 1280);
+        assert_eq!(
+            required_memory(3, 13, MempoolFlags::NO_CACHE_ALIGN).unwrap(),
+            128
+        );
+        assert!(required_memory(0, 64, MempoolFlags::NONE).is_err());
+        assert!(MempoolFlags::from_bits(0x10).is_err());
+    }
+
+    #[test]
+    fn header_geometry_places_caches_then_private_area() {
+        let g = header_geometry(0, 0);
+        assert_eq!(g.cache_stride, 0);
+        assert_eq!(g.priv_off, g.cache_off);
+        let g = header_geometry(512, 100);
+        assert_eq!(g.cache_cap, 1536);
+        assert_eq!(g.cache_stride, 64 + 1536 * 8);
+        assert_eq!(g.priv_off, g.cache_off + 128 * g.cache_stride);
+        assert_eq!(g.priv_size, 128);
+    }
+}

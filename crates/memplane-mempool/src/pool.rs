@@ -1,0 +1,1341 @@
+//! The pool: creation, lookup, get/put with per-lcore and user-owned
+//! caches, counts, iteration, audit, dump, free.
+
+// Hot-path helpers are tiny and must inline into get/put.
+#![allow(clippy::inline_always)]
+// Zones are 64-byte aligned (memzone minimum): header casts are aligned.
+#![allow(clippy::cast_ptr_alignment)]
+
+use std::fmt::Write as _;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use memplane::iova::BAD_IOVA;
+use memplane::memzone::{Memzone, MemzoneError, MemzoneFlags};
+use memplane::{Error, Memory};
+use serde::Serialize;
+
+use crate::handler::{default_handler, find_handler, Backend, BackendParams, Handler};
+use crate::layout::{
+    calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
+    ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
+    HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS, MAX_PRIVATE_SIZE,
+    NAME_MAX, POOL_MAGIC,
+};
+use crate::lcore::RegistryRef;
+use crate::MempoolError;
+
+/// Prefix of a pool's memzones (DPDK's `RTE_MEMPOOL_MZ_PREFIX`).
+pub const POOL_ZONE_PREFIX: &str = "MP_";
+
+/// Parameters of [`Mempool::create`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MempoolConfig {
+    /// Objects in the pool (>= 1).
+    pub n: u32,
+    /// Bytes per element (1 ..= 1 GiB).
+    pub elt_size: u32,
+    /// Per-lcore cache size: 0 (no caches) or at most 512 and at most
+    /// `n / 1.5`.
+    pub cache_size: u32,
+    /// Bytes of private area after the header (rounded up to 64).
+    pub private_size: u32,
+    /// NUMA socket for all of the pool's memory, or `SOCKET_ID_ANY`.
+    pub socket: i32,
+    /// Flags.
+    pub flags: MempoolFlags,
+    /// Handler name; `None` picks from the flags (`ring_mp_mc` by default).
+    pub handler: Option<String>,
+}
+
+impl MempoolConfig {
+    /// `n` elements of `elt_size` bytes, no cache, any socket, default
+    /// handler.
+    pub fn new(n: u32, elt_size: u32) -> Self {
+        Self {
+            n,
+            elt_size,
+            cache_size: 0,
+            private_size: 0,
+            socket: memplane::heap::SOCKET_ID_ANY,
+            flags: MempoolFlags::NONE,
+            handler: None,
+        }
+    }
+    /// Sets the per-lcore cache size.
+    #[must_use]
+    pub fn cache_size(mut self, c: u32) -> Self {
+        self.cache_size = c;
+        self
+    }
+    /// Sets the private area size.
+    #[must_use]
+    pub fn private_size(mut self, p: u32) -> Self {
+        self.private_size = p;
+        self
+    }
+    /// Sets the socket.
+    #[must_use]
+    pub fn socket(mut self, s: i32) -> Self {
+        self.socket = s;
+        self
+    }
+    /// Sets the flags.
+    #[must_use]
+    pub fn flags(mut self, f: MempoolFlags) -> Self {
+        self.flags = f;
+        self
+    }
+    /// Sets the handler by name.
+    #[must_use]
+    pub fn handler(mut self, h: &str) -> Self {
+        self.handler = Some(h.to_string());
+        self
+    }
+}
+
+/// One object zone, for reports and [`Mempool::chunks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ChunkInfo {
+    /// First byte.
+    pub va: usize,
+    /// IOVA of the first byte (`BAD_IOVA` if not contiguous / unknown).
+    pub iova: u64,
+    /// Bytes of objects.
+    pub len: usize,
+    /// Index of the first object.
+    pub first: u32,
+    /// Objects.
+    pub count: u32,
+}
+
+/// A snapshot of a pool, for dumps and lists.
+#[derive(Debug, Clone, Serialize)]
+pub struct MempoolInfo {
+    /// Name.
+    pub name: String,
+    /// Header address.
+    pub addr: usize,
+    /// Flags.
+    pub flags: String,
+    /// Socket asked.
+    pub socket: i32,
+    /// Handler name.
+    pub handler: String,
+    /// Objects.
+    pub size: u32,
+    /// Objects placed.
+    pub populated: u32,
+    /// Object sizes.
+    pub obj_size: ObjSize,
+    /// Private area.
+    pub private_size: u32,
+    /// Cache size (0: none).
+    pub cache_size: u32,
+    /// Objects in each non-empty lcore cache: (lcore, count).
+    pub cache_counts: Vec<(u32, u32)>,
+    /// Objects in the backend.
+    pub common_pool_count: u32,
+    /// Available objects (backend + caches).
+    pub avail: u32,
+    /// Objects out.
+    pub in_use: u32,
+    /// Object zones.
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// What [`Mempool::audit`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditReport {
+    /// Objects in the backend.
+    pub in_backend: u32,
+    /// Objects in per-lcore caches.
+    pub in_caches: u32,
+    /// Objects out (not in the pool).
+    pub out: u32,
+}
+
+/// A pool of fixed-size objects in an instance's hugepage memory, shared
+/// by name with every thread and process of the instance.
+pub struct Mempool<'m> {
+    mem: &'m Memory,
+    zone: Memzone<'m>,
+    hdr: NonNull<PoolHeader>,
+    backend: Box<dyn Backend + 'm>,
+    reg: RegistryRef,
+    name: String,
+    handler: String,
+    n: u32,
+    header_size: usize,
+    total_size: usize,
+    cache_size: u32,
+    cache_cap: u32,
+    cache_base: usize,
+    cache_stride: usize,
+    /// (start, end) of each chunk's objects: membership checks.
+    ranges: Vec<(usize, usize, u32)>,
+}
+
+// SAFETY: the header pointer is into a memzone mapped as long as the
+// borrowed Memory; shared fields are atomics or immutable after
+// publication; per-lcore caches are only written by the thread owning the
+// lcore id (enforced by the registry).
+unsafe impl Send for Mempool<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Mempool<'_> {}
+
+impl std::fmt::Debug for Mempool<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mempool")
+            .field("name", &self.name)
+            .field("n", &self.n)
+            .field("handler", &self.handler)
+            .field("cache_size", &self.cache_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), MempoolError> {
+    let bad = |why| {
+        Err(MempoolError::BadName {
+            name: name.to_string(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > NAME_MAX {
+        return bad("too long");
+    }
+    if name.contains('\0') {
+        return bad("contains NUL");
+    }
+    Ok(())
+}
+
+fn zone_name(name: &str) -> String {
+    format!("{POOL_ZONE_PREFIX}{name}")
+}
+
+fn chunk_zone_name(name: &str, k: usize) -> String {
+    format!("{POOL_ZONE_PREFIX}{name}_{k}")
+}
+
+/// Checks the cache size against DPDK's rule.
+fn check_cache(cache_size: u32, n: u32) -> Result<(), MempoolError> {
+    let bad = |why| Err(MempoolError::BadCacheSize { cache_size, n, why });
+    if cache_size > CACHE_MAX_SIZE {
+        return bad("at most 512");
+    }
+    if u64::from(cache_size) * 3 / 2 > u64::from(n) {
+        return bad("1.5 x cache size must not exceed n");
+    }
+    Ok(())
+}
+
+impl<'m> Mempool<'m> {
+    /// Creates pool `name` with `cfg.n` objects (DPDK's
+    /// `rte_mempool_create` without callbacks).
+    pub fn create(mem: &'m Memory, name: &str, cfg: &MempoolConfig) -> Result<Self, MempoolError> {
+        Self::create_with(mem, name, cfg, |_, _| {})
+    }
+
+    /// Creates a pool and calls `obj_init(index, element)` on every object
+    /// before publishing it (DPDK's `obj_init`).
+    ///
+    /// Memory: the header zone `MP_<name>` (see
+    /// [`layout`](crate::layout)), the object zones `MP_<name>_<k>`
+    /// ([`required_memory`](crate::required_memory) bytes), and the
+    /// backend's (a ring `MP_<name>` or a stack `MS_<name>`). Object zones
+    /// are IOVA-contiguous unless `NO_IOVA_CONTIG`; when memory is short
+    /// or fragmented the objects are split over up to 64 zones (the zone
+    /// size is halved until it fits). On error nothing is left behind.
+    pub fn create_with(
+        mem: &'m Memory,
+        name: &str,
+        cfg: &MempoolConfig,
+        mut obj_init: impl FnMut(u32, *mut u8),
+    ) -> Result<Self, MempoolError> {
+        check_name(name)?;
+        if cfg.n == 0 {
+            return Err(MempoolError::ZeroObjects);
+        }
+        if cfg.n > MAX_OBJECTS {
+            return Err(MempoolError::TooManyObjects {
+                n: u64::from(cfg.n),
+                max: MAX_OBJECTS,
+            });
+        }
+        let flags = MempoolFlags::from_bits(cfg.flags.bits())?;
+        let sz = calc_obj_size(cfg.elt_size, flags)?;
+        crate::required_memory(cfg.n, cfg.elt_size, flags)?;
+        check_cache(cfg.cache_size, cfg.n)?;
+        if cfg.private_size > MAX_PRIVATE_SIZE {
+            return Err(MempoolError::PrivateTooLarge {
+                size: u64::from(cfg.private_size),
+                max: MAX_PRIVATE_SIZE,
+            });
+        }
+        let hname = cfg
+            .handler
+            .clone()
+            .unwrap_or_else(|| default_handler(flags).to_string());
+        if hname.len() > HANDLER_NAME_MAX {
+            return Err(MempoolError::BadHandler {
+                name: hname,
+                why: "names are 1 to 31 bytes",
+            });
+        }
+        let handler = find_handler(&hname)?;
+        let reg = RegistryRef::open(mem)?;
+        let geo = header_geometry(cfg.cache_size, cfg.private_size);
+        let zone = match mem.memzone_reserve_aligned(
+            &zone_name(name),
+            geo.total,
+            cfg.socket,
+            MemzoneFlags::ZERO,
+            64,
+        ) {
+            Ok(z) => z,
+            Err(Error::Memzone(MemzoneError::Exists { .. })) => {
+                return Err(MempoolError::Exists {
+                    name: name.to_string(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let hdr = NonNull::new(zone.as_mut_ptr().cast::<PoolHeader>()).ok_or_else(|| {
+            MempoolError::Corrupt {
+                name: name.to_string(),
+                why: "null zone".into(),
+            }
+        })?;
+        // SAFETY: a fresh zeroed zone of at least size_of::<PoolHeader>()
+        // bytes, 64-aligned; unpublished (no magic), so nobody else reads it.
+        let h = unsafe { &mut *hdr.as_ptr() };
+        h.version = LAYOUT_VERSION;
+        h.flags = flags.bits();
+        h.name = name_bytes(name);
+        h.handler = name_bytes(&hname);
+        h.n = cfg.n;
+        h.elt_size = sz.elt_size;
+        h.elt_size_req = cfg.elt_size;
+        h.header_size = sz.header_size;
+        h.trailer_size = sz.trailer_size;
+        h.total_size = sz.total_size;
+        h.cache_size = cfg.cache_size;
+        h.flush_thresh = cfg.cache_size * 3 / 2;
+        h.cache_cap = geo.cache_cap;
+        h.private_size = geo.priv_size as u32;
+        h.socket = cfg.socket;
+        h.creator_pid = std::process::id();
+        h.self_va = hdr.as_ptr() as u64;
+        h.cache_off = geo.cache_off as u64;
+        h.cache_stride = geo.cache_stride as u64;
+        h.priv_off = geo.priv_off as u64;
+
+        let params = BackendParams {
+            name: name.to_string(),
+            n: cfg.n,
+            socket: cfg.socket,
+            flags: flags.bits(),
+        };
+        let built = populate(mem, name, h, cfg, flags, &sz).and_then(|chunks| {
+            let backend = handler.create(mem, &params)?;
+            Ok((chunks, backend))
+        });
+        let (nchunks, backend) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                for k in 0..h.nb_chunks as usize {
+                    if let Some(z) = mem.memzone_lookup(&chunk_zone_name(name, k)) {
+                        let _ = z.free();
+                    }
+                }
+                let _ = zone.free();
+                return Err(e);
+            }
+        };
+        debug_assert_eq!(nchunks, h.nb_chunks);
+        let pool = Self::from_parts(mem, zone, hdr, backend, reg, hname.clone());
+        if let Err(e) = pool.place_objects(&mut obj_init) {
+            let _ = pool.free_forced();
+            return Err(e);
+        }
+        tracing::debug!(
+            name,
+            n = cfg.n,
+            elt_size = cfg.elt_size,
+            cache_size = cfg.cache_size,
+            handler = hname,
+            chunks = nchunks,
+            "mempool created"
+        );
+        Ok(pool)
+    }
+
+    /// Writes every object's header, runs `obj_init`, fills the backend
+    /// and publishes the header.
+    fn place_objects(&self, obj_init: &mut impl FnMut(u32, *mut u8)) -> Result<(), MempoolError> {
+        let (pool, mem, hdr) = (self, self.mem, self.hdr);
+        // Objects: headers, init callback, into the backend.
+        let mut batch: Vec<*mut u8> = Vec::with_capacity(512);
+        let mut idx = 0u32;
+        for c in pool.chunks() {
+            for i in 0..c.count as usize {
+                let obj = c.va + i * pool.total_size;
+                let elt = obj + pool.header_size;
+                let iova = if c.iova == BAD_IOVA {
+                    mem.virt2iova(elt).unwrap_or(BAD_IOVA)
+                } else {
+                    c.iova + (elt - c.va) as u64
+                };
+                // SAFETY: the object lies inside the chunk zone we
+                // reserved; nobody else sees it before publication.
+                unsafe {
+                    (obj as *mut ObjHeader).write(ObjHeader {
+                        pool: hdr.as_ptr() as u64,
+                        iova,
+                        cookie: std::sync::atomic::AtomicU64::new(COOKIE_IN_POOL),
+                    });
+                }
+                obj_init(idx, elt as *mut u8);
+                idx += 1;
+                batch.push(elt as *mut u8);
+                if batch.len() == 512 {
+                    pool.backend.enqueue(&batch)?;
+                    batch.clear();
+                }
+            }
+        }
+        pool.backend.enqueue(&batch)?;
+        // SAFETY: as above; the header is still unpublished.
+        unsafe { (*hdr.as_ptr()).populated = idx };
+        pool.header().magic.store(POOL_MAGIC, Ordering::Release);
+        Ok(())
+    }
+
+    /// The pool named `name`, created by this or another process of the
+    /// instance. Its handler must be registered in this process.
+    pub fn lookup(mem: &'m Memory, name: &str) -> Result<Self, MempoolError> {
+        check_name(name)?;
+        let not_found = || MempoolError::NotFound {
+            name: name.to_string(),
+        };
+        let zone = mem.memzone_lookup(&zone_name(name)).ok_or_else(not_found)?;
+        if zone.len() < std::mem::size_of::<PoolHeader>() {
+            return Err(not_found());
+        }
+        let hdr = NonNull::new(zone.as_mut_ptr().cast::<PoolHeader>()).ok_or_else(not_found)?;
+        // SAFETY: the zone is at least a header long, 64-aligned; magic is
+        // atomic, and everything else was written before it (Release).
+        let h = unsafe { hdr.as_ref() };
+        if h.magic.load(Ordering::Acquire) != POOL_MAGIC {
+            return Err(not_found());
+        }
+        if h.version != LAYOUT_VERSION || h.self_va != hdr.as_ptr() as u64 {
+            return Err(MempoolError::Corrupt {
+                name: name.to_string(),
+                why: format!(
+                    "layout version {} at {:#x} (this build reads {LAYOUT_VERSION}; header says it lives at {:#x})",
+                    h.version,
+                    hdr.as_ptr() as usize,
+                    h.self_va
+                ),
+            });
+        }
+        let hname = name_str(&h.handler);
+        let handler: Arc<dyn Handler> = find_handler(&hname)?;
+        let backend = handler.attach(
+            mem,
+            &BackendParams {
+                name: name.to_string(),
+                n: h.n,
+                socket: h.socket,
+                flags: h.flags,
+            },
+        )?;
+        let reg = RegistryRef::open(mem)?;
+        Ok(Self::from_parts(mem, zone, hdr, backend, reg, hname))
+    }
+
+    fn from_parts(
+        mem: &'m Memory,
+        zone: Memzone<'m>,
+        hdr: NonNull<PoolHeader>,
+        backend: Box<dyn Backend + 'm>,
+        reg: RegistryRef,
+        handler: String,
+    ) -> Self {
+        // SAFETY: initialised header (creator, or published).
+        let h = unsafe { hdr.as_ref() };
+        reg.hold();
+        let ranges = h.chunks[..h.nb_chunks as usize]
+            .iter()
+            .map(|c| (c.va as usize, (c.va + c.len) as usize, c.first))
+            .collect();
+        Self {
+            mem,
+            name: name_str(&h.name),
+            handler,
+            n: h.n,
+            header_size: h.header_size as usize,
+            total_size: h.total_size as usize,
+            cache_size: h.cache_size,
+            cache_cap: h.cache_cap,
+            cache_base: hdr.as_ptr() as usize + h.cache_off as usize,
+            cache_stride: h.cache_stride as usize,
+            ranges,
+            zone,
+            hdr,
+            backend,
+            reg,
+        }
+    }
+
+    fn header(&self) -> &PoolHeader {
+        // SAFETY: the header zone is mapped while `self.mem` lives.
+        unsafe { self.hdr.as_ref() }
+    }
+
+    /// Pool name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Handler name.
+    pub fn handler(&self) -> &str {
+        &self.handler
+    }
+
+    /// Objects in the pool.
+    pub fn size(&self) -> u32 {
+        self.n
+    }
+
+    /// Per-lcore cache size.
+    pub fn cache_size(&self) -> u32 {
+        self.cache_size
+    }
+
+    /// Flags.
+    pub fn flags(&self) -> MempoolFlags {
+        MempoolFlags::from_bits(self.header().flags).unwrap_or_default()
+    }
+
+    /// Object sizes.
+    pub fn obj_size(&self) -> ObjSize {
+        let h = self.header();
+        ObjSize {
+            header_size: h.header_size,
+            elt_size: h.elt_size,
+            trailer_size: h.trailer_size,
+            total_size: h.total_size,
+        }
+    }
+
+    /// Element size as asked at creation.
+    #[allow(clippy::misnamed_getters)]
+    pub fn elt_size(&self) -> u32 {
+        self.header().elt_size_req
+    }
+
+    /// Address of the pool header (same in every process): what object
+    /// headers point at.
+    pub fn addr(&self) -> usize {
+        self.hdr.as_ptr() as usize
+    }
+
+    /// The instance.
+    pub fn memory(&self) -> &'m Memory {
+        self.mem
+    }
+
+    /// The private area (`private_size` bytes rounded up to 64), shared by
+    /// every process (DPDK's `rte_mempool_get_priv`).
+    pub fn private_area(&self) -> (*mut u8, usize) {
+        let h = self.header();
+        (
+            (self.addr() + h.priv_off as usize) as *mut u8,
+            h.private_size as usize,
+        )
+    }
+
+    /// The object zones, in population order.
+    pub fn chunks(&self) -> Vec<ChunkInfo> {
+        let h = self.header();
+        h.chunks[..h.nb_chunks as usize]
+            .iter()
+            .map(|c| ChunkInfo {
+                va: c.va as usize,
+                iova: c.iova,
+                len: c.len as usize,
+                first: c.first,
+                count: c.count,
+            })
+            .collect()
+    }
+
+    /// Every object's element, in population order (DPDK's
+    /// `rte_mempool_obj_iter`).
+    pub fn objects(&self) -> impl Iterator<Item = *mut u8> + '_ {
+        let (hs, ts) = (self.header_size, self.total_size);
+        self.chunks()
+            .into_iter()
+            .flat_map(move |c| (0..c.count as usize).map(move |i| (c.va + i * ts + hs) as *mut u8))
+    }
+
+    /// IOVA of an object's element (`BAD_IOVA` when unknown); `None` for a
+    /// pointer that is not an object of this pool.
+    pub fn virt2iova(&self, obj: *const u8) -> Option<u64> {
+        self.index_of(obj as usize)?;
+        // SAFETY: an object of this pool: its header precedes it.
+        Some(unsafe { (*self.obj_header(obj as usize)).iova })
+    }
+
+    /// Index of an object in population order, `None` if `obj` is not an
+    /// object of this pool.
+    pub fn index_of(&self, addr: usize) -> Option<u32> {
+        self.ranges.iter().find_map(|&(s, e, first)| {
+            if addr < s + self.header_size || addr >= e {
+                return None;
+            }
+            let off = addr - s - self.header_size;
+            (off % self.total_size == 0).then(|| first + (off / self.total_size) as u32)
+        })
+    }
+
+    #[inline(always)]
+    fn obj_header(&self, addr: usize) -> *const ObjHeader {
+        (addr - self.header_size) as *const ObjHeader
+    }
+
+    /// Checks that `p` is an object of this pool: inside one of its chunks
+    /// and its header names this pool (the debug build also checks the
+    /// object boundary).
+    #[inline(always)]
+    fn check_obj(&self, p: *mut u8) -> Result<(), MempoolError> {
+        let a = p as usize;
+        let inside = self
+            .ranges
+            .iter()
+            .any(|&(s, e, _)| a >= s + self.header_size && a < e);
+        // SAFETY: inside a chunk of ours, past a header's length: readable.
+        if inside && unsafe { (*self.obj_header(a)).pool } == self.addr() as u64 {
+            if cfg!(debug_assertions) && self.index_of(a).is_none() {
+                return Err(self.foreign(a));
+            }
+            return Ok(());
+        }
+        Err(self.foreign(a))
+    }
+
+    #[cold]
+    fn foreign(&self, a: usize) -> MempoolError {
+        // Name the owner when `a` is an object of another pool of the
+        // instance.
+        let owner = mempool_names(self.mem).into_iter().find_map(|n| {
+            let p = Mempool::lookup(self.mem, &n).ok()?;
+            p.index_of(a).map(|_| n)
+        });
+        MempoolError::ForeignObject {
+            addr: a,
+            pool: self.name.clone(),
+            owner,
+        }
+    }
+
+    #[inline(always)]
+    fn check_put(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        for &p in objs {
+            self.check_obj(p)?;
+        }
+        if cfg!(debug_assertions) {
+            for (i, &p) in objs.iter().enumerate() {
+                // SAFETY: checked above to be our object.
+                let c = unsafe { &(*self.obj_header(p as usize)).cookie };
+                let dup = objs[..i].contains(&p);
+                if dup
+                    || c.compare_exchange(
+                        COOKIE_IN_USE,
+                        COOKIE_IN_POOL,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_err()
+                {
+                    // Undo the ones marked so far: nothing is returned.
+                    for &q in &objs[..i] {
+                        // SAFETY: as above.
+                        unsafe { &(*self.obj_header(q as usize)).cookie }
+                            .store(COOKIE_IN_USE, Ordering::Relaxed);
+                    }
+                    return Err(MempoolError::DoublePut {
+                        addr: p as usize,
+                        pool: self.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn mark_out(&self, objs: &[*mut u8]) {
+        if cfg!(debug_assertions) {
+            for &p in objs {
+                // SAFETY: objects come from our backend or caches.
+                let c = unsafe { &(*self.obj_header(p as usize)).cookie };
+                if c.swap(COOKIE_IN_USE, Ordering::AcqRel) != COOKIE_IN_POOL {
+                    tracing::error!(pool = self.name, obj = ?p, "object handed out had a bad cookie (double put or overwritten header)");
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn slot(&self, id: u32) -> (&CacheSlot, *mut *mut u8) {
+        let base = self.cache_base + id as usize * self.cache_stride;
+        // SAFETY: id < MAX_LCORES and caches exist (cache_size > 0), so the
+        // slot lies in the header zone.
+        (
+            unsafe { &*(base as *const CacheSlot) },
+            (base + 64) as *mut *mut u8,
+        )
+    }
+
+    /// Takes exactly `out.len()` objects, or none (DPDK's
+    /// `rte_mempool_get_bulk`): through the calling thread's cache when it
+    /// has an lcore id ([`register_thread`](crate::register_thread)) and
+    /// the pool has caches. Fails with [`MempoolError::NotEnough`] even if
+    /// other lcores' caches hold objects.
+    #[inline]
+    pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        if self.cache_size != 0 {
+            if let Some(id) = self.reg.current() {
+                let (slot, objs) = self.slot(id);
+                let mut len = slot.len.load(Ordering::Relaxed);
+                let r = self.cache_get(objs, &mut len, self.cache_size, out);
+                slot.len.store(len, Ordering::Relaxed);
+                return r;
+            }
+        }
+        self.backend.dequeue(out)?;
+        self.mark_out(out);
+        Ok(())
+    }
+
+    /// One object.
+    #[inline]
+    pub fn get(&self) -> Result<*mut u8, MempoolError> {
+        let mut o = [std::ptr::null_mut(); 1];
+        self.get_bulk(&mut o)?;
+        Ok(o[0])
+    }
+
+    /// Returns objects (DPDK's `rte_mempool_put_bulk`); through the
+    /// calling thread's cache when it has one. A pointer that is not an
+    /// object of this pool (checked through the object header's pool
+    /// address) fails the whole call with
+    /// [`MempoolError::ForeignObject`]; debug builds also refuse an object
+    /// already in the pool ([`MempoolError::DoublePut`]).
+    #[inline]
+    pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.check_put(objs)?;
+        if self.cache_size != 0 {
+            if let Some(id) = self.reg.current() {
+                let (slot, cobjs) = self.slot(id);
+                let mut len = slot.len.load(Ordering::Relaxed);
+                let r = self.cache_put(cobjs, &mut len, self.cache_size, objs);
+                slot.len.store(len, Ordering::Relaxed);
+                return r;
+            }
+        }
+        self.backend.enqueue(objs)
+    }
+
+    /// One object.
+    #[inline]
+    pub fn put(&self, obj: *mut u8) -> Result<(), MempoolError> {
+        self.put_bulk(&[obj])
+    }
+
+    /// Cache get: pop from the cache; when short, refill to `size + n -
+    /// len` from the backend first; requests above `2 x size` go to the
+    /// backend directly.
+    #[inline(always)]
+    fn cache_get(
+        &self,
+        objs: *mut *mut u8,
+        len: &mut u32,
+        size: u32,
+        out: &mut [*mut u8],
+    ) -> Result<(), MempoolError> {
+        let n = out.len() as u32;
+        if n > *len {
+            if n > 2 * size {
+                self.backend.dequeue(out)?;
+                self.mark_out(out);
+                return Ok(());
+            }
+            let need = n - *len;
+            // SAFETY: len + size + need = size + n <= 3 x size = capacity.
+            let fill = unsafe {
+                std::slice::from_raw_parts_mut(objs.add(*len as usize), (size + need) as usize)
+            };
+            if self.backend.dequeue(fill).is_ok() {
+                *len += size + need;
+            } else {
+                self.backend
+                    .dequeue(&mut fill[..need as usize])
+                    .map_err(|_| MempoolError::NotEnough {
+                        requested: n,
+                        available: *len + self.backend.count(),
+                    })?;
+                *len += need;
+            }
+        }
+        *len -= n;
+        // SAFETY: [len, len + n) are cached objects.
+        unsafe {
+            std::ptr::copy_nonoverlapping(objs.add(*len as usize), out.as_mut_ptr(), n as usize);
+        };
+        self.mark_out(out);
+        Ok(())
+    }
+
+    /// Cache put: push; a cache over the flush threshold (1.5 x size) is
+    /// flushed down to `size`; bulks above the threshold go to the backend
+    /// directly.
+    #[inline(always)]
+    fn cache_put(
+        &self,
+        objs: *mut *mut u8,
+        len: &mut u32,
+        size: u32,
+        items: &[*mut u8],
+    ) -> Result<(), MempoolError> {
+        let n = items.len() as u32;
+        let thresh = size * 3 / 2;
+        if n > thresh {
+            return self.backend.enqueue(items);
+        }
+        // SAFETY: len <= thresh and n <= thresh, so len + n <= 3 x size.
+        unsafe {
+            std::ptr::copy_nonoverlapping(items.as_ptr(), objs.add(*len as usize), n as usize);
+        };
+        *len += n;
+        if *len > thresh {
+            // SAFETY: [size, len) are cached objects.
+            let extra = unsafe {
+                std::slice::from_raw_parts(objs.add(size as usize), (*len - size) as usize)
+            };
+            self.backend.enqueue(extra)?;
+            *len = size;
+        }
+        Ok(())
+    }
+
+    /// Puts the calling thread's cached objects back into the backend
+    /// (DPDK's `rte_mempool_cache_flush(NULL, mp)`); a no-op without an
+    /// lcore id or caches.
+    pub fn cache_flush(&self) -> Result<(), MempoolError> {
+        if self.cache_size == 0 {
+            return Ok(());
+        }
+        let Some(id) = self.reg.current() else {
+            return Ok(());
+        };
+        let (slot, objs) = self.slot(id);
+        let len = slot.len.load(Ordering::Relaxed);
+        self.backend
+            // SAFETY: [0, len) are cached objects, ours (our lcore id).
+            .enqueue(unsafe { std::slice::from_raw_parts(objs, len as usize) })?;
+        slot.len.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Objects in the calling thread's cache.
+    pub fn cache_count(&self) -> u32 {
+        if self.cache_size == 0 {
+            return 0;
+        }
+        self.reg
+            .current()
+            .map_or(0, |id| self.slot(id).0.len.load(Ordering::Relaxed))
+    }
+
+    fn cache_counts(&self) -> Vec<(u32, u32)> {
+        if self.cache_size == 0 {
+            return Vec::new();
+        }
+        (0..MAX_LCORES as u32)
+            .filter_map(|id| {
+                let l = self.slot(id).0.len.load(Ordering::Relaxed);
+                (l != 0).then_some((id, l))
+            })
+            .collect()
+    }
+
+    /// Objects available: backend plus every lcore cache, at most the pool
+    /// size (DPDK's `rte_mempool_avail_count`). Exact when no get or put
+    /// runs concurrently. Objects in user-owned caches count as in use.
+    pub fn avail_count(&self) -> u32 {
+        let cached: u32 = self.cache_counts().iter().map(|&(_, l)| l).sum();
+        (self.backend.count() + cached).min(self.n)
+    }
+
+    /// Objects out: size minus available.
+    pub fn in_use_count(&self) -> u32 {
+        self.n - self.avail_count()
+    }
+
+    /// Every object available.
+    pub fn is_full(&self) -> bool {
+        self.avail_count() == self.n
+    }
+
+    /// No object available.
+    pub fn is_empty(&self) -> bool {
+        self.avail_count() == 0
+    }
+
+    /// Takes objects through a user-owned cache (DPDK's
+    /// `rte_mempool_generic_get` with a cache from
+    /// `rte_mempool_cache_create`).
+    pub fn get_bulk_with(
+        &self,
+        cache: &mut MempoolCache,
+        out: &mut [*mut u8],
+    ) -> Result<(), MempoolError> {
+        cache.bind(self)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let mut len = cache.len;
+        let r = self.cache_get(cache.objs.as_mut_ptr(), &mut len, cache.size, out);
+        cache.len = len;
+        r
+    }
+
+    /// Returns objects through a user-owned cache.
+    pub fn put_bulk_with(
+        &self,
+        cache: &mut MempoolCache,
+        objs: &[*mut u8],
+    ) -> Result<(), MempoolError> {
+        cache.bind(self)?;
+        self.check_put(objs)?;
+        let mut len = cache.len;
+        let r = self.cache_put(cache.objs.as_mut_ptr(), &mut len, cache.size, objs);
+        cache.len = len;
+        r
+    }
+
+    /// A snapshot for reports.
+    pub fn info(&self) -> MempoolInfo {
+        let h = self.header();
+        let counts = self.cache_counts();
+        let avail = self.avail_count();
+        MempoolInfo {
+            name: self.name.clone(),
+            addr: self.addr(),
+            flags: format!("{:?}", self.flags()),
+            socket: h.socket,
+            handler: self.handler.clone(),
+            size: self.n,
+            populated: h.populated,
+            obj_size: self.obj_size(),
+            private_size: h.private_size,
+            cache_size: self.cache_size,
+            cache_counts: counts,
+            common_pool_count: self.backend.count(),
+            avail,
+            in_use: self.n - avail,
+            chunks: self.chunks(),
+        }
+    }
+
+    /// Writes a human-readable dump (DPDK's `rte_mempool_dump`).
+    pub fn dump(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let i = self.info();
+        let mut s = String::new();
+        let _ = writeln!(s, "mempool <{}>@{:#x}", i.name, i.addr);
+        let _ = writeln!(s, "  flags={}", i.flags);
+        let _ = writeln!(s, "  socket_id={}", i.socket);
+        let _ = writeln!(s, "  handler={}", i.handler);
+        let _ = writeln!(s, "  nb_mem_chunks={}", i.chunks.len());
+        let _ = writeln!(s, "  size={}", i.size);
+        let _ = writeln!(s, "  populated_size={}", i.populated);
+        let _ = writeln!(s, "  header_size={}", i.obj_size.header_size);
+        let _ = writeln!(s, "  elt_size={}", i.obj_size.elt_size);
+        let _ = writeln!(s, "  trailer_size={}", i.obj_size.trailer_size);
+        let _ = writeln!(s, "  total_obj_size={}", i.obj_size.total_size);
+        let _ = writeln!(s, "  private_data_size={}", i.private_size);
+        for c in &i.chunks {
+            let _ = writeln!(
+                s,
+                "  chunk va={:#x} iova={:#x} len={} objs={}",
+                c.va, c.iova, c.len, c.count
+            );
+        }
+        let bytes: usize = i.chunks.iter().map(|c| c.len).sum();
+        let _ = writeln!(
+            s,
+            "  avg bytes/object={:.3}",
+            bytes as f64 / f64::from(i.populated.max(1))
+        );
+        let _ = writeln!(s, "  cache_size={}", i.cache_size);
+        for (id, l) in &i.cache_counts {
+            let _ = writeln!(s, "    cache_count[{id}]={l}");
+        }
+        let _ = writeln!(s, "  common_pool_count={}", i.common_pool_count);
+        let _ = writeln!(s, "  avail={} in_use={}", i.avail, i.in_use);
+        out.write_all(s.as_bytes())
+    }
+
+    /// The dump as JSON.
+    pub fn dump_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.info()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Checks the pool (DPDK's `rte_mempool_audit`, stricter): every
+    /// object in the backend and the lcore caches is an object of this
+    /// pool, seen once (a double put shows as a duplicate), with an intact
+    /// header and cookie; debug builds also check that objects out are
+    /// marked out. Takes the backend's objects out and puts them back, so
+    /// the pool must be quiescent (no get or put anywhere).
+    pub fn audit(&self) -> Result<AuditReport, MempoolError> {
+        let count = self.backend.count();
+        let mut held: Vec<*mut u8> = vec![std::ptr::null_mut(); count as usize];
+        for part in held.chunks_mut(4096) {
+            self.backend.dequeue(part)?;
+        }
+        let r = self.audit_with(&held);
+        for part in held.chunks(4096) {
+            self.backend.enqueue(part)?;
+        }
+        r
+    }
+
+    fn audit_with(&self, backend: &[*mut u8]) -> Result<AuditReport, MempoolError> {
+        let corrupt = |why: String| MempoolError::Corrupt {
+            name: self.name.clone(),
+            why,
+        };
+        let mut seen = vec![false; self.n as usize];
+        let mut cached = Vec::new();
+        if self.cache_size != 0 {
+            for id in 0..MAX_LCORES as u32 {
+                let (slot, objs) = self.slot(id);
+                let l = slot.len.load(Ordering::Relaxed);
+                if l > self.cache_cap {
+                    return Err(corrupt(format!(
+                        "lcore {id}'s cache holds {l} > {}",
+                        self.cache_cap
+                    )));
+                }
+                // SAFETY: [0, l) are slots of the cache.
+                cached.extend_from_slice(unsafe { std::slice::from_raw_parts(objs, l as usize) });
+            }
+        }
+        for (&p, where_) in backend
+            .iter()
+            .map(|p| (p, "backend"))
+            .chain(cached.iter().map(|p| (p, "cache")))
+        {
+            let a = p as usize;
+            let idx = self
+                .index_of(a)
+                .ok_or_else(|| corrupt(format!("{a:#x} in the {where_} is not an object")))?;
+            if std::mem::replace(&mut seen[idx as usize], true) {
+                return Err(corrupt(format!(
+                    "object {idx} ({a:#x}) is in the pool twice (put back twice?)"
+                )));
+            }
+            // SAFETY: an object of ours.
+            let h = unsafe { &*self.obj_header(a) };
+            if h.pool != self.addr() as u64 {
+                return Err(corrupt(format!(
+                    "object {idx}'s header names pool {:#x}",
+                    h.pool
+                )));
+            }
+            let c = h.cookie.load(Ordering::Relaxed);
+            if c != COOKIE_IN_POOL && !(cfg!(not(debug_assertions)) && c == COOKIE_IN_USE) {
+                return Err(corrupt(format!(
+                    "object {idx} in the {where_} has cookie {c:#x}"
+                )));
+            }
+        }
+        let in_pool = backend.len() + cached.len();
+        if cfg!(debug_assertions) {
+            for (idx, p) in self.objects().enumerate() {
+                if !seen[idx] {
+                    // SAFETY: an object of ours.
+                    let c =
+                        unsafe { &(*self.obj_header(p as usize)).cookie }.load(Ordering::Relaxed);
+                    if c != COOKIE_IN_USE {
+                        return Err(corrupt(format!(
+                            "object {idx} is out but has cookie {c:#x}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(AuditReport {
+            in_backend: backend.len() as u32,
+            in_caches: cached.len() as u32,
+            out: self.n - in_pool as u32,
+        })
+    }
+
+    /// Frees the pool: backend, object zones, header zone. Refused with
+    /// [`MempoolError::InUse`] while objects are out (the calling thread's
+    /// cache is flushed first); the pool is then left as it was (look it
+    /// up again to keep using it). Other handles to the pool, in any
+    /// thread or process, must not be used afterwards.
+    pub fn free(self) -> Result<(), MempoolError> {
+        self.cache_flush()?;
+        let in_use = self.in_use_count();
+        if in_use != 0 {
+            return Err(MempoolError::InUse {
+                name: self.name.clone(),
+                in_use,
+                n: self.n,
+            });
+        }
+        self.free_forced()
+    }
+
+    /// Frees the pool even with objects out (they become dangling).
+    pub fn free_forced(self) -> Result<(), MempoolError> {
+        self.header().magic.store(0, Ordering::Release);
+        let nb = self.header().nb_chunks as usize;
+        let mut this = std::mem::ManuallyDrop::new(self);
+        this.reg.release();
+        // SAFETY: each field is moved out exactly once and `this` is never
+        // used or dropped afterwards.
+        let (backend, zone, name, mem) = unsafe {
+            (
+                std::ptr::read(&raw const this.backend),
+                std::ptr::read(&raw const this.zone),
+                std::ptr::read(&raw const this.name),
+                this.mem,
+            )
+        };
+        // SAFETY: as above: the remaining owned fields are dropped here.
+        unsafe {
+            std::ptr::drop_in_place(&raw mut this.handler);
+            std::ptr::drop_in_place(&raw mut this.ranges);
+        }
+        let mut first_err = backend.destroy().err();
+        for k in 0..nb {
+            if let Some(z) = mem.memzone_lookup(&chunk_zone_name(&name, k)) {
+                if let Err(e) = z.free() {
+                    first_err.get_or_insert(e.into());
+                }
+            }
+        }
+        if let Err(e) = zone.free() {
+            first_err.get_or_insert(e.into());
+        }
+        tracing::debug!(name, "mempool freed");
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Mempool<'_> {
+    fn drop(&mut self) {
+        self.reg.release();
+    }
+}
+
+/// Reserves the object zones and records them in the header.
+fn populate(
+    mem: &Memory,
+    name: &str,
+    h: &mut PoolHeader,
+    cfg: &MempoolConfig,
+    flags: MempoolFlags,
+    sz: &ObjSize,
+) -> Result<u32, MempoolError> {
+    let total = sz.total_size as usize;
+    // More than every memseg list of the instance could ever map (external
+    // heaps aside): refuse at once instead of trying ever smaller zones.
+    let need = cfg.n as usize * total;
+    let max: usize = mem.lists().iter().map(|l| l.len).sum();
+    if need > max && h.socket < 256 {
+        return Err(MempoolError::TooLarge { need, max });
+    }
+    let mut contig = !flags.contains(MempoolFlags::NO_IOVA_CONTIG);
+    let mut remaining = cfg.n;
+    let mut want = cfg.n;
+    let mut first = 0u32;
+    while remaining > 0 {
+        let k = h.nb_chunks as usize;
+        if k == MAX_CHUNKS {
+            return Err(MempoolError::TooManyChunks {
+                n: cfg.n,
+                total_size: sz.total_size,
+                max: MAX_CHUNKS,
+            });
+        }
+        let cnt = want.min(remaining);
+        let zflags = if contig {
+            MemzoneFlags::IOVA_CONTIG
+        } else {
+            MemzoneFlags::NONE
+        };
+        match mem.memzone_reserve_aligned(
+            &chunk_zone_name(name, k),
+            cnt as usize * total,
+            cfg.socket,
+            zflags,
+            64,
+        ) {
+            Ok(z) => {
+                h.chunks[k] = ChunkDesc {
+                    va: z.as_ptr() as u64,
+                    iova: if contig { z.iova() } else { BAD_IOVA },
+                    len: (cnt as usize * total) as u64,
+                    first,
+                    count: cnt,
+                };
+                h.nb_chunks += 1;
+                first += cnt;
+                remaining -= cnt;
+            }
+            // Halve, as long as the remaining chunks can still hold the
+            // remaining objects.
+            Err(Error::Memzone(MemzoneError::Alloc { .. }))
+                if cnt > 1 && cnt.div_ceil(2) as usize * (MAX_CHUNKS - k) >= remaining as usize =>
+            {
+                want = cnt.div_ceil(2);
+            }
+            Err(Error::Memzone(MemzoneError::Alloc { .. })) if contig && cnt == 1 => {
+                tracing::warn!(name, "no IOVA-contiguous memory for one object; objects' IOVAs are looked up page by page");
+                contig = false;
+                want = remaining;
+            }
+            Err(Error::Memzone(MemzoneError::Alloc { .. })) if cnt > 1 => {
+                return Err(MempoolError::TooManyChunks {
+                    n: cfg.n,
+                    total_size: sz.total_size,
+                    max: MAX_CHUNKS,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(h.nb_chunks)
+}
+
+/// Names of the pools in `mem` (zones `MP_<name>` holding a published pool
+/// header).
+pub fn mempool_names(mem: &Memory) -> Vec<String> {
+    mem.memzones()
+        .into_iter()
+        .filter_map(|z| {
+            let n = z.name.strip_prefix(POOL_ZONE_PREFIX)?;
+            if z.len < std::mem::size_of::<PoolHeader>() {
+                return None;
+            }
+            // SAFETY: a live zone of the instance at least a header long;
+            // only the atomic magic is read.
+            let magic = unsafe { &*(z.addr as *const PoolHeader) }
+                .magic
+                .load(Ordering::Acquire);
+            (magic == POOL_MAGIC).then(|| n.to_string())
+        })
+        .collect()
+}
+
+/// Snapshots of every pool in `mem` (DPDK's `rte_mempool_list_dump`).
+pub fn mempools(mem: &Memory) -> Vec<MempoolInfo> {
+    mempool_names(mem)
+        .into_iter()
+        .filter_map(|n| Mempool::lookup(mem, &n).ok().map(|p| p.info()))
+        .collect()
+}
+
+/// A user-owned cache (DPDK's `rte_mempool_cache_create`): process-local,
+/// used by one thread at a time (`&mut`), with the same policy as the
+/// per-lcore caches. Bound to the first pool it is used with; flush it
+/// ([`flush`](Self::flush)) before dropping it, or its objects stay out.
+/// Objects in it count as in use.
+pub struct MempoolCache {
+    size: u32,
+    len: u32,
+    pool: usize,
+    objs: Box<[*mut u8]>,
+}
+
+// SAFETY: holds pointers to shared-memory objects; moving the cache to
+// another thread moves them with it.
+unsafe impl Send for MempoolCache {}
+
+impl std::fmt::Debug for MempoolCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MempoolCache")
+            .field("size", &self.size)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MempoolCache {
+    /// A cache of `size` objects (1 ..= 512).
+    pub fn new(size: u32) -> Result<Self, MempoolError> {
+        if size == 0 || size > CACHE_MAX_SIZE {
+            return Err(MempoolError::BadCacheSize {
+                cache_size: size,
+                n: 0,
+                why: "a user cache holds 1 to 512 objects",
+            });
+        }
+        Ok(Self {
+            size,
+            len: 0,
+            pool: 0,
+            objs: vec![std::ptr::null_mut(); size as usize * 3].into_boxed_slice(),
+        })
+    }
+
+    /// Objects held.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Holds no object.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn bind(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
+        if self.pool != pool.addr() {
+            if self.len != 0 {
+                return Err(MempoolError::ForeignObject {
+                    addr: self.objs[0] as usize,
+                    pool: pool.name.clone(),
+                    owner: None,
+                });
+            }
+            self.pool = pool.addr();
+        }
+        Ok(())
+    }
+
+    /// Returns every object to `pool`'s backend.
+    pub fn flush(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
+        self.bind(pool)?;
+        pool.backend.enqueue(&self.objs[..self.len as usize])?;
+        self.len = 0;
+        Ok(())
+    }
+}
