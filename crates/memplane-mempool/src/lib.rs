@@ -17,6 +17,30 @@
 //!   id ([`register_thread`]); [`MempoolCache`] is a user-owned cache.
 //! - [`TypedMempool`] hands out [`PoolBox`]es that go back on drop.
 //!
+//! # Caches, precisely
+//!
+//! Per-lcore caches live in the header zone, [`MAX_LCORES`] of them, each
+//! with `3 x cache_size` slots. Get of `n`: served from the cache when it
+//! holds `n`; else, for `n <= 2 x cache_size`, the cache is refilled from
+//! the backend with `cache_size + n - len` objects (falling back to just
+//! the missing ones), leaving `cache_size` after the get; larger gets go
+//! to the backend. Put of `n <= 1.5 x cache_size`: pushed; a cache above
+//! the threshold is flushed down to `cache_size` (the newest objects go to
+//! the backend); larger puts go to the backend. Objects in lcore caches
+//! count as available; objects in user-owned caches count as in use.
+//!
+//! # Limits (today)
+//!
+//! - No channel spreading: `NO_SPREAD` is accepted and changes nothing;
+//!   64-byte elements are 128-byte objects here (DPDK spreads to 192).
+//! - [`Mempool::audit`] needs a quiescent pool (it drains the backend and
+//!   puts everything back).
+//! - Other handles to a freed pool (other threads or processes) dangle, as
+//!   with DPDK; `free` is refused while objects are out.
+//! - A forked child must not use lcore ids its parent registered.
+//! - Objects may straddle pages; with `NO_IOVA_CONTIG` an object's IOVA is
+//!   that of its first byte.
+//!
 //! ```no_run
 //! use memplane::{MemOptions, Memory};
 //! use memplane_mempool::{register_thread, Mempool, MempoolConfig};

@@ -436,6 +436,28 @@ fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
         Mempool::lookup(mem, "nope"),
         Err(MempoolError::NotFound { .. })
     ));
+    // More than exist: refused, nothing taken (with and without a cache).
+    let mut eleven = vec![std::ptr::null_mut(); 11];
+    assert!(matches!(
+        a.get_bulk(&mut eleven),
+        Err(MempoolError::NotEnough { requested: 11, .. })
+    ));
+    assert!(a.is_full());
+    let c = Mempool::create(mem, "c", &MempoolConfig::new(12, 64).cache_size(8)).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            register_thread(mem).unwrap();
+            let mut thirteen = vec![std::ptr::null_mut(); 13];
+            assert!(c.get_bulk(&mut thirteen).is_err());
+            let o = c.get().unwrap();
+            assert!(c.get_bulk(&mut thirteen[..12]).is_err());
+            assert_eq!(c.avail_count(), 11, "nothing taken");
+            c.put(o).unwrap();
+            c.cache_flush().unwrap();
+        });
+    });
+    assert!(c.is_full());
+    c.free().unwrap();
     // Foreign objects: another pool's (named), and a stack address.
     let b = Mempool::create(mem, "b", &MempoolConfig::new(10, 64)).unwrap();
     let ob = b.get().unwrap();
