@@ -5,6 +5,10 @@
 //! - `memplane-bench compare ring [--runs N] [--sizes ..]`: runs
 //!   `dpdk-test ring_perf_autotest` and the mirror alternately N times and
 //!   prints medians side by side with the ratio.
+//! - `memplane-bench compare mempool --mempool-bin B [--runs N] [--secs S]
+//!   [--dpdk-output FILE]`: DPDK 22.11 `mempool_perf_autotest` 1-core rows
+//!   (B = `bench/dpdk/mempool_perf_1core.c`) vs memplane's mirror
+//!   (`mempool-perf [--secs S]`).
 //! - `memplane-bench overcommit`: MP/MC vs RTS vs HTS with more threads than
 //!   CPUs (memplane only; DPDK's perf test has no such row).
 //! - `memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]`: DPDK 22.11
@@ -31,6 +35,7 @@ mod compare_malloc;
 mod compare_mem;
 mod init_once;
 mod malloc_perf;
+mod mempool_perf;
 mod memseg_perf;
 mod memzone_perf;
 mod overcommit;
@@ -102,6 +107,22 @@ fn main() {
                 stat.as_deref().map(std::path::Path::new),
             ));
         }
+        (Some("compare"), Some("mempool")) => {
+            let Some(bin) = flag(&args, "--mempool-bin") else {
+                eprintln!("compare mempool needs --mempool-bin <mempool_perf_1core binary> (bench/compare builds it)");
+                std::process::exit(2);
+            };
+            std::process::exit(mempool_perf::compare(
+                &bin,
+                flag(&args, "--runs").map_or(3, |s| s.parse().expect("--runs N")),
+                flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
+                flag(&args, "--dpdk-output").as_deref(),
+            ))
+        }
+        (Some("mempool-perf"), _) => std::process::exit(mempool_perf::run(
+            &prefix(),
+            flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
+        )),
         (Some("malloc-perf"), _) => std::process::exit(malloc_perf::run(&prefix())),
         (Some("malloc-aligned"), _) => std::process::exit(malloc_perf::run_aligned(&prefix())),
         (Some("memzone-scale"), _) => std::process::exit(memzone_perf::run_scale(&prefix())),

@@ -22,7 +22,7 @@
 // Zones are 64-byte aligned (memzone minimum): header casts are aligned.
 #![allow(clippy::cast_ptr_alignment)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -91,6 +91,9 @@ impl Drop for Tls {
 
 thread_local! {
     static TLS: RefCell<Tls> = const { RefCell::new(Tls { entries: Vec::new() }) };
+    /// The last (registry address, token, id) looked up: the hot path
+    /// (no destructor, so no lazy registration on access).
+    static LAST: Cell<(usize, u64, u32)> = const { Cell::new((0, 0, 0)) };
 }
 
 fn owner_word() -> u64 {
@@ -191,15 +194,27 @@ impl RegistryRef {
     /// The calling thread's id in this registry, if registered.
     #[inline]
     pub(crate) fn current(self) -> Option<u32> {
-        TLS.try_with(|t| {
-            let t = t.borrow();
-            t.entries
-                .iter()
-                .find(|(r, _)| *r == self)
-                .map(|&(_, id)| id)
-        })
-        .ok()
-        .flatten()
+        let (a, t, id) = LAST.get();
+        if a == self.addr && t == self.token {
+            return Some(id);
+        }
+        self.current_slow()
+    }
+
+    #[cold]
+    fn current_slow(self) -> Option<u32> {
+        let id = TLS
+            .try_with(|t| {
+                let t = t.borrow();
+                t.entries
+                    .iter()
+                    .find(|(r, _)| *r == self)
+                    .map(|&(_, id)| id)
+            })
+            .ok()
+            .flatten()?;
+        LAST.set((self.addr, self.token, id));
+        Some(id)
     }
 
     fn register(self) -> Result<u32, MempoolError> {
@@ -237,6 +252,7 @@ impl RegistryRef {
             Ordering::Relaxed,
         );
         TLS.with(|t| t.borrow_mut().entries.retain(|(r, _)| *r != self));
+        LAST.set((0, 0, 0));
         true
     }
 

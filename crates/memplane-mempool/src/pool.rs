@@ -175,6 +175,10 @@ pub struct Mempool<'m> {
     cache_stride: usize,
     /// (start, end) of each chunk's objects: membership checks.
     ranges: Vec<(usize, usize, u32)>,
+    /// First valid element address and span of the first chunk (the
+    /// common one-chunk case, checked without a loop).
+    r0_lo: usize,
+    r0_span: usize,
 }
 
 // SAFETY: the header pointer is into a memzone mapped as long as the
@@ -472,10 +476,14 @@ impl<'m> Mempool<'m> {
         // SAFETY: initialised header (creator, or published).
         let h = unsafe { hdr.as_ref() };
         reg.hold();
-        let ranges = h.chunks[..h.nb_chunks as usize]
+        let ranges: Vec<(usize, usize, u32)> = h.chunks[..h.nb_chunks as usize]
             .iter()
             .map(|c| (c.va as usize, (c.va + c.len) as usize, c.first))
             .collect();
+        let hs = h.header_size as usize;
+        let (r0_lo, r0_span) = ranges
+            .first()
+            .map_or((usize::MAX, 0), |&(s, e, _)| (s + hs, e - (s + hs)));
         Self {
             mem,
             name: name_str(&h.name),
@@ -488,6 +496,8 @@ impl<'m> Mempool<'m> {
             cache_base: hdr.as_ptr() as usize + h.cache_off as usize,
             cache_stride: h.cache_stride as usize,
             ranges,
+            r0_lo,
+            r0_span,
             zone,
             hdr,
             backend,
@@ -618,10 +628,10 @@ impl<'m> Mempool<'m> {
     #[inline(always)]
     fn check_obj(&self, p: *mut u8) -> Result<(), MempoolError> {
         let a = p as usize;
-        let inside = self
-            .ranges
-            .iter()
-            .any(|&(s, e, _)| a >= s + self.header_size && a < e);
+        let inside = a.wrapping_sub(self.r0_lo) < self.r0_span
+            || self.ranges[1..]
+                .iter()
+                .any(|&(s, e, _)| a >= s + self.header_size && a < e);
         // SAFETY: inside a chunk of ours, past a header's length: readable.
         if inside && unsafe { (*self.obj_header(a)).pool } == self.addr() as u64 {
             if cfg!(debug_assertions) && self.index_of(a).is_none() {
@@ -802,9 +812,7 @@ impl<'m> Mempool<'m> {
         }
         *len -= n;
         // SAFETY: [len, len + n) are cached objects.
-        unsafe {
-            std::ptr::copy_nonoverlapping(objs.add(*len as usize), out.as_mut_ptr(), n as usize);
-        };
+        unsafe { copy_ptrs(objs.add(*len as usize), out.as_mut_ptr(), n as usize) };
         self.mark_out(out);
         Ok(())
     }
@@ -826,9 +834,7 @@ impl<'m> Mempool<'m> {
             return self.backend.enqueue(items);
         }
         // SAFETY: len <= thresh and n <= thresh, so len + n <= 3 x size.
-        unsafe {
-            std::ptr::copy_nonoverlapping(items.as_ptr(), objs.add(*len as usize), n as usize);
-        };
+        unsafe { copy_ptrs(items.as_ptr(), objs.add(*len as usize), n as usize) };
         *len += n;
         if *len > thresh {
             // SAFETY: [size, len) are cached objects.
@@ -1153,6 +1159,24 @@ impl<'m> Mempool<'m> {
 impl Drop for Mempool<'_> {
     fn drop(&mut self) {
         self.reg.release();
+    }
+}
+
+/// Copies `n` pointers: a plain loop for the small bulks of the hot path
+/// (a `memcpy` call costs more than the copy), `memcpy` above.
+///
+/// # Safety
+/// `src` and `dst` valid for `n` pointers, not overlapping.
+#[inline(always)]
+unsafe fn copy_ptrs(src: *const *mut u8, dst: *mut *mut u8, n: usize) {
+    if n <= 16 {
+        for i in 0..n {
+            // SAFETY: i < n, both valid for n elements.
+            unsafe { dst.add(i).write(src.add(i).read()) };
+        }
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
     }
 }
 
