@@ -476,7 +476,7 @@ impl<'m> Mempool<'m> {
         // SAFETY: initialised header (creator, or published).
         let h = unsafe { hdr.as_ref() };
         reg.hold();
-        let ranges: Vec<(usize, usize, u32)> = h.chunks[..h.nb_chunks as usize]
+        let mut ranges: Vec<(usize, usize, u32)> = h.chunks[..h.nb_chunks as usize]
             .iter()
             .map(|c| (c.va as usize, (c.va + c.len) as usize, c.first))
             .collect();
@@ -484,6 +484,7 @@ impl<'m> Mempool<'m> {
         let (r0_lo, r0_span) = ranges
             .first()
             .map_or((usize::MAX, 0), |&(s, e, _)| (s + hs, e - (s + hs)));
+        ranges.sort_unstable_by_key(|r| r.0);
         Self {
             mem,
             name: name_str(&h.name),
@@ -628,10 +629,15 @@ impl<'m> Mempool<'m> {
     #[inline(always)]
     fn check_obj(&self, p: *mut u8) -> Result<(), MempoolError> {
         let a = p as usize;
-        let inside = a.wrapping_sub(self.r0_lo) < self.r0_span
-            || self.ranges[1..]
-                .iter()
-                .any(|&(s, e, _)| a >= s + self.header_size && a < e);
+        let inside = a.wrapping_sub(self.r0_lo) < self.r0_span || {
+            // `ranges` is sorted by start: the last chunk starting at or
+            // below `a` is the only candidate.
+            let i = self.ranges.partition_point(|r| r.0 <= a);
+            i > 0 && {
+                let (start, end, _) = self.ranges[i - 1];
+                a >= start + self.header_size && a < end
+            }
+        };
         // SAFETY: inside a chunk of ours, past a header's length: readable.
         if inside && unsafe { (*self.obj_header(a)).pool } == self.addr() as u64 {
             if cfg!(debug_assertions) && self.index_of(a).is_none() {
@@ -1242,8 +1248,10 @@ fn populate(
             {
                 want = cnt.div_ceil(2);
             }
-            Err(Error::Memzone(MemzoneError::Alloc { .. })) if contig && cnt == 1 => {
-                tracing::warn!(name, "no IOVA-contiguous memory for one object; objects' IOVAs are looked up page by page");
+            // No IOVA-contiguous zone small enough fits the chunk budget:
+            // go on without contiguity (each object's IOVA looked up).
+            Err(Error::Memzone(MemzoneError::Alloc { .. })) if contig => {
+                tracing::warn!(name, remaining, "not enough IOVA-contiguous memory; the remaining objects' IOVAs are looked up one by one");
                 contig = false;
                 want = remaining;
             }
