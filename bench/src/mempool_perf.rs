@@ -98,6 +98,16 @@ pub fn run(prefix: &str, secs: f64) -> i32 {
     let nocache = mk("perf_test_nocache", 0);
     let cache = mk("perf_test_cache", CACHE);
     register_thread(&mem).expect("lcore id");
+    for p in [&nocache, &cache] {
+        eprintln!(
+            "{}: {} objects of {} bytes in {} memzone(s), handler {}",
+            p.name(),
+            p.size(),
+            p.obj_size().total_size,
+            p.chunks().len(),
+            p.handler()
+        );
+    }
     for (title, pool, mode) in [
         (
             "start performance test (without cache)",
