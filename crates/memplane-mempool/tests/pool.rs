@@ -579,3 +579,67 @@ fn user_handlers_are_registered_and_resolved_by_name() {
     assert_eq!(Mempool::lookup(mem, "u").unwrap().handler(), "tagged_stack");
     pool.free().unwrap();
 }
+
+#[test]
+fn lcore_ids_are_released_at_thread_exit_and_caches_stay_counted() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("lcores");
+    let mem = &inst.mem;
+    let pool = Mempool::create(mem, "l", &MempoolConfig::new(100, 64).cache_size(8)).unwrap();
+    let ids: Vec<u32> = (0..3)
+        .map(|_| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let id = register_thread(mem).unwrap();
+                    // Leave objects in this lcore's cache.
+                    let o = pool.get().unwrap();
+                    pool.put(o).unwrap();
+                    assert_eq!(pool.cache_count(), 9);
+                    id
+                })
+                .join()
+                .unwrap()
+            })
+        })
+        .collect();
+    // The id went back at each exit, so each thread got the same one.
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    assert!(memplane_mempool::registered_lcores(mem).unwrap().is_empty());
+    // The exited threads' cached objects still count as available, and
+    // the next holder of the id uses them.
+    assert!(pool.is_full());
+    assert_eq!(pool.info().cache_counts, vec![(ids[0], 9)]);
+    assert_eq!(register_thread(mem).unwrap(), ids[0]);
+    assert_eq!(pool.cache_count(), 9);
+    pool.cache_flush().unwrap();
+    assert_eq!(pool.info().common_pool_count, 100);
+    pool.free().unwrap();
+}
+
+#[test]
+fn single_producer_pools_refuse_concurrent_use_with_an_error() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("spsc");
+    let mem = &inst.mem;
+    let pool =
+        Mempool::create(mem, "sp", &MempoolConfig::new(64, 64).handler("ring_sp_sc")).unwrap();
+    // Hold the ring's single consumer role through a second handle.
+    let ring = memplane_ring::RawRing::lookup(mem, "MP_sp").unwrap();
+    let consumer = ring.consumer().unwrap();
+    assert!(matches!(
+        pool.get(),
+        Err(MempoolError::SingleRoleBusy {
+            role: "consumer",
+            ..
+        })
+    ));
+    drop(consumer);
+    let o = pool.get().unwrap();
+    pool.put(o).unwrap();
+    drop(ring);
+    pool.free().unwrap();
+}
