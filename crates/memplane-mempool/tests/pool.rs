@@ -640,6 +640,5 @@ fn single_producer_pools_refuse_concurrent_use_with_an_error() {
     drop(consumer);
     let o = pool.get().unwrap();
     pool.put(o).unwrap();
-    drop(ring);
     pool.free().unwrap();
 }
