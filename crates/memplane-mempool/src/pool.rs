@@ -175,10 +175,12 @@ pub struct Mempool<'m> {
     cache_stride: usize,
     /// (start, end) of each chunk's objects: membership checks.
     ranges: Vec<(usize, usize, u32)>,
-    /// First valid element address and span of the first chunk (the
-    /// common one-chunk case, checked without a loop).
-    r0_lo: usize,
-    r0_span: usize,
+    /// Address of granule 0 of `gran`.
+    gran_base: usize,
+    /// Per 64 KiB granule from `gran_base`: 0 = no chunk, `k` = only
+    /// chunk `ranges[k - 1]`, [`GRAN_MANY`] = several (binary search).
+    /// Empty when the chunks span too much address space.
+    gran: Box<[u8]>,
 }
 
 // SAFETY: the header pointer is into a memzone mapped as long as the
@@ -480,11 +482,8 @@ impl<'m> Mempool<'m> {
             .iter()
             .map(|c| (c.va as usize, (c.va + c.len) as usize, c.first))
             .collect();
-        let hs = h.header_size as usize;
-        let (r0_lo, r0_span) = ranges
-            .first()
-            .map_or((usize::MAX, 0), |&(s, e, _)| (s + hs, e - (s + hs)));
         ranges.sort_unstable_by_key(|r| r.0);
+        let (gran_base, gran) = granules(&ranges);
         Self {
             mem,
             name: name_str(&h.name),
@@ -497,8 +496,8 @@ impl<'m> Mempool<'m> {
             cache_base: hdr.as_ptr() as usize + h.cache_off as usize,
             cache_stride: h.cache_stride as usize,
             ranges,
-            r0_lo,
-            r0_span,
+            gran_base,
+            gran,
             zone,
             hdr,
             backend,
@@ -618,6 +617,16 @@ impl<'m> Mempool<'m> {
         })
     }
 
+    /// Binary search: `ranges` is sorted by start, so the last chunk
+    /// starting at or below `a` is the only candidate.
+    fn in_ranges(&self, a: usize) -> bool {
+        let i = self.ranges.partition_point(|r| r.0 <= a);
+        i > 0 && {
+            let (start, end, _) = self.ranges[i - 1];
+            a >= start + self.header_size && a < end
+        }
+    }
+
     #[inline(always)]
     fn obj_header(&self, addr: usize) -> *const ObjHeader {
         (addr - self.header_size) as *const ObjHeader
@@ -629,14 +638,15 @@ impl<'m> Mempool<'m> {
     #[inline(always)]
     fn check_obj(&self, p: *mut u8) -> Result<(), MempoolError> {
         let a = p as usize;
-        let inside = a.wrapping_sub(self.r0_lo) < self.r0_span || {
-            // `ranges` is sorted by start: the last chunk starting at or
-            // below `a` is the only candidate.
-            let i = self.ranges.partition_point(|r| r.0 <= a);
-            i > 0 && {
-                let (start, end, _) = self.ranges[i - 1];
+        let g = a.wrapping_sub(self.gran_base) >> GRAN_SHIFT;
+        let inside = match self.gran.get(g) {
+            Some(0) => false,
+            Some(&k) if k != GRAN_MANY => {
+                let (start, end, _) = self.ranges[k as usize - 1];
                 a >= start + self.header_size && a < end
             }
+            None if !self.gran.is_empty() => false,
+            _ => self.in_ranges(a),
         };
         // SAFETY: inside a chunk of ours, past a header's length: readable.
         if inside && unsafe { (*self.obj_header(a)).pool } == self.addr() as u64 {
@@ -1168,6 +1178,32 @@ impl Drop for Mempool<'_> {
     }
 }
 
+/// Granule size (log2) of the chunk lookup table.
+const GRAN_SHIFT: u32 = 16;
+/// Largest lookup table (granules): 4 GiB of address space.
+const GRAN_MAX: usize = 1 << 16;
+/// Table entry: several chunks share the granule.
+const GRAN_MANY: u8 = u8::MAX;
+
+/// The chunk lookup table for `ranges` (sorted by start).
+fn granules(ranges: &[(usize, usize, u32)]) -> (usize, Box<[u8]>) {
+    let (Some(first), Some(last)) = (ranges.first(), ranges.iter().map(|r| r.1).max()) else {
+        return (0, Box::new([]));
+    };
+    let base = first.0 >> GRAN_SHIFT << GRAN_SHIFT;
+    let n = ((last - 1 - base) >> GRAN_SHIFT) + 1;
+    if n > GRAN_MAX {
+        return (0, Box::new([]));
+    }
+    let mut t = vec![0u8; n];
+    for (k, &(s, e, _)) in ranges.iter().enumerate() {
+        for slot in &mut t[(s - base) >> GRAN_SHIFT..=((e - 1 - base) >> GRAN_SHIFT)] {
+            *slot = if *slot == 0 { k as u8 + 1 } else { GRAN_MANY };
+        }
+    }
+    (base, t.into_boxed_slice())
+}
+
 /// Copies `n` pointers: a plain loop for the small bulks of the hot path
 /// (a `memcpy` call costs more than the copy), `memcpy` above.
 ///
@@ -1369,5 +1405,38 @@ impl MempoolCache {
         pool.backend.enqueue(&self.objs[..self.len as usize])?;
         self.len = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn granule_table_names_the_only_chunk_or_says_several() {
+        let g = 1usize << GRAN_SHIFT;
+        let ranges = vec![
+            (10 * g + 64, 12 * g, 0),
+            (12 * g, 12 * g + 100, 5),
+            (20 * g, 21 * g, 7),
+        ];
+        let (base, t) = granules(&ranges);
+        assert_eq!(base, 10 * g);
+        assert_eq!(t.len(), 11);
+        assert_eq!(&t[..3], &[1, 1, 2]);
+        assert_eq!(&t[3..10], &[0; 7]);
+        assert_eq!(t[10], 3);
+        let (_, t) = granules(&[(g, g + 64, 0), (g + 64, g + 128, 1)]);
+        assert_eq!(&t[..], &[GRAN_MANY]);
+        let (_, t) = granules(&[
+            (0, 64, 0),
+            (
+                GRAN_MAX << GRAN_SHIFT << 1,
+                (GRAN_MAX << GRAN_SHIFT << 1) + 64,
+                1,
+            ),
+        ]);
+        assert!(t.is_empty(), "too much address space: binary search");
+        assert!(granules(&[]).1.is_empty());
     }
 }
