@@ -11,7 +11,9 @@
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
 //!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, or user handlers
 //!   registered with [`register_handler`].
-//! - Get is all-or-nothing; put checks the object belongs to the pool.
+//! - Get is all-or-nothing; put refuses pointers outside the pool's object
+//!   zones (a chunk table lookup); debug builds also check the object
+//!   boundary, the header's pool address and the cookie (double put).
 //!   Per-lcore caches follow DPDK's policy up to 26.03 (size <= 512 and
 //!   <= n / 1.5, flush threshold 1.5 x size), for threads with an lcore
 //!   id ([`register_thread`]); [`MempoolCache`] is a user-owned cache.

@@ -633,8 +633,8 @@ impl<'m> Mempool<'m> {
     }
 
     /// Checks that `p` is an object of this pool: inside one of its chunks
-    /// and its header names this pool (the debug build also checks the
-    /// object boundary).
+    /// (debug builds: also on an object boundary, with a header naming this
+    /// pool).
     #[inline(always)]
     fn check_obj(&self, p: *mut u8) -> Result<(), MempoolError> {
         let a = p as usize;
@@ -648,14 +648,22 @@ impl<'m> Mempool<'m> {
             None if !self.gran.is_empty() => false,
             _ => self.in_ranges(a),
         };
-        // SAFETY: inside a chunk of ours, past a header's length: readable.
-        if inside && unsafe { (*self.obj_header(a)).pool } == self.addr() as u64 {
-            if cfg!(debug_assertions) && self.index_of(a).is_none() {
-                return Err(self.foreign(a));
-            }
-            return Ok(());
+        if !inside {
+            return Err(self.foreign(a));
         }
-        Err(self.foreign(a))
+        // Debug builds also read the object's header (its pool address)
+        // and check the object boundary. Release builds stop at the chunk
+        // check, which already refuses every pointer that is not in this
+        // pool's memory: reading one header line per object halved the
+        // rate of 32-object puts through a cache.
+        if cfg!(debug_assertions)
+            // SAFETY: inside a chunk of ours, past a header's length: readable.
+            && (unsafe { (*self.obj_header(a)).pool } != self.addr() as u64
+                || self.index_of(a).is_none())
+        {
+            return Err(self.foreign(a));
+        }
+        Ok(())
     }
 
     #[cold]
@@ -765,11 +773,12 @@ impl<'m> Mempool<'m> {
     }
 
     /// Returns objects (DPDK's `rte_mempool_put_bulk`); through the
-    /// calling thread's cache when it has one. A pointer that is not an
-    /// object of this pool (checked through the object header's pool
-    /// address) fails the whole call with
-    /// [`MempoolError::ForeignObject`]; debug builds also refuse an object
-    /// already in the pool ([`MempoolError::DoublePut`]).
+    /// calling thread's cache when it has one. A pointer outside this
+    /// pool's object zones fails the whole call with
+    /// [`MempoolError::ForeignObject`] (naming the pool it belongs to, from
+    /// its header, when it is another pool's object). Debug builds also
+    /// check the object boundary and the header's pool address, and refuse
+    /// an object already in the pool ([`MempoolError::DoublePut`]).
     #[inline]
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;

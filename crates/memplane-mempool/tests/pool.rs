@@ -470,10 +470,13 @@ fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
         a.put(local.as_mut_ptr()),
         Err(MempoolError::ForeignObject { owner: None, .. })
     ));
-    // A pointer inside an object is not an object.
+    // A pointer inside an object is not an object (debug builds check the
+    // object boundary; release builds only the pool's memory range).
     let oa = a.get().unwrap();
-    // SAFETY: inside the 64-byte element.
-    assert!(a.put(unsafe { oa.add(8) }).is_err());
+    if cfg!(debug_assertions) {
+        // SAFETY: inside the 64-byte element.
+        assert!(a.put(unsafe { oa.add(8) }).is_err());
+    }
     assert_eq!(a.in_use_count(), 1);
     // Free while objects are out: refused, pool intact.
     assert!(matches!(
