@@ -939,6 +939,7 @@ impl<'m> Mempool<'m> {
     /// Takes objects through a user-owned cache (DPDK's
     /// `rte_mempool_generic_get` with a cache from
     /// `rte_mempool_cache_create`).
+    #[inline]
     pub fn get_bulk_with(
         &self,
         cache: &mut MempoolCache,
@@ -955,6 +956,7 @@ impl<'m> Mempool<'m> {
     }
 
     /// Returns objects through a user-owned cache.
+    #[inline]
     pub fn put_bulk_with(
         &self,
         cache: &mut MempoolCache,
