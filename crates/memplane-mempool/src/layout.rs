@@ -50,8 +50,8 @@ pub struct MempoolFlags(u32);
 impl MempoolFlags {
     /// No flags: multi-producer/multi-consumer ring, cache-aligned objects.
     pub const NONE: Self = Self(0);
-    /// Do not spread objects over memory channels. Spreading is not
-    /// implemented yet (always a no-op), so this changes nothing today.
+    /// Do not pad objects to spread them over memory channels and ranks
+    /// (see [`spread_object_size`]).
     pub const NO_SPREAD: Self = Self(0x1);
     /// Objects aligned to 8 bytes instead of 64, header not padded
     /// (implies `NO_SPREAD`).
@@ -130,8 +130,46 @@ pub struct ObjSize {
     pub total_size: u32,
 }
 
-/// Object sizes for `elt_size`-byte elements (DPDK's
-/// `rte_mempool_calc_obj_size`, without channel spreading).
+/// Memory channels DPDK assumes when `-n` is not given
+/// (`optimize_object_size`: `nchan == 0` becomes 4).
+pub const DEFAULT_MEMORY_CHANNELS: u32 = 4;
+/// Memory ranks DPDK assumes when `-r` is not given.
+pub const DEFAULT_MEMORY_RANKS: u32 = 1;
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// DPDK 22.11's `optimize_object_size`: the object size in 64-byte lines,
+/// grown until it shares no factor with `channels_x_ranks`, so that
+/// consecutive objects start on different memory channels and ranks
+/// (a 2-line object with 4 channels would only ever start on 2 of them).
+/// `channels_x_ranks` of 0 counts as DPDK's default, 4 x 1.
+pub fn spread_object_size(obj_size: u32, channels_x_ranks: u32) -> u32 {
+    let ways = if channels_x_ranks == 0 {
+        u64::from(DEFAULT_MEMORY_CHANNELS * DEFAULT_MEMORY_RANKS)
+    } else {
+        u64::from(channels_x_ranks)
+    };
+    let mut lines = u64::from(obj_size).div_ceil(64);
+    while gcd(lines, ways) != 1 {
+        lines += 1;
+    }
+    (lines * 64) as u32
+}
+
+/// Object sizes for `elt_size`-byte elements (DPDK 22.11's
+/// `rte_mempool_calc_obj_size`): header padded to 64, element rounded up
+/// to 8, trailer up to the next 64-byte line, and, unless `NO_SPREAD` or
+/// `NO_CACHE_ALIGN` (which implies it, as in `rte_mempool_create_empty`),
+/// more trailer so the object's size in lines shares no factor with
+/// DPDK's default 4 memory channels x 1 rank ([`spread_object_size`]).
+/// memplane has no `-n`/`-r` memory options (they are EAL options it
+/// leaves to the application), so the default is what DPDK uses when they
+/// are not given.
 pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, MempoolError> {
     if elt_size == 0 {
         return Err(MempoolError::BadEltSize {
@@ -152,7 +190,10 @@ pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, Memp
     };
     let header_size = (std::mem::size_of::<ObjHeader>() as u32).next_multiple_of(align);
     let elt = elt_size.next_multiple_of(8);
-    let total = (header_size + elt).next_multiple_of(align);
+    let mut total = (header_size + elt).next_multiple_of(align);
+    if !flags.contains(MempoolFlags::NO_SPREAD) && !flags.contains(MempoolFlags::NO_CACHE_ALIGN) {
+        total = spread_object_size(total, DEFAULT_MEMORY_CHANNELS * DEFAULT_MEMORY_RANKS);
+    }
     Ok(ObjSize {
         header_size,
         elt_size: elt,
@@ -332,15 +373,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn object_sizes_follow_dpdk_without_spreading() {
-        let s = calc_obj_size(64, MempoolFlags::NONE).unwrap();
+    fn object_sizes_follow_dpdk() {
+        let s = calc_obj_size(64, MempoolFlags::NO_SPREAD).unwrap();
         assert_eq!(
             (s.header_size, s.elt_size, s.trailer_size, s.total_size),
             (64, 64, 0, 128)
         );
-        let s = calc_obj_size(2048, MempoolFlags::NONE).unwrap();
+        let s = calc_obj_size(2048, MempoolFlags::NO_SPREAD).unwrap();
         assert_eq!(s.total_size, 2112);
-        let s = calc_obj_size(1, MempoolFlags::NONE).unwrap();
+        let s = calc_obj_size(1, MempoolFlags::NO_SPREAD).unwrap();
         assert_eq!((s.elt_size, s.trailer_size, s.total_size), (8, 56, 128));
         let s = calc_obj_size(13, MempoolFlags::NO_CACHE_ALIGN).unwrap();
         assert_eq!(
@@ -349,13 +390,53 @@ mod tests {
         );
         assert!(calc_obj_size(0, MempoolFlags::NONE).is_err());
         assert!(calc_obj_size(MAX_ELT_SIZE + 1, MempoolFlags::NONE).is_err());
-        assert_eq!(required_memory(10, 64, MempoolFlags::NONE).unwrap(), 1280);
+        assert_eq!(
+            required_memory(10, 64, MempoolFlags::NO_SPREAD).unwrap(),
+            1280
+        );
+        assert_eq!(required_memory(10, 64, MempoolFlags::NONE).unwrap(), 1920);
         assert_eq!(
             required_memory(3, 13, MempoolFlags::NO_CACHE_ALIGN).unwrap(),
             128
         );
         assert!(required_memory(0, 64, MempoolFlags::NONE).is_err());
         assert!(MempoolFlags::from_bits(0x10).is_err());
+    }
+
+    #[test]
+    fn objects_are_padded_to_an_odd_number_of_lines_for_four_channels() {
+        // DPDK 22.11 with the default 4 channels x 1 rank: 64-byte elements
+        // give 192-byte objects (2 lines -> 3), 2048-byte ones stay at 2112
+        // (33 lines, odd already), 1984-byte ones grow from 32 to 33 lines.
+        let cases = [
+            (64, 128, 192),
+            (2048, 2112, 2112),
+            (1984, 2048, 2112),
+            (8, 128, 192),
+            (200, 320, 320),
+            (448, 512, 576),
+        ];
+        for (elt, unspread, spread) in cases {
+            let plain = calc_obj_size(elt, MempoolFlags::NO_SPREAD).unwrap();
+            let s = calc_obj_size(elt, MempoolFlags::NONE).unwrap();
+            assert_eq!(
+                (plain.total_size, s.total_size),
+                (unspread, spread),
+                "elt {elt}"
+            );
+            assert_eq!(s.header_size + s.elt_size + s.trailer_size, s.total_size);
+            assert_eq!(s.trailer_size - plain.trailer_size, spread - unspread);
+            assert_eq!(gcd(u64::from(s.total_size / 64), 4), 1);
+        }
+        // Other channel counts: strides coprime to channels x ranks.
+        assert_eq!(spread_object_size(128, 3), 128);
+        assert_eq!(spread_object_size(192, 3), 256);
+        assert_eq!(spread_object_size(128, 6), 320);
+        assert_eq!(spread_object_size(128, 0), 192);
+        assert_eq!(spread_object_size(100, 1), 128);
+        // NO_CACHE_ALIGN implies NO_SPREAD.
+        let s = calc_obj_size(64, MempoolFlags::NO_CACHE_ALIGN).unwrap();
+        assert_eq!(s.total_size, 88);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!   handler's NAME, chunk list, per-lcore caches, private area) and
 //!   objects in `MP_<name>_<k>`; see [`layout`] and [`required_memory`].
 //! - Objects: `[header: pool address, IOVA, cookie][element][padding]`,
-//!   64-byte aligned unless `NO_CACHE_ALIGN`. Channel spreading (DPDK's
-//!   default without `NO_SPREAD`) is not implemented: a documented no-op.
+//!   64-byte aligned unless `NO_CACHE_ALIGN`, and padded (unless
+//!   `NO_SPREAD`) to an object size in lines coprime to DPDK's default 4
+//!   memory channels x 1 rank ([`layout::spread_object_size`]).
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
 //!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, or user handlers
 //!   registered with [`register_handler`].
@@ -33,8 +34,6 @@
 //!
 //! # Limits (today)
 //!
-//! - No channel spreading: `NO_SPREAD` is accepted and changes nothing;
-//!   64-byte elements are 128-byte objects here (DPDK spreads to 192).
 //! - [`Mempool::audit`] needs a quiescent pool (it drains the backend and
 //!   puts everything back).
 //! - Other handles to a freed pool (other threads or processes) dangle, as
@@ -70,8 +69,8 @@ mod typed;
 pub use error::MempoolError;
 pub use handler::{handler_names, register_handler, Backend, BackendParams, Handler};
 pub use layout::{
-    calc_obj_size, required_memory, MempoolFlags, ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS, MAX_LCORES,
-    NAME_MAX,
+    calc_obj_size, required_memory, spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE,
+    MAX_CHUNKS, MAX_LCORES, NAME_MAX,
 };
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};
 pub use pool::{
