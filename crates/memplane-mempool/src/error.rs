@@ -137,6 +137,75 @@ pub enum MempoolError {
         /// The chunk limit.
         max: usize,
     },
+    /// The object memory could not be reserved: not enough free memory
+    /// (hugepages, or heap space within the instance's limits) on the
+    /// nodes the pool may use. Nothing was reserved.
+    #[error("mempool {name:?}: cannot reserve {need} bytes of object memory on socket {socket} ({objects} objects of {total_size} bytes); free per node: {}", fmt_nodes(nodes))]
+    NoMemory {
+        /// The pool.
+        name: String,
+        /// Bytes of object memory asked for (what
+        /// [`required_memory`](crate::required_memory) says for the
+        /// objects still to place).
+        need: usize,
+        /// Objects still to place.
+        objects: u32,
+        /// Bytes per object.
+        total_size: u32,
+        /// The socket asked (`SOCKET_ID_ANY`: any node).
+        socket: i32,
+        /// What each NUMA node had free when the reservation failed.
+        nodes: Vec<NodeFree>,
+    },
+    /// `populate_*` on a pool that cannot take it: every object is placed
+    /// already, or (`populate_anon`) some are. Nothing changed.
+    #[error("cannot populate mempool {name:?} ({populated} of {n} objects placed): {why}")]
+    PopulateRefused {
+        /// The pool.
+        name: String,
+        /// Objects placed so far.
+        populated: u32,
+        /// Objects in the pool.
+        n: u32,
+        /// Why.
+        why: &'static str,
+    },
+    /// `populate_virt` with a region too small for one object. Nothing
+    /// changed.
+    #[error("mempool {name:?}: the region at {addr:#x} of {len} bytes holds no {total_size}-byte object (after aligning its start)")]
+    RegionTooSmall {
+        /// The pool.
+        name: String,
+        /// Start of the region.
+        addr: usize,
+        /// Its length.
+        len: usize,
+        /// Bytes per object.
+        total_size: u32,
+    },
+    /// The pool was made with `create_empty` and is not fully populated
+    /// yet: only its creator can use it until then.
+    #[error("mempool {name:?} is not fully populated yet ({populated} of {n} objects placed); it can be looked up once its creator has populated it")]
+    NotPopulated {
+        /// The pool.
+        name: String,
+        /// Objects placed.
+        populated: u32,
+        /// Objects in the pool.
+        n: u32,
+    },
+    /// The pool's objects are (partly) in memory only its creating process
+    /// has (`populate_anon`, or `populate_virt` with memory outside the
+    /// instance): another process cannot use it.
+    #[error("mempool {name:?} has {chunks} object chunk(s) in memory private to its creator (pid {creator}; anonymous memory or memory outside the instance): it cannot be used from another process")]
+    ProcessLocal {
+        /// The pool.
+        name: String,
+        /// Chunks in process-local memory.
+        chunks: u32,
+        /// Pid of the creating process.
+        creator: u32,
+    },
     /// The objects need more memory than the instance can ever map.
     #[error("the objects need {need} bytes; this instance can map at most {max} (all memseg lists); use fewer or smaller objects, or more memory (--socket-limit / --pagesz-mem / more hugepages)")]
     TooLarge {
@@ -187,4 +256,34 @@ pub enum MempoolError {
     /// The backend ring could not be created or found.
     #[error(transparent)]
     Ring(#[from] ZoneRingError),
+}
+
+/// What one NUMA node had free, for [`MempoolError::NoMemory`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeFree {
+    /// The node.
+    pub node: u32,
+    /// Bytes free in the node's heap (mapped memory not in use).
+    pub heap_free: u64,
+    /// The largest block the node's heap can hand out without growing.
+    pub heap_largest: u64,
+    /// Bytes of free hugepages on the node (all page sizes; the heap can
+    /// grow into them within the instance's limits).
+    pub hugepages_free: u64,
+}
+
+fn fmt_nodes(nodes: &[NodeFree]) -> String {
+    if nodes.is_empty() {
+        return "unknown".into();
+    }
+    nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "node {}: {} bytes in the heap (largest block {}) + {} bytes of free hugepages",
+                n.node, n.heap_free, n.heap_largest, n.hugepages_free
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

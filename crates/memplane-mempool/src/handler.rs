@@ -3,7 +3,8 @@
 //! maps it to code through its own registry. Built in: `ring_mp_mc`
 //! (default), `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc` (a memplane ring
 //! named `MP_<name>`, in zone `RG_MP_<name>`) and `stack` (a spinlock-guarded
-//! LIFO in zone `MS_<name>`). Users add handlers with
+//! LIFO in zone `MS_<name>`) and `lf_stack` (DPDK's lock-free stack in
+//! zone `ML_<name>`, see [`crate::lf_stack`]). Users add handlers with
 //! [`register_handler`]; a process that opens a pool must have registered
 //! the same handler name.
 
@@ -91,6 +92,10 @@ fn builtins() -> Registry {
         );
     }
     m.insert("stack".to_string(), Arc::new(StackHandler));
+    m.insert(
+        "lf_stack".to_string(),
+        Arc::new(crate::lf_stack::LfStackHandler),
+    );
     m
 }
 
@@ -265,7 +270,7 @@ impl Backend for RingBackend<'_> {
 
 // --- stack handler -------------------------------------------------------
 
-struct StackHandler;
+pub(crate) struct StackHandler;
 
 #[repr(C, align(64))]
 struct StackHead {

@@ -14,10 +14,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::MempoolError;
 
-/// "MPLPOOL1": a published pool header.
+/// "MPLPOOL1": a published (fully populated) pool header.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MPLPOOL1");
-/// Layout version of the header.
-pub const LAYOUT_VERSION: u32 = 1;
+/// "MPLPOOL0": a pool made by `create_empty` whose objects are not all
+/// placed yet; lookups are refused until it is fully populated.
+pub const POOL_MAGIC_BUILDING: u64 = u64::from_le_bytes(*b"MPLPOOL0");
+/// Layout version of the header (2: chunk ownership masks).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Longest pool name (DPDK's `RTE_MEMPOOL_NAMESIZE - 1`): `MP_<name>`
 /// must leave room for a chunk suffix and the ring's `RG_` prefix.
 pub const NAME_MAX: usize = 25;
@@ -299,7 +302,17 @@ pub struct PoolHeader {
     pub cache_stride: u64,
     /// Offset of the private area from the header.
     pub priv_off: u64,
-    /// Object zones in population order.
+    /// Bit `k`: chunk `k` is the pool's own memzone `MP_<name>_<k>`
+    /// (freed with the pool).
+    pub zone_chunks: u64,
+    /// Bit `k`: chunk `k` is anonymous memory the pool mapped
+    /// (`populate_anon`; unmapped with the pool).
+    pub anon_chunks: u64,
+    /// Bit `k`: chunk `k` is memory only the creating process has
+    /// (anonymous, or given to `populate_virt` from outside the instance's
+    /// memseg lists): other processes refuse to open the pool.
+    pub local_chunks: u64,
+    /// Object chunks in population order.
     pub chunks: [ChunkDesc; MAX_CHUNKS],
 }
 

@@ -10,7 +10,7 @@
 //!   `NO_SPREAD`) to an object size in lines coprime to DPDK's default 4
 //!   memory channels x 1 rank ([`layout::spread_object_size`]).
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
-//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, or user handlers
+//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, `lf_stack` (lock-free), or user handlers
 //!   registered with [`register_handler`].
 //! - Get is all-or-nothing; put refuses pointers outside the pool's object
 //!   zones (a chunk table lookup); debug builds also check the object
@@ -59,22 +59,35 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(not(loom))]
 mod error;
+#[cfg(not(loom))]
 pub mod handler;
+#[cfg(not(loom))]
 pub mod layout;
+#[cfg(not(loom))]
 mod lcore;
+pub mod lf_stack;
+#[cfg(not(loom))]
 mod pool;
+#[cfg(not(loom))]
 mod typed;
 
-pub use error::MempoolError;
+#[cfg(not(loom))]
+pub use error::{MempoolError, NodeFree};
+#[cfg(not(loom))]
 pub use handler::{handler_names, register_handler, Backend, BackendParams, Handler};
+#[cfg(not(loom))]
 pub use layout::{
     calc_obj_size, required_memory, spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE,
     MAX_CHUNKS, MAX_LCORES, NAME_MAX,
 };
+#[cfg(not(loom))]
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};
+#[cfg(not(loom))]
 pub use pool::{
     mempool_names, mempools, AuditReport, ChunkInfo, Mempool, MempoolCache, MempoolConfig,
     MempoolInfo, POOL_ZONE_PREFIX,
 };
+#[cfg(not(loom))]
 pub use typed::{PoolBox, TypedMempool};

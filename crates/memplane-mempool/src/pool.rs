@@ -21,10 +21,10 @@ use crate::layout::{
     calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
     ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
     HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS, MAX_PRIVATE_SIZE,
-    NAME_MAX, POOL_MAGIC,
+    NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING,
 };
 use crate::lcore::RegistryRef;
-use crate::MempoolError;
+use crate::{MempoolError, NodeFree};
 
 /// Prefix of a pool's memzones (DPDK's `RTE_MEMPOOL_MZ_PREFIX`).
 pub const POOL_ZONE_PREFIX: &str = "MP_";
@@ -254,15 +254,55 @@ impl<'m> Mempool<'m> {
     /// Memory: the header zone `MP_<name>` (see
     /// [`layout`](crate::layout)), the object zones `MP_<name>_<k>`
     /// ([`required_memory`](crate::required_memory) bytes), and the
-    /// backend's (a ring `MP_<name>` or a stack `MS_<name>`). Object zones
-    /// are IOVA-contiguous unless `NO_IOVA_CONTIG`; when memory is short
-    /// or fragmented the objects are split over up to 64 zones (the zone
-    /// size is halved until it fits). On error nothing is left behind.
+    /// backend's (a ring `MP_<name>`, a stack `MS_<name>` or a lock-free
+    /// stack `ML_<name>`). Object zones are IOVA-contiguous unless
+    /// `NO_IOVA_CONTIG`; when memory is short or fragmented the objects are
+    /// split over up to 64 zones (the zone size is halved until it fits).
+    /// On error nothing is left behind. Same as
+    /// [`create_empty`](Self::create_empty) then
+    /// [`populate_default`](Self::populate_default) with the initialiser.
     pub fn create_with(
         mem: &'m Memory,
         name: &str,
         cfg: &MempoolConfig,
         mut obj_init: impl FnMut(u32, *mut u8),
+    ) -> Result<Self, MempoolError> {
+        let mut pool = Self::create_empty(mem, name, cfg)?;
+        match pool.populate_zones(&mut obj_init) {
+            Ok(_) => {
+                tracing::debug!(
+                    name,
+                    n = cfg.n,
+                    elt_size = cfg.elt_size,
+                    cache_size = cfg.cache_size,
+                    handler = pool.handler,
+                    chunks = pool.header().nb_chunks,
+                    "mempool created"
+                );
+                Ok(pool)
+            }
+            Err(e) => {
+                let _ = pool.free_forced();
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates pool `name` without objects (DPDK's
+    /// `rte_mempool_create_empty`): the header zone and the backend, sized
+    /// for `cfg.n` objects. Place the objects with
+    /// [`populate_default`](Self::populate_default),
+    /// [`populate_virt`](Self::populate_virt) (memory you provide) or
+    /// [`populate_anon`](Self::populate_anon), then initialise them with
+    /// [`obj_iter`](Self::obj_iter) if needed. Gets see the objects placed
+    /// so far; other handles ([`lookup`](Self::lookup), in this or another
+    /// process) are refused with [`MempoolError::NotPopulated`] until all
+    /// `cfg.n` are placed. Free an unfinished pool with
+    /// [`free`](Self::free) as usual.
+    pub fn create_empty(
+        mem: &'m Memory,
+        name: &str,
+        cfg: &MempoolConfig,
     ) -> Result<Self, MempoolError> {
         check_name(name)?;
         if cfg.n == 0 {
@@ -341,85 +381,270 @@ impl<'m> Mempool<'m> {
         h.cache_off = geo.cache_off as u64;
         h.cache_stride = geo.cache_stride as u64;
         h.priv_off = geo.priv_off as u64;
-
         let params = BackendParams {
             name: name.to_string(),
             n: cfg.n,
             socket: cfg.socket,
             flags: flags.bits(),
         };
-        let built = populate(mem, name, h, cfg, flags, &sz).and_then(|chunks| {
-            let backend = handler.create(mem, &params)?;
-            Ok((chunks, backend))
-        });
-        let (nchunks, backend) = match built {
-            Ok(v) => v,
+        let backend = match handler.create(mem, &params) {
+            Ok(b) => b,
             Err(e) => {
-                for k in 0..h.nb_chunks as usize {
-                    if let Some(z) = mem.memzone_lookup(&chunk_zone_name(name, k)) {
-                        let _ = z.free();
-                    }
-                }
                 let _ = zone.free();
                 return Err(e);
             }
         };
-        debug_assert_eq!(nchunks, h.nb_chunks);
-        let pool = Self::from_parts(mem, zone, hdr, backend, reg, hname.clone());
-        if let Err(e) = pool.place_objects(&mut obj_init) {
-            let _ = pool.free_forced();
-            return Err(e);
-        }
-        tracing::debug!(
-            name,
-            n = cfg.n,
-            elt_size = cfg.elt_size,
-            cache_size = cfg.cache_size,
-            handler = hname,
-            chunks = nchunks,
-            "mempool created"
-        );
-        Ok(pool)
+        h.magic.store(POOL_MAGIC_BUILDING, Ordering::Release);
+        Ok(Self::from_parts(mem, zone, hdr, backend, reg, hname))
     }
 
-    /// Writes every object's header, runs `obj_init`, fills the backend
-    /// and publishes the header.
-    fn place_objects(&self, obj_init: &mut impl FnMut(u32, *mut u8)) -> Result<(), MempoolError> {
-        let (pool, mem, hdr) = (self, self.mem, self.hdr);
-        // Objects: headers, init callback, into the backend.
+    /// Objects placed so far (DPDK's `populated_size`).
+    pub fn populated(&self) -> u32 {
+        self.header().populated
+    }
+
+    fn refuse_populate(&self, why: &'static str) -> MempoolError {
+        MempoolError::PopulateRefused {
+            name: self.name.clone(),
+            populated: self.populated(),
+            n: self.n,
+            why,
+        }
+    }
+
+    /// Places the objects still missing in new memzones `MP_<name>_<k>`
+    /// (DPDK's `rte_mempool_populate_default`); returns how many were
+    /// added. A full pool is refused ([`MempoolError::PopulateRefused`]);
+    /// when memory is short, [`MempoolError::NoMemory`] says what was
+    /// needed and what each node had, and nothing is added.
+    pub fn populate_default(&mut self) -> Result<u32, MempoolError> {
+        self.populate_zones(&mut |_, _| {})
+    }
+
+    fn populate_zones(
+        &mut self,
+        obj_init: &mut dyn FnMut(u32, *mut u8),
+    ) -> Result<u32, MempoolError> {
+        let remaining = self.n - self.populated();
+        if remaining == 0 {
+            return Err(self.refuse_populate("every object is placed already"));
+        }
+        let first_chunk = self.header().nb_chunks as usize;
+        // SAFETY: only the creator's handle populates (`&mut self`), and
+        // other handles are refused until the pool is published.
+        let h = unsafe { &mut *self.hdr.as_ptr() };
+        let flags = MempoolFlags::from_bits(h.flags).unwrap_or_default();
+        if let Err(e) = reserve_zones(self.mem, &self.name, h, remaining, flags) {
+            // Give back this call's zones: nothing changed.
+            for k in first_chunk..h.nb_chunks as usize {
+                if let Some(z) = self.mem.memzone_lookup(&chunk_zone_name(&self.name, k)) {
+                    let _ = z.free();
+                }
+                h.zone_chunks &= !(1 << k);
+                h.chunks[k] = ChunkDesc::default();
+            }
+            h.nb_chunks = first_chunk as u32;
+            return Err(e);
+        }
+        for k in first_chunk..h.nb_chunks as usize {
+            self.place_chunk(k, obj_init)?;
+        }
+        self.chunks_changed();
+        Ok(remaining)
+    }
+
+    /// Places objects in `len` bytes at `addr` that you provide (DPDK's
+    /// `rte_mempool_populate_virt`): as many of the missing objects as fit
+    /// after aligning the start (64 bytes, 8 with `NO_CACHE_ALIGN`);
+    /// returns how many were added. Each object's IOVA comes from the
+    /// instance's memsegs (a memzone, or external memory registered with
+    /// the heap) when the address is in them, else `BAD_IOVA`.
+    ///
+    /// Memory outside the instance's memseg lists is private to this
+    /// process: the pool is then refused to other processes
+    /// ([`MempoolError::ProcessLocal`]). The pool never frees the region.
+    ///
+    /// # Safety
+    /// The region is readable and writable, used by nothing else, and
+    /// outlives the pool (until [`free`](Self::free) in every process).
+    pub unsafe fn populate_virt(&mut self, addr: *mut u8, len: usize) -> Result<u32, MempoolError> {
+        let remaining = self.n - self.populated();
+        if remaining == 0 {
+            return Err(self.refuse_populate("every object is placed already"));
+        }
+        if self.header().nb_chunks as usize == MAX_CHUNKS {
+            return Err(self.refuse_populate("the pool has 64 chunks already"));
+        }
+        let align = if self.flags().contains(MempoolFlags::NO_CACHE_ALIGN) {
+            8
+        } else {
+            64
+        };
+        let start = (addr as usize).next_multiple_of(align);
+        let usable = (addr as usize + len).saturating_sub(start);
+        let count = ((usable / self.total_size) as u64).min(u64::from(remaining)) as u32;
+        if addr.is_null() || count == 0 {
+            return Err(MempoolError::RegionTooSmall {
+                name: self.name.clone(),
+                addr: addr as usize,
+                len,
+                total_size: self.total_size as u32,
+            });
+        }
+        let bytes = count as usize * self.total_size;
+        let shared = self.mem.virt2memseg_list(start).is_some()
+            && self.mem.virt2memseg_list(start + bytes - 1).is_some();
+        let iova = if shared && matches!(self.mem.is_iova_contiguous(start, bytes), Ok(true)) {
+            self.mem.virt2iova(start).unwrap_or(BAD_IOVA)
+        } else {
+            BAD_IOVA
+        };
+        let k = self.add_chunk(start, iova, count);
+        if !shared {
+            // SAFETY: the creator's handle, before or while populating.
+            unsafe { (*self.hdr.as_ptr()).local_chunks |= 1 << k };
+            tracing::warn!(pool = self.name, addr = start, "populate_virt with memory outside the instance: the pool is private to this process");
+        }
+        self.place_chunk(k, &mut |_, _| {})?;
+        self.chunks_changed();
+        Ok(count)
+    }
+
+    /// Places every object in anonymous memory this call maps (DPDK's
+    /// `rte_mempool_populate_anon`): ordinary pages, no IOVA (`BAD_IOVA`),
+    /// unmapped when the pool is freed. Only for a pool with no object
+    /// placed yet; returns `n`. Anonymous memory is private to this
+    /// process: other processes are refused the pool
+    /// ([`MempoolError::ProcessLocal`]).
+    pub fn populate_anon(&mut self) -> Result<u32, MempoolError> {
+        if self.header().nb_chunks != 0 {
+            return Err(self.refuse_populate(
+                "populate_anon only fills an empty pool (as DPDK's rte_mempool_populate_anon)",
+            ));
+        }
+        let bytes = self.n as usize * self.total_size;
+        // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+        let map = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                bytes,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+            )
+        }
+        .map_err(|e| MempoolError::NoMemory {
+            name: self.name.clone(),
+            need: bytes,
+            objects: self.n,
+            total_size: self.total_size as u32,
+            socket: memplane::heap::SOCKET_ID_ANY,
+            nodes: {
+                tracing::warn!(pool = self.name, error = %e, "anonymous mmap failed");
+                Vec::new()
+            },
+        })?;
+        let k = self.add_chunk(map as usize, BAD_IOVA, self.n);
+        // SAFETY: the creator's handle, before publication.
+        unsafe {
+            (*self.hdr.as_ptr()).anon_chunks |= 1 << k;
+            (*self.hdr.as_ptr()).local_chunks |= 1 << k;
+        }
+        self.place_chunk(k, &mut |_, _| {})?;
+        self.chunks_changed();
+        Ok(self.n)
+    }
+
+    /// Calls `f(index, element)` on every object placed, in population
+    /// order (DPDK's `rte_mempool_obj_iter`); returns how many. Used after
+    /// `populate_*` to initialise objects of a two-step pool; the objects
+    /// are in the pool already, so only do this before handing the pool
+    /// to other threads.
+    pub fn obj_iter(&self, mut f: impl FnMut(u32, *mut u8)) -> u32 {
+        let mut i = 0;
+        for o in self.objects() {
+            f(i, o);
+            i += 1;
+        }
+        i
+    }
+
+    /// Records chunk `nb_chunks` (`count` objects at `va`); the caller
+    /// checked the chunk budget.
+    fn add_chunk(&mut self, va: usize, iova: u64, count: u32) -> usize {
+        // SAFETY: the creator's handle (`&mut self`) before publication.
+        let h = unsafe { &mut *self.hdr.as_ptr() };
+        let k = h.nb_chunks as usize;
+        let first = h.chunks[..k].iter().map(|c| c.count).sum();
+        h.chunks[k] = ChunkDesc {
+            va: va as u64,
+            iova,
+            len: (count as usize * self.total_size) as u64,
+            first,
+            count,
+        };
+        h.nb_chunks += 1;
+        k
+    }
+
+    /// Rebuilds this handle's membership tables after chunks were added
+    /// and publishes the pool once every object is placed.
+    fn chunks_changed(&mut self) {
+        let h = self.header();
+        let mut ranges: Vec<(usize, usize, u32)> = h.chunks[..h.nb_chunks as usize]
+            .iter()
+            .map(|c| (c.va as usize, (c.va + c.len) as usize, c.first))
+            .collect();
+        ranges.sort_unstable_by_key(|r| r.0);
+        let (gran_base, gran) = granules(&ranges);
+        let full = h.populated == self.n;
+        self.ranges = ranges;
+        self.gran_base = gran_base;
+        self.gran = gran;
+        if full {
+            self.header().magic.store(POOL_MAGIC, Ordering::Release);
+        }
+    }
+
+    /// Writes chunk `k`'s object headers, runs `obj_init` on each and puts
+    /// them into the backend.
+    fn place_chunk(
+        &self,
+        k: usize,
+        obj_init: &mut dyn FnMut(u32, *mut u8),
+    ) -> Result<(), MempoolError> {
+        let h = self.header();
+        let c = h.chunks[k];
+        let anon = h.anon_chunks & (1 << k) != 0;
         let mut batch: Vec<*mut u8> = Vec::with_capacity(512);
-        let mut idx = 0u32;
-        for c in pool.chunks() {
-            for i in 0..c.count as usize {
-                let obj = c.va + i * pool.total_size;
-                let elt = obj + pool.header_size;
-                let iova = if c.iova == BAD_IOVA {
-                    mem.virt2iova(elt).unwrap_or(BAD_IOVA)
-                } else {
-                    c.iova + (elt - c.va) as u64
-                };
-                // SAFETY: the object lies inside the chunk zone we
-                // reserved; nobody else sees it before publication.
-                unsafe {
-                    (obj as *mut ObjHeader).write(ObjHeader {
-                        pool: hdr.as_ptr() as u64,
-                        iova,
-                        cookie: std::sync::atomic::AtomicU64::new(COOKIE_IN_POOL),
-                    });
-                }
-                obj_init(idx, elt as *mut u8);
-                idx += 1;
-                batch.push(elt as *mut u8);
-                if batch.len() == 512 {
-                    pool.backend.enqueue(&batch)?;
-                    batch.clear();
-                }
+        for i in 0..c.count as usize {
+            let obj = c.va as usize + i * self.total_size;
+            let elt = obj + self.header_size;
+            let iova = if c.iova != BAD_IOVA {
+                c.iova + (elt - c.va as usize) as u64
+            } else if anon {
+                BAD_IOVA
+            } else {
+                self.mem.virt2iova(elt).unwrap_or(BAD_IOVA)
+            };
+            // SAFETY: the object lies inside chunk k, memory the pool owns
+            // or was given; nobody else sees it before it is enqueued.
+            unsafe {
+                (obj as *mut ObjHeader).write(ObjHeader {
+                    pool: self.hdr.as_ptr() as u64,
+                    iova,
+                    cookie: std::sync::atomic::AtomicU64::new(COOKIE_IN_POOL),
+                });
+            }
+            obj_init(c.first + i as u32, elt as *mut u8);
+            batch.push(elt as *mut u8);
+            if batch.len() == 512 {
+                self.backend.enqueue(&batch)?;
+                batch.clear();
             }
         }
-        pool.backend.enqueue(&batch)?;
-        // SAFETY: as above; the header is still unpublished.
-        unsafe { (*hdr.as_ptr()).populated = idx };
-        pool.header().magic.store(POOL_MAGIC, Ordering::Release);
+        self.backend.enqueue(&batch)?;
+        // SAFETY: the creator's handle; the header is unpublished.
+        unsafe { (*self.hdr.as_ptr()).populated += c.count };
         Ok(())
     }
 
@@ -438,8 +663,16 @@ impl<'m> Mempool<'m> {
         // SAFETY: the zone is at least a header long, 64-aligned; magic is
         // atomic, and everything else was written before it (Release).
         let h = unsafe { hdr.as_ref() };
-        if h.magic.load(Ordering::Acquire) != POOL_MAGIC {
-            return Err(not_found());
+        match h.magic.load(Ordering::Acquire) {
+            POOL_MAGIC => {}
+            POOL_MAGIC_BUILDING => {
+                return Err(MempoolError::NotPopulated {
+                    name: name.to_string(),
+                    populated: h.populated,
+                    n: h.n,
+                })
+            }
+            _ => return Err(not_found()),
         }
         if h.version != LAYOUT_VERSION || h.self_va != hdr.as_ptr() as u64 {
             return Err(MempoolError::Corrupt {
@@ -450,6 +683,13 @@ impl<'m> Mempool<'m> {
                     hdr.as_ptr() as usize,
                     h.self_va
                 ),
+            });
+        }
+        if h.local_chunks != 0 && h.creator_pid != std::process::id() {
+            return Err(MempoolError::ProcessLocal {
+                name: name.to_string(),
+                chunks: h.local_chunks.count_ones(),
+                creator: h.creator_pid,
             });
         }
         let hname = name_str(&h.handler);
@@ -921,9 +1161,9 @@ impl<'m> Mempool<'m> {
         (self.backend.count() + cached).min(self.n)
     }
 
-    /// Objects out: size minus available.
+    /// Objects out: placed minus available.
     pub fn in_use_count(&self) -> u32 {
-        self.n - self.avail_count()
+        self.populated().saturating_sub(self.avail_count())
     }
 
     /// Every object available.
@@ -989,7 +1229,7 @@ impl<'m> Mempool<'m> {
             cache_counts: counts,
             common_pool_count: self.backend.count(),
             avail,
-            in_use: self.n - avail,
+            in_use: h.populated.saturating_sub(avail),
             chunks: self.chunks(),
         }
     }
@@ -1149,7 +1389,13 @@ impl<'m> Mempool<'m> {
     /// Frees the pool even with objects out (they become dangling).
     pub fn free_forced(self) -> Result<(), MempoolError> {
         self.header().magic.store(0, Ordering::Release);
-        let nb = self.header().nb_chunks as usize;
+        let h = self.header();
+        let nb = h.nb_chunks as usize;
+        let (zones, anon) = (h.zone_chunks, h.anon_chunks);
+        let anon_maps: Vec<(usize, usize)> = (0..nb)
+            .filter(|k| anon & (1 << k) != 0)
+            .map(|k| (h.chunks[k].va as usize, h.chunks[k].len as usize))
+            .collect();
         let mut this = std::mem::ManuallyDrop::new(self);
         this.reg.release();
         // SAFETY: each field is moved out exactly once and `this` is never
@@ -1168,11 +1414,18 @@ impl<'m> Mempool<'m> {
             std::ptr::drop_in_place(&raw mut this.ranges);
         }
         let mut first_err = backend.destroy().err();
-        for k in 0..nb {
+        for k in (0..nb).filter(|k| zones & (1 << k) != 0) {
             if let Some(z) = mem.memzone_lookup(&chunk_zone_name(&name, k)) {
                 if let Err(e) = z.free() {
                     first_err.get_or_insert(e.into());
                 }
+            }
+        }
+        for (va, len) in anon_maps {
+            // SAFETY: the pool's own anonymous mapping (populate_anon);
+            // its objects dangle from here on, as documented.
+            if let Err(e) = unsafe { rustix::mm::munmap(va as *mut std::ffi::c_void, len) } {
+                tracing::warn!(name, va, len, error = %e, "munmap of a populate_anon chunk failed");
             }
         }
         if let Err(e) = zone.free() {
@@ -1233,33 +1486,72 @@ unsafe fn copy_ptrs(src: *const *mut u8, dst: *mut *mut u8, n: usize) {
     }
 }
 
-/// Reserves the object zones and records them in the header.
-fn populate(
+/// What each NUMA node has free: heap space and free hugepages.
+fn nodes_free(mem: &Memory) -> Vec<NodeFree> {
+    let pages = memplane::hugepages::Discovery::new(memplane::hugepages::SystemRoots::real())
+        .discover()
+        .ok();
+    mem.topology()
+        .node_ids()
+        .into_iter()
+        .map(|node| {
+            let heap = mem.heap_stats(node as i32).ok();
+            let hugepages_free = pages.as_ref().map_or(0, |p| {
+                p.per_node
+                    .iter()
+                    .filter(|i| i.node == node)
+                    .map(|i| i.free * i.page_size.bytes())
+                    .sum()
+            });
+            NodeFree {
+                node,
+                heap_free: heap.as_ref().map_or(0, |h| h.free_bytes),
+                heap_largest: heap.as_ref().map_or(0, |h| h.greatest_free),
+                hugepages_free,
+            }
+        })
+        .collect()
+}
+
+/// Reserves object zones `MP_<name>_<k>` for `objects` more objects and
+/// records them as chunks (and in `zone_chunks`). On error the zones this
+/// call reserved stay recorded; the caller frees them.
+fn reserve_zones(
     mem: &Memory,
     name: &str,
     h: &mut PoolHeader,
-    cfg: &MempoolConfig,
+    objects: u32,
     flags: MempoolFlags,
-    sz: &ObjSize,
-) -> Result<u32, MempoolError> {
-    let total = sz.total_size as usize;
+) -> Result<(), MempoolError> {
+    let total = h.total_size as usize;
+    let no_memory = || MempoolError::NoMemory {
+        name: name.to_string(),
+        need: (objects as usize * total).next_multiple_of(64),
+        objects,
+        total_size: h.total_size,
+        socket: h.socket,
+        nodes: nodes_free(mem),
+    };
     // More than every memseg list of the instance could ever map (external
     // heaps aside): refuse at once instead of trying ever smaller zones.
-    let need = cfg.n as usize * total;
+    let need = objects as usize * total;
     let max: usize = mem.lists().iter().map(|l| l.len).sum();
     if need > max && h.socket < 256 {
         return Err(MempoolError::TooLarge { need, max });
     }
     let mut contig = !flags.contains(MempoolFlags::NO_IOVA_CONTIG);
-    let mut remaining = cfg.n;
-    let mut want = cfg.n;
-    let mut first = 0u32;
+    let mut remaining = objects;
+    let mut want = objects;
+    let mut first: u32 = h.chunks[..h.nb_chunks as usize]
+        .iter()
+        .map(|c| c.count)
+        .sum();
     while remaining > 0 {
         let k = h.nb_chunks as usize;
         if k == MAX_CHUNKS {
             return Err(MempoolError::TooManyChunks {
-                n: cfg.n,
-                total_size: sz.total_size,
+                n: h.n,
+                total_size: h.total_size,
                 max: MAX_CHUNKS,
             });
         }
@@ -1272,7 +1564,7 @@ fn populate(
         match mem.memzone_reserve_aligned(
             &chunk_zone_name(name, k),
             cnt as usize * total,
-            cfg.socket,
+            h.socket,
             zflags,
             64,
         ) {
@@ -1284,6 +1576,7 @@ fn populate(
                     first,
                     count: cnt,
                 };
+                h.zone_chunks |= 1 << k;
                 h.nb_chunks += 1;
                 first += cnt;
                 remaining -= cnt;
@@ -1302,17 +1595,11 @@ fn populate(
                 contig = false;
                 want = remaining;
             }
-            Err(Error::Memzone(MemzoneError::Alloc { .. })) if cnt > 1 => {
-                return Err(MempoolError::TooManyChunks {
-                    n: cfg.n,
-                    total_size: sz.total_size,
-                    max: MAX_CHUNKS,
-                });
-            }
+            Err(Error::Memzone(MemzoneError::Alloc { .. })) => return Err(no_memory()),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(h.nb_chunks)
+    Ok(())
 }
 
 /// Names of the pools in `mem` (zones `MP_<name>` holding a published pool

@@ -114,6 +114,7 @@ fn every_handler_gets_all_or_nothing_and_takes_everything_back() {
         "ring_mp_sc",
         "ring_sp_mc",
         "stack",
+        "lf_stack",
     ] {
         assert!(names.iter().any(|n| n == h), "{h} in {names:?}");
         let n = 500;
@@ -265,7 +266,13 @@ fn many_threads_never_lose_or_duplicate_objects() {
     let inst = instance("threads");
     let mem = &inst.mem;
     let rounds = if cfg!(debug_assertions) { 3000 } else { 50_000 };
-    for (h, cache) in [("ring_mp_mc", 64), ("ring_mp_mc", 0), ("stack", 16)] {
+    for (h, cache) in [
+        ("ring_mp_mc", 64),
+        ("ring_mp_mc", 0),
+        ("stack", 16),
+        ("lf_stack", 0),
+        ("lf_stack", 32),
+    ] {
         let n = 2048;
         let name = format!("t_{h}_{cache}");
         // obj_init: clear the owner word of every object.
