@@ -1,6 +1,6 @@
 //! `memplane info`: attach to a running instance as a secondary and show
 //! where its memory went — memory types, memsegs per node and page size,
-//! heaps, memzones, rings — as tables or JSON (DPDK's `dpdk-proc-info`).
+//! heaps, memzones, rings, mempools — as tables or JSON (DPDK's `dpdk-proc-info`).
 //!
 //! The secondary only reads: it allocates nothing and detaches on exit.
 
@@ -53,6 +53,31 @@ struct Report {
     heaps: Vec<memplane::heap::HeapInfo>,
     memzones: serde_json::Value,
     rings: Vec<memplane_ring::RingInfo>,
+    mempools: Vec<PoolReport>,
+}
+
+/// One mempool: its snapshot, or why this process cannot open it (a user
+/// handler the CLI does not have, memory private to its creator, ...).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum PoolReport {
+    Open(Box<memplane_mempool::MempoolInfo>),
+    Refused { name: String, error: String },
+}
+
+fn pool_reports(mem: &Memory) -> Vec<PoolReport> {
+    let mut names = memplane_mempool::mempool_names(mem);
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| match memplane_mempool::Mempool::lookup(mem, &name) {
+            Ok(p) => PoolReport::Open(Box::new(p.info())),
+            Err(e) => PoolReport::Refused {
+                name,
+                error: e.to_string(),
+            },
+        })
+        .collect()
 }
 
 /// Runs `memplane info`.
@@ -117,6 +142,7 @@ fn gather(mem: &Memory, prefix: &str) -> Report {
         heaps: mem.heaps(),
         memzones: mem.memzone_dump_json(),
         rings: memplane_ring::rings(mem),
+        mempools: pool_reports(mem),
     }
 }
 
@@ -212,6 +238,68 @@ fn render(mem: &Memory, r: &Report) -> String {
         }
         o.push_str(&t.render("  "));
     }
-    let _ = writeln!(o, "\nmempools: none (mempools are not built yet)");
+    o.push_str(&render_mempools(&r.mempools));
+    o
+}
+
+fn render_mempools(pools: &[PoolReport]) -> String {
+    let mut o = String::from("\nmempools:");
+    if pools.is_empty() {
+        o.push_str(" none\n");
+        return o;
+    }
+    o.push('\n');
+    let mut t = Table::new(&[
+        ("name", false),
+        ("handler", false),
+        ("size", true),
+        ("elt", true),
+        ("obj", true),
+        ("in use", true),
+        ("avail", true),
+        ("cache", true),
+        ("memory", true),
+        ("socket", true),
+        ("cached (lcore:count)", false),
+    ]);
+    let mut refused = Vec::new();
+    for p in pools {
+        match p {
+            PoolReport::Open(i) => {
+                let memory: usize = i.memory_bytes;
+                let caches = if i.cache_counts.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.cache_counts
+                        .iter()
+                        .map(|(l, c)| format!("{l}:{c}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                t.row(vec![
+                    i.name.clone(),
+                    i.handler.clone(),
+                    i.size.to_string(),
+                    i.elt_size.to_string(),
+                    i.obj_size.total_size.to_string(),
+                    i.in_use.to_string(),
+                    i.avail.to_string(),
+                    i.cache_size.to_string(),
+                    format_size(memory as u64),
+                    if i.socket < 0 {
+                        "any".to_string()
+                    } else {
+                        i.socket.to_string()
+                    },
+                    caches,
+                ]);
+            }
+            PoolReport::Refused { name, error } => refused.push((name, error)),
+        }
+    }
+    o.push_str(&t.render("  "));
+    for (name, error) in refused {
+        let _ = writeln!(o, "  {name}: cannot open from here: {error}");
+    }
     o
 }

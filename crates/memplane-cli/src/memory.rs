@@ -38,6 +38,13 @@ pub struct Args {
     /// of two) in a memzone, e.g. rx=1024 (repeatable).
     #[arg(long = "ring", value_name = "NAME=COUNT")]
     ring: Vec<String>,
+    /// After init, create a mempool NAME of N objects of ELT bytes
+    /// (default 2048) with per-lcore caches of CACHE objects (default 0),
+    /// e.g. pkts=4095x2048/256 (repeatable). This thread takes an lcore id
+    /// and cycles objects through its cache, so `memplane info` has cache
+    /// counts to show.
+    #[arg(long = "mempool", value_name = "NAME=N[xELT][/CACHE]")]
+    mempool: Vec<String>,
     /// Keep the instance alive SECS seconds before tearing it down, to look
     /// at it from another shell (Ctrl-C ends the wait early).
     #[arg(long, value_name = "SECS")]
@@ -70,6 +77,7 @@ struct Request {
     allocs: Vec<AllocSpec>,
     zones: Vec<ZoneSpec>,
     rings: Vec<(String, usize)>,
+    mempools: Vec<PoolSpec>,
     hold: Option<Duration>,
     eal: Vec<String>,
 }
@@ -95,6 +103,45 @@ fn parse_ring(text: &str) -> Result<(String, usize), Error> {
         )
     })?;
     Ok((name.to_string(), count))
+}
+
+/// One `--mempool NAME=N[xELT][/CACHE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PoolSpec {
+    name: String,
+    n: u32,
+    elt_size: u32,
+    cache_size: u32,
+}
+
+fn parse_mempool(text: &str) -> Result<PoolSpec, Error> {
+    const FORM: &str = "expected NAME=N[xELT][/CACHE], e.g. pkts=4095x2048/256";
+    let (name, rest) = text
+        .split_once('=')
+        .ok_or_else(|| bad("--mempool", text, format!("no '='; {FORM}")))?;
+    let (rest, cache) = match rest.split_once('/') {
+        Some((r, c)) => (r, Some(c)),
+        None => (rest, None),
+    };
+    let (n, elt) = match rest.split_once(['x', 'X']) {
+        Some((n, e)) => (n, Some(e)),
+        None => (rest, None),
+    };
+    let num = |what: &str, v: &str| {
+        v.trim().parse::<u32>().map_err(|_| {
+            bad(
+                "--mempool",
+                text,
+                format!("'{v}' is not a number of {what}; {FORM}"),
+            )
+        })
+    };
+    Ok(PoolSpec {
+        name: name.to_string(),
+        n: num("objects", n)?,
+        elt_size: elt.map_or(Ok(2048), |e| num("bytes", e))?,
+        cache_size: cache.map_or(Ok(0), |c| num("cached objects", c))?,
+    })
 }
 
 fn parse_zone(text: &str) -> Result<ZoneSpec, Error> {
@@ -135,6 +182,14 @@ fn parse_zone(text: &str) -> Result<ZoneSpec, Error> {
         len,
         socket,
     })
+}
+
+/// A mempool error as the CLI's error (memory errors as they are).
+fn mempool_err(name: &str, e: memplane_mempool::MempoolError) -> Error {
+    match e {
+        memplane_mempool::MempoolError::Memory(m) => m,
+        other => bad("--mempool", name, other.to_string()),
+    }
 }
 
 fn bad(option: &str, value: &str, reason: impl Into<String>) -> Error {
@@ -215,6 +270,7 @@ impl Request {
         let mut alloc = args.alloc;
         let mut memzone = args.memzone;
         let mut ring = args.ring;
+        let mut mempool = args.mempool;
         let mut hold = args.hold;
         let mut eal = Vec::with_capacity(args.options.len());
         let mut it = args.options.into_iter();
@@ -243,7 +299,7 @@ impl Request {
                         pages = true;
                     }
                 }
-                "--alloc" | "--hold" | "--memzone" | "--ring" => {
+                "--alloc" | "--hold" | "--memzone" | "--ring" | "--mempool" => {
                     let value = match inline {
                         Some(v) => v,
                         None => it.next().ok_or_else(|| OptionsError::MissingValue {
@@ -252,6 +308,9 @@ impl Request {
                                 "--alloc" => "SIZE=COUNT[@NODE], e.g. --alloc 2M=4".into(),
                                 "--memzone" => "NAME=SIZE[@NODE], e.g. --memzone rx=64K".into(),
                                 "--ring" => "NAME=COUNT, e.g. --ring rx=1024".into(),
+                                "--mempool" => {
+                                    "NAME=N[xELT][/CACHE], e.g. --mempool pkts=4095x2048/256".into()
+                                }
                                 _ => "seconds, e.g. --hold 30".into(),
                             },
                         })?,
@@ -260,6 +319,7 @@ impl Request {
                         "--alloc" => alloc.push(value),
                         "--memzone" => memzone.push(value),
                         "--ring" => ring.push(value),
+                        "--mempool" => mempool.push(value),
                         _ => hold = Some(value),
                     }
                 }
@@ -274,6 +334,10 @@ impl Request {
             .iter()
             .map(|r| parse_ring(r))
             .collect::<Result<_, _>>()?;
+        let mempools = mempool
+            .iter()
+            .map(|m| parse_mempool(m))
+            .collect::<Result<_, _>>()?;
         let zones = memzone
             .iter()
             .map(|z| parse_zone(z))
@@ -285,6 +349,7 @@ impl Request {
             allocs,
             zones,
             rings,
+            mempools,
             hold,
             eal,
         })
@@ -783,6 +848,24 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
         );
     }
 
+    let mut pools = Vec::with_capacity(req.mempools.len());
+    if !req.mempools.is_empty() {
+        memplane_mempool::register_thread(&mem).map_err(|e| mempool_err("", e))?;
+    }
+    for spec in &req.mempools {
+        let cfg =
+            memplane_mempool::MempoolConfig::new(spec.n, spec.elt_size).cache_size(spec.cache_size);
+        let pool = memplane_mempool::Mempool::create(&mem, &spec.name, &cfg)
+            .map_err(|e| mempool_err(&spec.name, e))?;
+        // Cycle a cache's worth through this thread's cache: it keeps
+        // `cache_size` objects, which `memplane info` then shows.
+        let mut objs = vec![std::ptr::null_mut(); spec.cache_size.min(spec.n) as usize];
+        pool.get_bulk(&mut objs)
+            .and_then(|()| pool.put_bulk(&objs))
+            .map_err(|e| mempool_err(&spec.name, e))?;
+        pools.push(pool);
+    }
+
     let layout = mem.layout();
     // Labels of the summary lines (and of the teardown lines) line up.
     let label_width = allocs
@@ -860,6 +943,7 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
 
     let started = Instant::now();
     // The zones go with the instance (no free: teardown takes everything).
+    drop(pools);
     drop(rings);
     drop(zones);
     drop(mem);

@@ -877,6 +877,8 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
             "rx=64K",
             "--ring",
             "q=1024",
+            "--mempool",
+            "pkts=1000x100/32",
             "--file-prefix",
             &prefix,
             "--runtime-dir",
@@ -910,7 +912,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
         let (out, err) = text(&o);
         assert!(o.status.success(), "{out}{err}");
         v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        if v["rings"].as_array().is_some_and(|r| !r.is_empty()) {
+        if v["mempools"].as_array().is_some_and(|r| !r.is_empty()) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -920,7 +922,27 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     assert_ne!(v["reader_pid"], primary.id());
     let zones = v["memzones"]["zones"].as_array().unwrap();
     let names: Vec<&str> = zones.iter().map(|z| z["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["rx", "RG_q"], "{v}");
+    assert_eq!(names[..2], ["rx", "RG_q"], "{v}");
+    for z in ["MP_pkts", "MP_pkts_0", "RG_MP_pkts"] {
+        assert!(names.contains(&z), "{z} in {names:?}");
+    }
+    // The mempool: sizes, counts, the primary's lcore cache.
+    let pools = v["mempools"].as_array().unwrap();
+    assert_eq!(pools.len(), 1, "{v}");
+    let p = &pools[0];
+    assert_eq!(p["name"], "pkts");
+    assert_eq!(p["handler"], "ring_mp_mc");
+    assert_eq!(p["size"], 1000);
+    assert_eq!(p["elt_size"], 100);
+    assert_eq!(p["cache_size"], 32);
+    assert_eq!(p["avail"], 1000);
+    assert_eq!(p["in_use"], 0);
+    let caches = p["cache_counts"].as_array().unwrap();
+    assert_eq!(caches.len(), 1, "one lcore cache: {p}");
+    assert_eq!(caches[0][1], 32, "{p}");
+    assert_eq!(p["common_pool_count"], 1000 - 32);
+    let obj = p["obj_size"]["total_size"].as_u64().unwrap();
+    assert!(p["memory_bytes"].as_u64().unwrap() >= 1000 * obj, "{p}");
     let rings = v["rings"].as_array().unwrap();
     assert_eq!(rings[0]["name"], "q");
     assert_eq!(rings[0]["capacity"], 1024);
@@ -935,9 +957,17 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     let o = memplane(&["info", "--file-prefix", &prefix, "--runtime-dir", &rd]);
     let (out, _) = text(&o);
     assert!(
-        out.contains("memzones: 2 of 2560") && out.contains("rings:"),
+        out.contains("memzones: 6 of 2560") && out.contains("rings:"),
         "{out}"
     );
+    let line = out
+        .lines()
+        .skip_while(|l| !l.starts_with("mempools:"))
+        .find(|l| l.trim_start().starts_with("pkts "))
+        .unwrap_or_else(|| panic!("no mempool row: {out}"));
+    for field in ["ring_mp_mc", "1000", "100", "32", ":32"] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
     // End the hold early with Ctrl-C: the primary tears down cleanly.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(primary.id() as i32).unwrap(),

@@ -127,8 +127,14 @@ pub struct MempoolInfo {
     pub size: u32,
     /// Objects placed.
     pub populated: u32,
+    /// Element size as asked at creation.
+    pub elt_size: u32,
     /// Object sizes.
     pub obj_size: ObjSize,
+    /// Bytes of shared memory the pool takes: header zone (caches and
+    /// private area included) plus object chunks (the backend's zone not
+    /// counted).
+    pub memory_bytes: usize,
     /// Private area.
     pub private_size: u32,
     /// Cache size (0: none).
@@ -1223,7 +1229,9 @@ impl<'m> Mempool<'m> {
             handler: self.handler.clone(),
             size: self.n,
             populated: h.populated,
+            elt_size: h.elt_size_req,
             obj_size: self.obj_size(),
+            memory_bytes: self.zone.len() + self.chunks().iter().map(|c| c.len).sum::<usize>(),
             private_size: h.private_size,
             cache_size: self.cache_size,
             cache_counts: counts,
