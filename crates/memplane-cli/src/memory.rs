@@ -1031,12 +1031,15 @@ mod tests {
             alloc: vec!["2M=1".into()],
             memzone: vec!["a=1M".into()],
             ring: vec![],
+            mempool: vec!["p=100".into()],
             hold: None,
             options: [
                 "--socket-mem",
                 "8",
                 "--memzone",
                 "b=4K@0",
+                "--mempool",
+                "q=4095x64/256",
                 "--json",
                 "--alloc=1G=1@0",
                 "--hold",
@@ -1066,6 +1069,23 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(
+            r.mempools,
+            [
+                PoolSpec {
+                    name: "p".into(),
+                    n: 100,
+                    elt_size: 2048,
+                    cache_size: 0
+                },
+                PoolSpec {
+                    name: "q".into(),
+                    n: 4095,
+                    elt_size: 64,
+                    cache_size: 256
+                }
+            ]
+        );
         assert_eq!(r.hold, Some(Duration::from_millis(500)));
         assert_eq!(r.eal, ["--socket-mem", "8", "--file-prefix", "x"]);
         let args = Args {
@@ -1074,11 +1094,34 @@ mod tests {
             alloc: vec![],
             memzone: vec![],
             ring: vec![],
+            mempool: vec![],
             hold: None,
             options: vec!["--alloc".into()],
         };
         let e = Request::from_args(args).unwrap_err().to_string();
         assert!(e.contains("'--alloc' needs a value"), "{e}");
+    }
+
+    #[test]
+    fn mempool_specs_parse_or_say_what_is_wrong() {
+        assert_eq!(
+            parse_mempool("rx=511X100").unwrap(),
+            PoolSpec {
+                name: "rx".into(),
+                n: 511,
+                elt_size: 100,
+                cache_size: 0
+            }
+        );
+        for (spec, why) in [
+            ("rx", "no '='"),
+            ("rx=many", "'many' is not a number of objects"),
+            ("rx=10x", "'' is not a number of bytes"),
+            ("rx=10x64/-1", "'-1' is not a number of cached objects"),
+        ] {
+            let e = parse_mempool(spec).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("--mempool"), "{spec}: {e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,10 @@
 //! linearizable stand-in for the hardware CAS) and the rest uses loom's
 //! atomics, so the list protocol can be model-checked (`tests/loom.rs`).
 
+// Stack memory is 64-byte aligned (zones, or the 64-aligned allocation):
+// the header and element casts are aligned.
+#![allow(clippy::cast_ptr_alignment)]
+
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(loom))]
@@ -289,7 +293,6 @@ pub fn lf_stack_bytes(cap: u32) -> usize {
 }
 
 /// A view of a stack (header and elements at fixed addresses).
-#[derive(Clone, Copy)]
 pub(crate) struct LfStackRef {
     hdr: *const LfStackHeader,
 }

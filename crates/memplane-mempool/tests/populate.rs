@@ -131,6 +131,7 @@ fn populate_virt_places_objects_in_memzones_the_user_gives() {
     assert_eq!(added, 199);
     assert_eq!(pool.populated(), 199);
     // A region too small for one object: refused, nothing changes.
+    // SAFETY: as above (and nothing is placed).
     let e = unsafe { pool.populate_virt(z1.as_mut_ptr(), total - 1) }.unwrap_err();
     assert!(matches!(e, MempoolError::RegionTooSmall { .. }), "{e}");
     assert_eq!(pool.populated(), 199);
@@ -145,6 +146,7 @@ fn populate_virt_places_objects_in_memzones_the_user_gives() {
     // SAFETY: as above.
     let added = unsafe { pool.populate_virt(z2.as_mut_ptr(), 200 * total) }.unwrap();
     assert_eq!(added, 101);
+    // SAFETY: as above (and nothing is placed).
     let e = unsafe { pool.populate_virt(z2.as_mut_ptr(), 200 * total) }.unwrap_err();
     assert!(matches!(e, MempoolError::PopulateRefused { .. }), "{e}");
     assert_eq!(zone_bytes(mem, "virt"), 0, "no zone of the pool's own");
