@@ -265,3 +265,52 @@ fn a_pool_that_cannot_fit_says_what_it_needed_and_what_each_node_had() {
     assert_eq!(zone_bytes(&mem, "big2"), 0);
     p.free().unwrap();
 }
+
+#[test]
+fn create_empty_refuses_bad_input_like_create_and_leaves_nothing() {
+    if !have_hugepages(4) {
+        return;
+    }
+    let inst = instance("empty_bad");
+    let mem = &inst.mem;
+    memplane_mempool::lcore_id(mem).unwrap(); // creates the lcore registry zone
+    let bad = |cfg: MempoolConfig| Mempool::create_empty(mem, "e", &cfg).unwrap_err();
+    assert!(matches!(
+        bad(MempoolConfig::new(0, 64)),
+        MempoolError::ZeroObjects
+    ));
+    assert!(matches!(
+        bad(MempoolConfig::new(10, 0)),
+        MempoolError::BadEltSize { .. }
+    ));
+    assert!(matches!(
+        bad(MempoolConfig::new(10, u32::MAX)),
+        MempoolError::BadEltSize { .. }
+    ));
+    assert!(matches!(
+        bad(MempoolConfig::new(10_000, 64).cache_size(513)),
+        MempoolError::BadCacheSize { .. }
+    ));
+    assert!(matches!(
+        bad(MempoolConfig::new(10, 64).cache_size(8)),
+        MempoolError::BadCacheSize { .. }
+    ));
+    let e = bad(MempoolConfig::new(10, 64).handler("no_such"));
+    assert!(
+        matches!(&e, MempoolError::UnknownHandler { name, .. } if name == "no_such"),
+        "{e}"
+    );
+    only_lcore_zone_left(mem);
+    // Name clash with a pool still being populated.
+    let p = Mempool::create_empty(mem, "e", &MempoolConfig::new(10, 64)).unwrap();
+    assert!(matches!(
+        bad(MempoolConfig::new(10, 64)),
+        MempoolError::Exists { .. }
+    ));
+    assert!(matches!(
+        Mempool::create(mem, "e", &MempoolConfig::new(10, 64)),
+        Err(MempoolError::Exists { .. })
+    ));
+    p.free().unwrap();
+    only_lcore_zone_left(mem);
+}
