@@ -140,7 +140,7 @@ pub enum MempoolError {
     /// The object memory could not be reserved: not enough free memory
     /// (hugepages, or heap space within the instance's limits) on the
     /// nodes the pool may use. Nothing was reserved.
-    #[error("mempool {name:?}: cannot reserve {need} bytes of object memory on socket {socket} ({objects} objects of {total_size} bytes); free per node: {}", fmt_nodes(nodes))]
+    #[error("mempool {name:?}: cannot reserve {need} bytes of object memory on socket {socket} ({objects} objects of {total_size} bytes); free per node: {}; heaps grow into free hugepages only within the instance's limits (--socket-limit, --pagesz-mem); use fewer or smaller objects, or raise the limits", fmt_nodes(nodes))]
     NoMemory {
         /// The pool.
         name: String,

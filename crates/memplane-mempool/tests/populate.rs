@@ -250,6 +250,7 @@ fn a_pool_that_cannot_fit_says_what_it_needed_and_what_each_node_had() {
     assert!(!nodes.is_empty());
     assert!(nodes.iter().all(|f| f.heap_free <= 32 << 20), "{nodes:?}");
     let msg = e.to_string();
+    eprintln!("{msg}");
     assert!(msg.contains(&need.to_string()), "{msg}");
     assert!(msg.contains("node 0:"), "{msg}");
     // Nothing left behind; a smaller pool still fits.
