@@ -5,7 +5,8 @@
 //! primary on the multi-producer/consumer ones, every object carrying an
 //! owner stamp (a get must find it free, a put must find its own stamp):
 //! at the end every object index is in the pool exactly once. A second
-//! secondary without the user handler gets an error naming it; pools in
+//! secondary without the user handler gets an error naming it; a pool
+//! populated (populate_virt) in a memzone is shared like any other; pools in
 //! process-local memory (populate_anon) and unfinished pools
 //! (create_empty) are refused to secondaries with typed errors.
 
@@ -147,6 +148,11 @@ fn child(role: &str) {
     );
     println!("@unfinished {e}");
     let tag = u64::from(std::process::id());
+    // A pool populated with populate_virt in a memzone: shared memory, so
+    // usable here.
+    let virt = Mempool::lookup(&mem, "virt_p").unwrap();
+    println!("@served virt_p {}", churn(&virt, tag, 3000));
+    drop(virt);
     for h in SHARED.iter().chain(SINGLE.iter()) {
         let pool = Mempool::lookup(&mem, &pool_name(h)).unwrap();
         assert_eq!(pool.handler(), *h);
@@ -218,6 +224,26 @@ fn every_handler_works_from_a_secondary_that_resolves_it_by_name() {
     anon.populate_anon().unwrap();
     let unfinished =
         Mempool::create_empty(mem, "unfinished", &MempoolConfig::new(100, 64)).unwrap();
+    // Two-step with memory from a memzone the test reserves.
+    let mut virt = Mempool::create_empty(mem, "virt_p", &MempoolConfig::new(N, 64)).unwrap();
+    let total = virt.obj_size().total_size as usize;
+    let zone = mem
+        .memzone_reserve(
+            "virt_mem",
+            N as usize * total,
+            -1,
+            memplane::memzone::MemzoneFlags::NONE,
+        )
+        .unwrap();
+    // SAFETY: the zone is freed only after the pool (below).
+    assert_eq!(
+        unsafe { virt.populate_virt(zone.as_mut_ptr(), zone.len()) }.unwrap(),
+        N
+    );
+    virt.obj_iter(|idx, o| {
+        // SAFETY: a 64-byte element nobody holds yet.
+        unsafe { o.cast::<[u64; 2]>().write([u64::from(idx), 0]) }
+    });
 
     let full = spawn(&inst, "full");
     // Meanwhile the primary churns the multi-producer/consumer pools.
@@ -232,7 +258,7 @@ fn every_handler_works_from_a_secondary_that_resolves_it_by_name() {
         lines.iter().any(|l| l.starts_with("unfinished ")),
         "{lines:?}"
     );
-    for h in SHARED.iter().chain(SINGLE.iter()) {
+    for h in SHARED.iter().chain(SINGLE.iter()).chain(["virt_p"].iter()) {
         let l = lines
             .iter()
             .find(|l| l.starts_with(&format!("served {h} ")))
@@ -254,7 +280,7 @@ fn every_handler_works_from_a_secondary_that_resolves_it_by_name() {
     assert!(lines[0].contains(USER), "{lines:?}");
 
     // Nothing lost or duplicated: every index once, every stamp cleared.
-    for p in &pools {
+    for p in pools.iter().chain(std::iter::once(&virt)) {
         assert!(p.is_full(), "{}: {} of {N} back", p.name(), p.avail_count());
         let rep = p.audit().unwrap();
         assert_eq!(rep.in_backend + rep.in_caches, N, "{}", p.name());
@@ -279,4 +305,6 @@ fn every_handler_works_from_a_secondary_that_resolves_it_by_name() {
     }
     anon.free().unwrap();
     unfinished.free().unwrap();
+    virt.free().unwrap();
+    zone.free().unwrap();
 }
