@@ -139,24 +139,27 @@ impl DwHead {
 #[cfg(all(not(loom), target_arch = "x86_64"))]
 unsafe fn cas128(dst: *mut u64, old: (u64, u64), new: (u64, u64)) -> Result<(), (u64, u64)> {
     let (prev_lo, prev_hi): (u64, u64);
-    let ok: u8;
-    // SAFETY: the caller's contract. rbx is reserved by LLVM, so the new
-    // low word is swapped into it around the instruction and rbx restored.
+    let flag: u64;
+    // SAFETY: the caller's contract. rbx cannot be an operand (LLVM may
+    // use it), so the new low word goes through r8 and rbx is restored.
+    // Every operand has a fixed register: a `reg` operand may be given
+    // rbx itself, which the swap would clobber.
     unsafe {
         core::arch::asm!(
-            "xchg {tmp}, rbx",
-            "lock cmpxchg16b xmmword ptr [{dst}]",
-            "sete {ok}",
-            "mov rbx, {tmp}",
-            dst = in(reg) dst,
-            tmp = inout(reg) new.0 => _,
-            ok = out(reg_byte) ok,
-            in("rcx") new.1,
+            "xchg r8, rbx",
+            "lock cmpxchg16b xmmword ptr [rsi]",
+            "sete cl",
+            "mov rbx, r8",
+            in("rsi") dst,
+            inout("r8") new.0 => _,
+            inout("rcx") new.1 => flag,
             inout("rax") old.0 => prev_lo,
             inout("rdx") old.1 => prev_hi,
             options(nostack),
         );
     }
+    // `sete` wrote 0 or 1 into cl, the low byte of rcx.
+    let ok = flag & 0xff;
     if ok != 0 {
         Ok(())
     } else {
