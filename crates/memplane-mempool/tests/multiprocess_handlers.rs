@@ -236,10 +236,8 @@ fn every_handler_works_from_a_secondary_that_resolves_it_by_name() {
         )
         .unwrap();
     // SAFETY: the zone is freed only after the pool (below).
-    assert_eq!(
-        unsafe { virt.populate_virt(zone.as_mut_ptr(), zone.len()) }.unwrap(),
-        N
-    );
+    let placed = unsafe { virt.populate_virt(zone.as_mut_ptr(), zone.len()) }.unwrap();
+    assert_eq!(placed, N);
     virt.obj_iter(|idx, o| {
         // SAFETY: a 64-byte element nobody holds yet.
         unsafe { o.cast::<[u64; 2]>().write([u64::from(idx), 0]) }
