@@ -344,6 +344,7 @@ impl LfStackRef {
     ///
     /// # Safety
     /// `mem` holds an initialised stack that outlives the view.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) unsafe fn open(mem: *const u8) -> Self {
         Self { hdr: mem.cast() }
     }

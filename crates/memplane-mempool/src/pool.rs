@@ -422,7 +422,9 @@ impl<'m> Mempool<'m> {
     /// (DPDK's `rte_mempool_populate_default`); returns how many were
     /// added. A full pool is refused ([`MempoolError::PopulateRefused`]);
     /// when memory is short, [`MempoolError::NoMemory`] says what was
-    /// needed and what each node had, and nothing is added.
+    /// needed and what each node had, and nothing is added. Unlike DPDK
+    /// (which refuses a pool with any chunk, `-EEXIST`), a pool partly
+    /// filled by [`populate_virt`](Self::populate_virt) gets the rest.
     pub fn populate_default(&mut self) -> Result<u32, MempoolError> {
         self.populate_zones(&mut |_, _| {})
     }
