@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stop.store(true, Ordering::Relaxed);
         });
         let rate = moved.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
-        println!("{h:<12} {:>14.0}", rate);
+        println!("{h:<12} {rate:>14.0}");
         pool.free()?;
     }
     Ok(())
