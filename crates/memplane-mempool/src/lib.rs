@@ -10,8 +10,17 @@
 //!   `NO_SPREAD`) to an object size in lines coprime to DPDK's default 4
 //!   memory channels x 1 rank ([`layout::spread_object_size`]).
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
-//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, `lf_stack` (lock-free), or user handlers
-//!   registered with [`register_handler`].
+//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, `lf_stack`
+//!   (lock-free, [`lf_stack`]), or user handlers registered with
+//!   [`register_handler`].
+//! - Creation in one step ([`Mempool::create`]) or two, as DPDK:
+//!   [`Mempool::create_empty`], then [`Mempool::populate_default`],
+//!   [`Mempool::populate_virt`] (memory you give) or
+//!   [`Mempool::populate_anon`], then [`Mempool::obj_iter`]. A pool is
+//!   visible to other handles once fully populated; pools with
+//!   process-local memory (anonymous, or outside the instance) are refused
+//!   to other processes. Out of memory, [`MempoolError::NoMemory`] says
+//!   what was needed and what each NUMA node had.
 //! - Get is all-or-nothing; put refuses pointers outside the pool's object
 //!   zones (a chunk table lookup); debug builds also check the object
 //!   boundary, the header's pool address and the cookie (double put).
