@@ -987,17 +987,6 @@ fn receive(inner: &Arc<Inner>, queue: &SyncSender<Incoming>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn handles_cross_threads() {
-        fn send_sync<T: Send + Sync>() {}
-        send_sync::<super::Endpoint>();
-        send_sync::<super::Handle>();
-        send_sync::<super::Incoming>();
-    }
-}
-
 /// Blocks the signals a user sends (Ctrl-C, kill, job control, alarms) in
 /// the calling IPC thread: the kernel then delivers process-directed
 /// signals to the application's own threads, so a program that blocks
@@ -1026,5 +1015,16 @@ fn block_async_signals() {
             libc::sigaddset(&raw mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<super::Endpoint>();
+        send_sync::<super::Handle>();
+        send_sync::<super::Incoming>();
     }
 }
