@@ -275,6 +275,36 @@ fn demo_ctrl_c_drains_checks_and_cleans_up() {
     let before = free_counts();
     let run = Run::new("int");
     let (mut child, rx, secondary) = run.start_long();
+    // `memplane info` attaches to the running demo as a third process.
+    let o = Command::new(env!("CARGO_BIN_EXE_memplane"))
+        .args([
+            "info",
+            "--json",
+            "--file-prefix",
+            &run.prefix,
+            "--runtime-dir",
+        ])
+        .arg(run.rundir.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["primary_pid"], child.id());
+    let rings: Vec<&str> = v["rings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        rings.contains(&"demo_to_sec") && rings.contains(&"demo_to_pri"),
+        "{v}"
+    );
     // Ctrl-C reaches the whole foreground process group: both processes.
     rustix::process::kill_process_group(
         rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
