@@ -6,6 +6,7 @@
 #![allow(clippy::cast_ptr_alignment)]
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
@@ -23,6 +24,7 @@ use crate::MbufError;
 /// adopted with, [`Mbuf::from_raw`]): the free path finds each segment's
 /// pool by the header's pool address in this process's map of open pools,
 /// and a handle keeps its pool in that map.
+#[repr(transparent)]
 pub struct Mbuf<'p> {
     ptr: NonNull<MbufHeader>,
     _pool: PhantomData<&'p ()>,
@@ -256,8 +258,14 @@ unsafe fn prefree_seg(m: *mut MbufHeader) -> bool {
             unsafe { detach_raw(m) };
         }
     }
-    h.next = std::ptr::null_mut();
-    h.nb_segs = 1;
+    // As DPDK: write only what differs (the common single-segment mbuf
+    // keeps its second cache line clean here).
+    if !h.next.is_null() {
+        h.next = std::ptr::null_mut();
+    }
+    if h.nb_segs != 1 {
+        h.nb_segs = 1;
+    }
     h.refcnt.store(0, Ordering::Relaxed);
     true
 }
@@ -279,19 +287,28 @@ unsafe fn free_chain(m: *mut MbufHeader) {
 
 /// Batched returns, one pool at a time (`rte_pktmbuf_free_bulk`).
 struct Pending {
-    objs: [*mut u8; 64],
+    objs: [MaybeUninit<*mut u8>; 64],
     len: usize,
     pool: usize,
 }
 
 impl Pending {
     #[inline(always)]
+    fn new() -> Self {
+        Self {
+            objs: [const { MaybeUninit::uninit() }; 64],
+            len: 0,
+            pool: 0,
+        }
+    }
+
+    #[inline(always)]
     fn push(&mut self, m: *mut MbufHeader, pool: usize) {
         if self.len == self.objs.len() || (self.len != 0 && pool != self.pool) {
             self.flush();
         }
         self.pool = pool;
-        self.objs[self.len] = m.cast();
+        self.objs[self.len].write(m.cast());
         self.len += 1;
     }
 
@@ -300,7 +317,9 @@ impl Pending {
         if self.len == 0 {
             return;
         }
-        let objs = &self.objs[..self.len];
+        // SAFETY: the first `len` slots were written by push.
+        let objs =
+            unsafe { std::slice::from_raw_parts(self.objs.as_ptr().cast::<*mut u8>(), self.len) };
         self.len = 0;
         if let Some(e) = find_pool(self.pool) {
             // SAFETY: the pool is open while its mbufs' handle lives.
@@ -327,11 +346,7 @@ impl Pending {
 /// freed exactly once, and the pool of every segment is open in this
 /// process.
 pub unsafe fn free_bulk_raw(mbufs: &[*mut MbufHeader]) {
-    let mut p = Pending {
-        objs: [std::ptr::null_mut(); 64],
-        len: 0,
-        pool: 0,
-    };
+    let mut p = Pending::new();
     for &m in mbufs {
         let mut s = m;
         while !s.is_null() {
@@ -487,6 +502,15 @@ impl<'a> Iterator for Segments<'a> {
 }
 
 impl<'p> Mbuf<'p> {
+    /// A placeholder that is never dropped (alloc_bulk overwrites it).
+    #[inline(always)]
+    pub(crate) fn dangling() -> Self {
+        Self {
+            ptr: NonNull::dangling(),
+            _pool: PhantomData,
+        }
+    }
+
     /// Wraps an allocated mbuf the caller owns.
     ///
     /// # Safety
@@ -580,11 +604,7 @@ impl<'p> Mbuf<'p> {
     /// Frees mbufs (chains included) in batches per pool
     /// (`rte_pktmbuf_free_bulk`).
     pub fn free_bulk<'a>(mbufs: impl IntoIterator<Item = Mbuf<'a>>) {
-        let mut p = Pending {
-            objs: [std::ptr::null_mut(); 64],
-            len: 0,
-            pool: 0,
-        };
+        let mut p = Pending::new();
         for m in mbufs {
             let mut s = m.into_raw();
             while !s.is_null() {

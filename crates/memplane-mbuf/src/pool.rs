@@ -567,29 +567,25 @@ impl<'m> MbufPool<'m> {
     /// `rte_pktmbuf_alloc_bulk`).
     #[inline]
     pub fn alloc_bulk<'a>(&'a self, out: &mut Vec<Mbuf<'a>>, n: usize) -> Result<(), MbufError> {
-        const STEP: usize = 64;
         out.reserve(n);
-        let mut raw = [std::ptr::null_mut::<u8>(); STEP];
-        let start = out.len();
-        let mut left = n;
-        while left > 0 {
-            let k = left.min(STEP);
-            let part = &mut raw[..k];
-            // All-or-nothing over `n`: a later step may fail after earlier
-            // ones succeeded; those are freed again below.
-            if let Err(e) = self.entry.mp.get_bulk(part) {
-                out.truncate(start);
-                return Err(e.into());
-            }
-            for &p in part.iter() {
-                // SAFETY: free mbufs of this pool, now ours.
-                unsafe {
-                    reset_fresh(p.cast());
-                    out.push(Mbuf::from_owned(p.cast()));
-                }
-            }
-            left -= k;
+        let len = out.len();
+        let spare = &mut out.spare_capacity_mut()[..n];
+        for slot in spare.iter_mut() {
+            // Null first: the slots become a slice of initialised pointers.
+            slot.write(Mbuf::dangling());
         }
+        // SAFETY: `Mbuf` is a transparent non-null pointer, so n
+        // initialised slots are n initialised `*mut u8`s; objects get_bulk
+        // writes are never null.
+        let objs =
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<*mut u8>(), n) };
+        self.entry.mp.get_bulk(objs)?;
+        for &p in objs.iter() {
+            // SAFETY: free mbufs of this pool, now ours.
+            unsafe { reset_fresh(p.cast()) };
+        }
+        // SAFETY: the n slots hold owned mbufs.
+        unsafe { out.set_len(len + n) };
         Ok(())
     }
 
