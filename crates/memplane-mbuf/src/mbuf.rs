@@ -378,6 +378,11 @@ fn refcnt_add(h: &MbufHeader, delta: i32) -> Result<u16, MbufError> {
 unsafe fn attach_raw(mi: *mut MbufHeader, m: *mut MbufHeader) -> Result<(), MbufError> {
     // SAFETY: live headers; `mi` is ours to write.
     let (hi, hm) = unsafe { (&*mi, &*m) };
+    if !is_direct(hi) {
+        return Err(MbufError::Incompatible {
+            why: "the mbuf to attach has a buffer of its own to keep (indirect, external or pinned: a pinned-external-buffer pool cannot hold clones)".into(),
+        });
+    }
     if hm.refcnt.load(Ordering::Acquire) == 0 {
         return Err(MbufError::NotAllocated { addr: m as usize });
     }

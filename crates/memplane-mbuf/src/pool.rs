@@ -281,9 +281,14 @@ impl<'m> MbufPool<'m> {
     /// `elt_size` bytes of the regions, in order; the buffers stay with
     /// their mbufs for the pool's life. `data_room` is recorded in the
     /// private area (for reports); each mbuf's `buf_len` is its region's
-    /// `elt_size`. The regions must be mapped at the same address in
-    /// every process that uses the pool (memzones are).
-    pub fn create_extbuf(
+    /// `elt_size`.
+    ///
+    /// # Safety
+    /// Each region is writable memory of this instance, mapped at the
+    /// same address in every process that uses the pool (memzones are:
+    /// [`ExtMem::from_memzone`]), used by nothing else, and stays so until
+    /// the pool is freed.
+    pub unsafe fn create_extbuf(
         mem: &'m Memory,
         name: &str,
         cfg: &MbufPoolConfig,
