@@ -189,9 +189,8 @@ fn bad_pool_sizes_are_refused_and_leave_nothing() {
         .memzone_reserve("ext", 4096, -1, memplane::memzone::MemzoneFlags::NONE)
         .unwrap();
     let ext = [ExtMem::from_memzone(&z, 1024)];
-    // SAFETY (these three): the zone is ours and outlives the attempts,
-    // which are refused anyway.
     assert!(matches!(
+        // SAFETY: the zone is ours and outlives the attempt (refused).
         unsafe { MbufPool::create_extbuf(mem, "e", &MbufPoolConfig::new(5), &ext) },
         Err(MbufError::BadPoolParam { what: "n", .. })
     ));
