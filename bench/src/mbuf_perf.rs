@@ -6,7 +6,10 @@
 //! reused `Vec`); `Mbuf::free_bulk` of them], N = 65536; rate_persec =
 //! mbufs allocated and freed per second. The `raw` rows do the same with
 //! `alloc_bulk_raw` / `free_bulk_raw` (raw pointers, DPDK's calling
-//! convention; memplane only).
+//! convention; memplane only); the `mempool_only` rows get and put the
+//! pool's objects with the mempool alone (no mbuf work), for scale.
+//! `MBUF_PERF_ROWS=mbuf_perf_raw,...` runs only the named kinds and
+//! `MBUF_PERF_BULKS=1,32` only those bulk sizes (for profiling).
 //!
 //! `compare mbuf` runs DPDK's side, `bench/dpdk/mbuf_perf.c`
 //! (`rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_free_bulk`, same pools and
@@ -23,6 +26,12 @@ use memplane_mempool::register_thread;
 const N: usize = 65536;
 const NB_MBUF: u32 = 8191;
 const BULKS: [usize; 4] = [1, 8, 32, 64];
+fn bulks() -> Vec<usize> {
+    std::env::var("MBUF_PERF_BULKS").map_or_else(
+        |_| BULKS.to_vec(),
+        |v| v.split(',').filter_map(|x| x.parse().ok()).collect(),
+    )
+}
 
 fn one(pool: &MbufPool<'_>, bulk: usize, secs: f64) -> u64 {
     let mut v: Vec<Mbuf<'_>> = Vec::with_capacity(64);
@@ -69,6 +78,28 @@ fn one_raw(pool: &MbufPool<'_>, bulk: usize, secs: f64) -> u64 {
     (count as f64 / start.elapsed().as_secs_f64()) as u64
 }
 
+/// The mempool alone (get_bulk + put_bulk of the mbuf pool's objects, no
+/// mbuf work): how much of a row is the mempool's.
+fn one_mempool(pool: &MbufPool<'_>, bulk: usize, secs: f64) -> u64 {
+    let mp = pool.mempool();
+    let mut table = [std::ptr::null_mut::<u8>(); 64];
+    let t = &mut table[..bulk];
+    let limit = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut count = 0u64;
+    loop {
+        for _ in 0..N / bulk {
+            mp.get_bulk(t).expect("get");
+            mp.put_bulk(t).expect("put");
+        }
+        count += N as u64;
+        if start.elapsed() >= limit {
+            break;
+        }
+    }
+    (count as f64 / start.elapsed().as_secs_f64()) as u64
+}
+
 /// Runs memplane's side; returns the process exit code.
 pub fn run(prefix: &str, secs: f64) -> i32 {
     crate::pin(0);
@@ -94,8 +125,12 @@ pub fn run(prefix: &str, secs: f64) -> i32 {
         for (kind, f) in [
             ("mbuf_perf", one as fn(&MbufPool<'_>, usize, f64) -> u64),
             ("mbuf_perf_raw", one_raw),
+            ("mempool_only", one_mempool),
         ] {
-            for bulk in BULKS {
+            if std::env::var("MBUF_PERF_ROWS").is_ok_and(|r| !r.split(',').any(|x| x == kind)) {
+                continue;
+            }
+            for bulk in bulks() {
                 let rate = f(&pool, bulk, secs);
                 pool.cache_flush().expect("flush");
                 assert!(pool.is_full(), "mbuf pool is not full");
@@ -109,7 +144,7 @@ pub fn run(prefix: &str, secs: f64) -> i32 {
 
 fn parse(out: &str) -> Vec<(String, f64)> {
     out.lines()
-        .filter(|l| l.starts_with("mbuf_perf"))
+        .filter(|l| l.starts_with("mbuf_perf") || l.starts_with("mempool_only"))
         .filter_map(|l| {
             let (k, r) = l.rsplit_once(" rate_persec=")?;
             Some((k.to_string(), r.trim().parse().ok()?))
@@ -199,7 +234,7 @@ pub fn compare(bin: &str, runs: usize, secs: f64) -> i32 {
         "\nmbuf alloc_bulk + free_bulk, one core, 8191 mbufs of 2176 bytes: DPDK 22.11 (bench/dpdk/mbuf_perf.c) vs memplane, medians of {runs} alternating runs, {secs} s per row"
     );
     println!("rate = mbufs allocated and freed per second; ratio = memplane / DPDK (> 1.00: memplane faster); target >= 1.00");
-    println!("mbuf_perf rows: owned Mbufs (Vec + Mbuf::free_bulk); mbuf_perf_raw rows: raw pointers, compared with the same DPDK row");
+    println!("mbuf_perf rows: owned Mbufs (Vec + Mbuf::free_bulk); mbuf_perf_raw rows: raw pointers; mempool_only rows: the mbuf pool's Mempool::get_bulk + put_bulk alone (no mbuf work); all compared with DPDK's mbuf row");
     println!();
     println!(
         "{:<36} {:>11} {:>11} {:>9} {:>9} {:>6}",
@@ -207,14 +242,16 @@ pub fn compare(bin: &str, runs: usize, secs: f64) -> i32 {
     );
     let mut worst = f64::INFINITY;
     for k in &order {
-        let dk = k.replace("mbuf_perf_raw ", "mbuf_perf ");
+        let dk = k
+            .replace("mbuf_perf_raw ", "mbuf_perf ")
+            .replace("mempool_only ", "mbuf_perf ");
         let d = dpdk.get_mut(&dk).map(|v| crate::compare::median(v));
         let m = ours.get_mut(k).map(|v| crate::compare::median(v));
         let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
         let ns = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{:.2}", 1e9 / x));
         let ratio = match (d, m) {
             (Some(d), Some(m)) if d > 0.0 => {
-                if !k.starts_with("mbuf_perf_raw") {
+                if k.starts_with("mbuf_perf ") {
                     worst = worst.min(m / d);
                 }
                 format!("{:.2}", m / d)
