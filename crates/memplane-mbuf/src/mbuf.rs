@@ -1189,7 +1189,10 @@ impl<'p> Mbuf<'p> {
     /// `buf` is valid for `len` bytes at IOVA `iova` (mapped at the same
     /// address in every process the mbuf goes to); `shinfo` is live and its
     /// refcount already counts this mbuf; the buffer and `shinfo` stay
-    /// valid until the last user lets go (then the callback runs, once).
+    /// valid until the last user lets go (then the callback runs, once, in
+    /// the process that lets go last: a function pointer is only valid in
+    /// the process that set it, so an mbuf with a callback must be freed
+    /// there; pinned-buffer pools need no callback).
     pub unsafe fn attach_extbuf(
         &mut self,
         buf: *mut u8,

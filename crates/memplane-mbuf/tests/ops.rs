@@ -390,6 +390,21 @@ fn raw_round_trip_and_refcount_zero_is_refused() {
     unsafe { memplane_mbuf::free_bulk_raw(&[raw]) };
     assert!(pool.is_full());
     pool.mempool().audit().unwrap();
+    // An allocated mbuf whose pool has no handle in this process is
+    // refused until the pool is looked up.
+    let other = MbufPool::create(&inst.mem, "other", &MbufPoolConfig::new(4)).unwrap();
+    let raw_other = other.alloc().unwrap().into_raw();
+    drop(other);
+    assert!(matches!(
+        // SAFETY: an allocated mbuf we own; refused, so not adopted.
+        unsafe { Mbuf::from_raw(raw_other, &pool) },
+        Err(MbufError::PoolNotOpen { .. })
+    ));
+    let other = MbufPool::lookup(&inst.mem, "other").unwrap();
+    // SAFETY: as above; its pool is open now.
+    drop(unsafe { Mbuf::from_raw(raw_other, &other) }.unwrap());
+    assert!(other.is_full());
+    other.free().unwrap();
     // SAFETY: null is refused before any read.
     assert!(unsafe { Mbuf::from_raw(std::ptr::null_mut(), &pool) }.is_err());
     assert!(pool.is_full(), "nothing freed twice");
@@ -737,4 +752,48 @@ fn refcnt_update_is_checked() {
     drop(m);
     assert!(pool.is_full());
     pool.free().unwrap();
+}
+
+#[test]
+fn handles_come_and_go_while_other_threads_free_mbufs() {
+    if !have_hugepages(16) {
+        return;
+    }
+    let inst = instance("mb_handles");
+    let mem = &inst.mem;
+    let a = MbufPool::create(mem, "a", &MbufPoolConfig::new(2048).cache_size(32)).unwrap();
+    let b = MbufPool::create(mem, "b", &MbufPoolConfig::new(2048).data_room(256)).unwrap();
+    std::thread::scope(|s| {
+        // Open and close handles of both pools (the process-local map
+        // changes, shortcuts go stale) ...
+        s.spawn(|| {
+            for _ in 0..2000 {
+                let x = MbufPool::lookup(mem, "a").unwrap();
+                let y = MbufPool::lookup(mem, "b").unwrap();
+                drop(x);
+                drop(y.clone());
+                drop(y);
+            }
+        });
+        // ... while mixed chains are allocated and freed here.
+        for round in 0..2000 {
+            let mut m = a.alloc().unwrap();
+            m.append(4).unwrap().copy_from_slice(b"head");
+            let mut t = b.alloc().unwrap();
+            t.append(4).unwrap().copy_from_slice(b"tail");
+            let c = m.chain(t).unwrap();
+            assert_eq!(c.to_vec(), b"headtail");
+            if round % 2 == 0 {
+                drop(c);
+            } else {
+                Mbuf::free_bulk([c]);
+            }
+        }
+    });
+    a.cache_flush().unwrap();
+    assert!(a.is_full() && b.is_full());
+    a.mempool().audit().unwrap();
+    b.mempool().audit().unwrap();
+    a.free().unwrap();
+    b.free().unwrap();
 }
