@@ -307,12 +307,17 @@ pub(crate) fn run(
         pool: &shared.pool,
     };
     let ok = report.print();
+    let mapped = mem.layout().total_mapped;
+    let t_down = Instant::now();
     drop(shared);
     drop(mem);
+    let t_down = t_down.elapsed();
     let free_after = free_pages(&sys, PageSize::SIZE_2M);
     if matches!(choice, MemoryChoice::Hugepages) {
         println!(
-            "teardown: 2 MiB hugepages free {free_before} before, {free_after} after (memfd backing: no files in hugetlbfs mounts)"
+            "teardown: {} unmapped in {:.1} ms; 2 MiB hugepages free {free_before} before start, {free_after} now (memfd backing: no files in hugetlbfs mounts)",
+            format_size(mapped),
+            t_down.as_secs_f64() * 1e3
         );
     }
     Ok(match (&ending, ok) {
@@ -483,9 +488,9 @@ impl Report<'_, '_> {
         let processed = self.control.processed.load(Ordering::Acquire);
         let sec_bad = self.control.bad.load(Ordering::Acquire);
         println!(
-            "secondary: {processed} packets checked and rewritten, {sec_bad} bad; exit {}",
+            "secondary: {processed} packets checked and rewritten, {sec_bad} bad; {}",
             self.status
-                .map_or_else(|| "unknown".to_string(), |s| s.to_string())
+                .map_or_else(|| "exit status unknown".to_string(), |s| s.to_string())
         );
         let in_use = self.pool.in_use();
         let size = self.pool.size();
