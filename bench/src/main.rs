@@ -9,6 +9,11 @@
 //!   [--dpdk-output FILE]`: DPDK 22.11 `mempool_perf_autotest` 1-core rows
 //!   (B = `bench/dpdk/mempool_perf_1core.c`) vs memplane's mirror
 //!   (`mempool-perf [--secs S]`).
+//! - `memplane-bench compare mbuf --mbuf-bin B [--runs N] [--secs S]`:
+//!   `rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_free_bulk` (B =
+//!   `bench/dpdk/mbuf_perf.c`) vs memplane's `MbufPool::alloc_bulk` +
+//!   `Mbuf::free_bulk` (`mbuf-perf [--secs S]`), bulks 1/8/32/64, cache
+//!   256 and 0, one core.
 //! - `memplane-bench overcommit`: MP/MC vs RTS vs HTS with more threads than
 //!   CPUs (memplane only; DPDK's perf test has no such row).
 //! - `memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]`: DPDK 22.11
@@ -35,6 +40,7 @@ mod compare_malloc;
 mod compare_mem;
 mod init_once;
 mod malloc_perf;
+mod mbuf_perf;
 mod mempool_perf;
 mod memseg_perf;
 mod memzone_perf;
@@ -119,6 +125,23 @@ fn main() {
                 flag(&args, "--dpdk-output").as_deref(),
             ))
         }
+        (Some("compare"), Some("mbuf")) => {
+            let Some(bin) = flag(&args, "--mbuf-bin") else {
+                eprintln!(
+                    "compare mbuf needs --mbuf-bin <mbuf_perf binary> (bench/compare builds it)"
+                );
+                std::process::exit(2);
+            };
+            std::process::exit(mbuf_perf::compare(
+                &bin,
+                flag(&args, "--runs").map_or(3, |s| s.parse().expect("--runs N")),
+                flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
+            ))
+        }
+        (Some("mbuf-perf"), _) => std::process::exit(mbuf_perf::run(
+            &prefix(),
+            flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
+        )),
         (Some("mempool-perf"), _) => std::process::exit(mempool_perf::run(
             &prefix(),
             flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
@@ -141,7 +164,7 @@ fn main() {
         (Some("overcommit"), _) => overcommit::run(),
         _ => {
             eprintln!(
-                "usage: memplane-bench ring-perf [--sizes 8,32]\n       memplane-bench compare ring [--runs N] [--sizes 8,32,64,128,256]\n       memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]\n       memplane-bench compare startup --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench memseg-perf [--prefix P] [--huge-dir D]\n       memplane-bench startup-once [--prefix P]\n       memplane-bench compare malloc --aligned-bin B --scale-bin Z [--runs N]\n       memplane-bench compare init --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench malloc-perf [--prefix P]\n       memplane-bench malloc-aligned [--prefix P]\n       memplane-bench memzone-scale [--prefix P]\n       memplane-bench init-once [--prefix P] [--mem MIB|none]\n       memplane-bench overcommit"
+                "usage: memplane-bench ring-perf [--sizes 8,32]\n       memplane-bench compare ring [--runs N] [--sizes 8,32,64,128,256]\n       memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]\n       memplane-bench compare startup --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench memseg-perf [--prefix P] [--huge-dir D]\n       memplane-bench startup-once [--prefix P]\n       memplane-bench compare malloc --aligned-bin B --scale-bin Z [--runs N]\n       memplane-bench compare init --eal-bin B [--eal-bin-static S] [--runs N]\n       memplane-bench malloc-perf [--prefix P]\n       memplane-bench malloc-aligned [--prefix P]\n       memplane-bench memzone-scale [--prefix P]\n       memplane-bench init-once [--prefix P] [--mem MIB|none]\n       memplane-bench compare mbuf --mbuf-bin B [--runs N] [--secs S]\n       memplane-bench mbuf-perf [--secs S]\n       memplane-bench overcommit"
             );
             std::process::exit(2);
         }

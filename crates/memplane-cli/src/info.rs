@@ -303,3 +303,11 @@ fn render_mempools(pools: &[PoolReport]) -> String {
     }
     o
 }
+
+/// The memory map of an instance this process belongs to (primary or
+/// secondary), as `memplane info` shows it, without the reader line.
+pub(crate) fn render_instance(mem: &Memory, prefix: &str) -> String {
+    let text = render(mem, &gather(mem, prefix));
+    text.split_once('\n')
+        .map_or(text.clone(), |(_, rest)| rest.to_string())
+}

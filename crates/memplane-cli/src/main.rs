@@ -7,6 +7,7 @@
 //! a real instance with such options and shows where its memory went.
 
 mod check;
+mod demo;
 mod hugepages;
 mod info;
 mod memory;
@@ -61,6 +62,11 @@ enum Command {
     /// show its memory: memory types, memsegs, heaps, memzones, rings
     /// (DPDK's dpdk-proc-info), as tables or --json.
     Info(info::Args),
+    /// The whole stack at work: a primary and a secondary process move
+    /// packets through shared hugepage memory (an mbuf pool and two rings),
+    /// check every byte, and report throughput and where the memory came
+    /// from (e.g. `memplane demo --duration 5`).
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&discovery, &args),
         Command::Memory(args) => memory::run(&discovery, args),
         Command::Info(args) => info::run(&discovery, &args),
+        Command::Demo(args) => demo::run(&discovery, args),
     };
     match result {
         Ok(code) => code,

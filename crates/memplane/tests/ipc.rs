@@ -973,3 +973,33 @@ fn rogue_input_is_rejected_counted_and_its_fds_closed() {
         .unwrap();
     assert!(st.success(), "rogue scenario failed: {st}");
 }
+
+/// The IPC threads block user signals, so process-directed signals (Ctrl-C)
+/// reach the application's threads, which may take them with `sigwait`.
+#[test]
+fn ipc_threads_block_user_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let _ep = primary_in(dir.path());
+    let mut seen = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("mp-ipc") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+            assert!(
+                blocked & (1 << (sig - 1)) != 0,
+                "{} does not block signal {sig}: SigBlk {blocked:#x}",
+                comm.trim()
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "the receiver and worker threads exist");
+}

@@ -205,6 +205,7 @@ impl Endpoint {
                     // (when it is the global allocator): a sync handler
                     // runs while the primary holds the hotplug lock, and
                     // growing the heap from here would wait for it.
+                    block_async_signals();
                     crate::heap::HugepageGlobalAlloc::bypass(|| {
                         let _ = started.send(());
                         work(&inner, &rx);
@@ -217,6 +218,7 @@ impl Endpoint {
             std::thread::Builder::new()
                 .name("mp-ipc-rx".into())
                 .spawn(move || {
+                    block_async_signals();
                     crate::heap::HugepageGlobalAlloc::bypass(|| {
                         let _ = started.send(());
                         receive(&inner, &tx);
@@ -982,6 +984,37 @@ fn receive(inner: &Arc<Inner>, queue: &SyncSender<Incoming>) {
                 inc.answer_empty(Kind::NoReply, RECEIVER_SEND_BUDGET);
             }
         }
+    }
+}
+
+/// Blocks the signals a user sends (Ctrl-C, kill, job control, alarms) in
+/// the calling IPC thread: the kernel then delivers process-directed
+/// signals to the application's own threads, so a program that blocks
+/// SIGINT to take it with `sigwait` is not killed by the default action
+/// through a thread it never made.
+fn block_async_signals() {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
+    // get pointers to this local only and change this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGALRM,
+            libc::SIGCHLD,
+            libc::SIGPIPE,
+            libc::SIGTSTP,
+            libc::SIGCONT,
+            libc::SIGWINCH,
+        ] {
+            libc::sigaddset(&raw mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
     }
 }
 

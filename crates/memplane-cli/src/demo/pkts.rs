@@ -1,0 +1,137 @@
+//! The demo's packet buffers: memplane mbufs (DPDK's `rte_mbuf` layout) in
+//! an mbuf pool. The two processes pass them as raw header addresses (the
+//! same in both) through rings; each side adopts them with
+//! [`Mbuf::from_raw`] against its own handle of the pool.
+
+use memplane::{Error, Memory};
+use memplane_mbuf::{
+    Mbuf, MbufHeader, MbufPool, MbufPoolConfig, DEFAULT_BUF_SIZE, MBUF_HEADER_SIZE,
+};
+
+/// Largest burst the demo takes (`--burst` is checked against it).
+pub(crate) const MAX_BURST: usize = 512;
+
+/// The packet pool.
+pub(crate) struct PacketPool<'m> {
+    pool: MbufPool<'m>,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::System(format!("{what}: {e}"))
+}
+
+impl<'m> PacketPool<'m> {
+    /// Bytes of memory a pool of `n` default mbufs takes (the mempool's
+    /// own calculator, before creation).
+    pub(crate) fn footprint(n: u32) -> usize {
+        let elt = (MBUF_HEADER_SIZE + usize::from(DEFAULT_BUF_SIZE)) as u32;
+        memplane_mempool::required_memory(n, elt, memplane_mempool::MempoolFlags::NONE)
+            .unwrap_or(n as usize * (elt as usize + 256))
+    }
+
+    /// Creates the pool: `n` mbufs with the default data room, a per-lcore
+    /// cache of `cache`.
+    pub(crate) fn create(mem: &'m Memory, name: &str, n: u32, cache: u32) -> Result<Self, Error> {
+        let pool = MbufPool::create(mem, name, &MbufPoolConfig::new(n).cache_size(cache))
+            .map_err(|e| err("creating the mbuf pool", e))?;
+        Ok(PacketPool { pool })
+    }
+
+    /// Opens the pool another process created.
+    pub(crate) fn lookup(mem: &'m Memory, name: &str) -> Result<Self, Error> {
+        let pool = MbufPool::lookup(mem, name).map_err(|e| err("looking up the mbuf pool", e))?;
+        Ok(PacketPool { pool })
+    }
+
+    /// Appends `n` (at most [`MAX_BURST`]) mbufs holding `len` bytes of
+    /// (unwritten) data each to `out`, or nothing when the pool has fewer
+    /// than `n` free (`rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_append`).
+    pub(crate) fn alloc_bulk(&self, out: &mut Vec<usize>, n: usize, len: usize) -> bool {
+        let mut raw = [std::ptr::null_mut::<MbufHeader>(); MAX_BURST];
+        // SAFETY: the mbufs become ours; each goes into `out` and is freed
+        // exactly once, by this or the other process, via `free_bulk`.
+        if unsafe { self.pool.alloc_bulk_raw(&mut raw[..n]) }.is_err() {
+            return false;
+        }
+        for &m in &raw[..n] {
+            // SAFETY: just allocated above, ours alone; the pool is open.
+            let mut mbuf =
+                unsafe { Mbuf::from_raw(m, &self.pool) }.expect("a fresh mbuf of our pool");
+            if mbuf.append(len).is_err() {
+                // The data room is checked against --packet-size up front.
+                unreachable!("a {len}-byte packet fits a default mbuf");
+            }
+            out.push(mbuf.into_raw() as usize);
+        }
+        true
+    }
+
+    /// The data of mbuf `m` (one segment).
+    ///
+    /// # Safety
+    /// `m` is an mbuf of this pool that the caller holds (allocated here,
+    /// or handed over through a ring) and no one else touches now; the
+    /// slice is not used after the mbuf is passed on or freed.
+    #[allow(clippy::mut_from_ref)] // exclusive by the contract above
+    #[allow(clippy::unused_self)] // the handle proves the pool is mapped
+    pub(crate) unsafe fn data_mut(&self, m: usize) -> &mut [u8] {
+        // SAFETY: per the contract, the header is live and ours; the data
+        // lies inside the buffer at data_off, data_len bytes.
+        unsafe {
+            let h = &*(m as *const MbufHeader);
+            std::slice::from_raw_parts_mut(
+                h.buf_addr.add(usize::from(h.data_off)),
+                usize::from(h.data_len),
+            )
+        }
+    }
+
+    /// Frees mbufs (`rte_pktmbuf_free_bulk`).
+    #[allow(clippy::unused_self)] // the handle keeps the pool open here
+    pub(crate) fn free_bulk(&self, ms: &[usize]) {
+        // SAFETY: usize and *mut MbufHeader have the same layout; the
+        // caller holds these mbufs (from `alloc_bulk`, through the rings)
+        // and frees each once; their pool is open (self).
+        unsafe {
+            memplane_mbuf::free_bulk_raw(std::slice::from_raw_parts(
+                ms.as_ptr().cast::<*mut MbufHeader>(),
+                ms.len(),
+            ));
+        }
+    }
+
+    /// Returns the calling thread's cached mbufs to the pool.
+    pub(crate) fn flush_cache(&self) -> Result<(), Error> {
+        self.pool
+            .cache_flush()
+            .map_err(|e| err("flushing the pool cache", e))
+    }
+
+    /// Mbufs out of the pool (exact when every cache is flushed).
+    pub(crate) fn in_use(&self) -> u32 {
+        self.pool.in_use_count()
+    }
+
+    /// Mbufs in the pool.
+    pub(crate) fn size(&self) -> u32 {
+        self.pool.size()
+    }
+
+    /// One line about the pool.
+    pub(crate) fn describe(&self) -> String {
+        let mp = self.pool.mempool();
+        let bytes: usize = mp.chunks().iter().map(|c| c.len).sum();
+        format!(
+            "mbuf pool '{}': {} mbufs of {} bytes ({}-byte header, {} data room incl. {} headroom), cache {} per lcore, handler {}, {} of objects",
+            self.pool.name(),
+            self.pool.size(),
+            mp.elt_size(),
+            MBUF_HEADER_SIZE,
+            self.pool.data_room(),
+            memplane_mbuf::HEADROOM,
+            mp.cache_size(),
+            mp.handler(),
+            memplane::units::format_size(bytes as u64)
+        )
+    }
+}
