@@ -41,6 +41,17 @@ fn pool_layout_footprint_and_fresh_mbufs_follow_dpdk() {
         (64 + 128 + 64 + 2176usize).next_multiple_of(64)
     );
     assert_eq!(pool.mempool().handler(), "ring_mp_mc");
+    // Footprint: the object zones are exactly what the mempool says n
+    // mbufs of header + private area + data room take.
+    let zones: usize = pool.mempool().chunks().iter().map(|c| c.len).sum();
+    let need = memplane_mempool::required_memory(
+        1000,
+        128 + 64 + 2176,
+        memplane_mempool::MempoolFlags::NONE,
+    )
+    .unwrap();
+    assert_eq!(zones, need);
+    assert_eq!(need, (1000 * os.total_size as usize).next_multiple_of(64));
     let (p, len) = pool.mempool().private_area();
     assert!(len >= std::mem::size_of::<PktmbufPoolPrivate>());
     // SAFETY: the private area holds the pktmbuf sizes.
