@@ -128,15 +128,11 @@ unsafe fn put_one(m: *mut MbufHeader) {
         // SAFETY: the pool is open while the mbuf's handle lives (the
         // caller holds it).
         let e = unsafe { &*e };
-        if let Err(e) = e.mp.put(m.cast()) {
-            tracing::error!(mbuf = ?m, error = %e, "mbuf not returned to its pool");
+        if let Err(err) = e.mp.put(m.cast()) {
+            put_failed(&err, 1);
         }
     } else {
-        tracing::error!(
-            mbuf = ?m,
-            pool,
-            "mbuf's pool is not open in this process: mbuf leaked"
-        );
+        pool_not_open(pool, 1);
     }
 }
 
@@ -324,17 +320,29 @@ impl Pending {
         if let Some(e) = find_pool(self.pool) {
             // SAFETY: the pool is open while its mbufs' handle lives.
             let e = unsafe { &*e };
-            if let Err(e) = e.mp.put_bulk(objs) {
-                tracing::error!(error = %e, "mbufs not returned to their pool");
+            if let Err(err) = e.mp.put_bulk(objs) {
+                put_failed(&err, objs.len());
             }
         } else {
-            tracing::error!(
-                pool = self.pool,
-                n = objs.len(),
-                "mbufs' pool is not open in this process: mbufs leaked"
-            );
+            pool_not_open(self.pool, objs.len());
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn put_failed(err: &memplane_mempool::MempoolError, n: usize) {
+    tracing::error!(error = %err, n, "mbufs not returned to their pool");
+}
+
+#[cold]
+#[inline(never)]
+fn pool_not_open(pool: usize, n: usize) {
+    tracing::error!(
+        pool,
+        n,
+        "mbufs' pool is not open in this process: mbufs leaked"
+    );
 }
 
 /// Frees raw mbufs (chains included), segments returned to their own pools
@@ -345,6 +353,7 @@ impl Pending {
 /// Each pointer is an allocated mbuf the caller owns (one reference),
 /// freed exactly once, and the pool of every segment is open in this
 /// process.
+#[inline]
 pub unsafe fn free_bulk_raw(mbufs: &[*mut MbufHeader]) {
     let mut p = Pending::new();
     for &m in mbufs {
