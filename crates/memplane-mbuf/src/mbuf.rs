@@ -617,6 +617,7 @@ impl<'p> Mbuf<'p> {
 
     /// Frees mbufs (chains included) in batches per pool
     /// (`rte_pktmbuf_free_bulk`).
+    #[inline]
     pub fn free_bulk<'a>(mbufs: impl IntoIterator<Item = Mbuf<'a>>) {
         let mut p = Pending::new();
         for m in mbufs {
