@@ -50,7 +50,7 @@
 //!   the same process with a pool at the same address would find that
 //!   stale entry. Do not leak handles when instances come and go.
 //! - Not built: dynamic field/flag registration (`rte_mbuf_dyn`),
-//!   `rte_pktmbuf_copy`, `rte_mbuf_sanity_check`, `rte_pktmbuf_dump`, and
+//!   `rte_mbuf_sanity_check`, `rte_pktmbuf_dump`, and
 //!   the named offload flags beyond the few in [`ol_flags`].
 //!
 //! ```no_run

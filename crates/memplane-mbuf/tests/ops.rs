@@ -318,6 +318,31 @@ fn data_operations_and_their_bad_input() {
     w.put_u16(0x0a0b);
     assert_eq!(c.to_vec(), b"World!\x0a\x0b");
     assert_eq!(c.pkt_len(), 8);
+    // A deep copy: bytes and metadata, into new direct mbufs.
+    c.set_port(7);
+    c.set_vlan_tci(9);
+    c.dynfields_mut()[0] = 3;
+    let cp = c.copy_in(&pool, 1, 5).unwrap();
+    assert_eq!(cp.to_vec(), b"orld!");
+    assert_eq!((cp.port(), cp.vlan_tci(), cp.dynfields()[0]), (7, 9, 3));
+    assert!(cp.is_direct() && cp.refcnt() == 1);
+    assert_eq!(
+        c.copy_in(&pool, 0, usize::MAX).unwrap().to_vec(),
+        c.to_vec()
+    );
+    assert!(matches!(
+        c.copy_in(&pool, 9, 1),
+        Err(MbufError::OutOfRange { op: "copy", .. })
+    ));
+    let empty = MbufPool::create(&inst.mem, "e0", &MbufPoolConfig::new(4).data_room(0)).unwrap();
+    assert!(matches!(
+        c.copy_in(&empty, 0, 3),
+        Err(MbufError::NoTailroom { .. })
+    ));
+    assert!(empty.is_full());
+    empty.free().unwrap();
+    drop(cp);
+    assert_eq!(pool.in_use_count(), 2);
     c.linearize().unwrap();
     assert_eq!(
         (c.nb_segs(), c.data(), c.pkt_len()),
