@@ -833,3 +833,36 @@ fn handles_come_and_go_while_other_threads_free_mbufs() {
     a.free().unwrap();
     b.free().unwrap();
 }
+
+#[test]
+fn a_leaked_handle_of_a_dropped_instance_is_replaced_not_reused() {
+    if !have_hugepages(16) {
+        return;
+    }
+    let first = {
+        let inst = instance("mb_leak1");
+        let pool = MbufPool::create(&inst.mem, "leak", &MbufPoolConfig::new(64)).unwrap();
+        let addr = pool.addr();
+        // Leaked: its entry stays in the map after the instance is gone.
+        std::mem::forget(pool);
+        addr
+    };
+    let inst = instance("mb_leak2");
+    let pool =
+        MbufPool::create(&inst.mem, "leak", &MbufPoolConfig::new(64).data_room(512)).unwrap();
+    if pool.addr() != first {
+        eprintln!("note: the new pool is elsewhere; nothing stale to replace");
+    }
+    // The new instance's sizes, not the stale entry's.
+    let mut m = pool.alloc().unwrap();
+    assert_eq!(m.tailroom(), 512 - 128);
+    m.append(3).unwrap().copy_from_slice(b"new");
+    let c = m.clone_in(&pool).unwrap();
+    drop(m);
+    drop(c);
+    assert!(pool.is_full());
+    let again = MbufPool::lookup(&inst.mem, "leak").unwrap();
+    assert_eq!(again.data_room(), 512);
+    drop(again);
+    pool.free().unwrap();
+}
