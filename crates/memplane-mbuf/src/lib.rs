@@ -40,6 +40,20 @@
 //! with refcount 1, an external buffer with one user): indirect mbufs
 //! ([`Mbuf::attach`], [`Mbuf::clone_in`]) read a shared buffer.
 //!
+//! # Limits (today)
+//!
+//! - External-buffer free callbacks are function pointers: valid only in
+//!   the process that set them, so such an mbuf must be freed there.
+//!   Pinned-buffer pools ([`MbufPool::create_extbuf`]) need no callback.
+//! - A leaked handle (`mem::forget` of an [`MbufPool`]) keeps its entry in
+//!   the process-local map (and its memory) for the life of the process;
+//!   a later instance's pool at the same address replaces it (entries
+//!   record their instance's identity: the device and inode of its
+//!   config file).
+//! - Not built: dynamic field/flag registration (`rte_mbuf_dyn`),
+//!   `rte_mbuf_sanity_check`, `rte_pktmbuf_dump`, and
+//!   the named offload flags beyond the few in [`ol_flags`].
+//!
 //! ```no_run
 //! use memplane::{MemOptions, Memory};
 //! use memplane_mbuf::{Mbuf, MbufPool};

@@ -128,15 +128,11 @@ unsafe fn put_one(m: *mut MbufHeader) {
         // SAFETY: the pool is open while the mbuf's handle lives (the
         // caller holds it).
         let e = unsafe { &*e };
-        if let Err(e) = e.mp.put(m.cast()) {
-            tracing::error!(mbuf = ?m, error = %e, "mbuf not returned to its pool");
+        if let Err(err) = e.mp.put(m.cast()) {
+            put_failed(&err, 1);
         }
     } else {
-        tracing::error!(
-            mbuf = ?m,
-            pool,
-            "mbuf's pool is not open in this process: mbuf leaked"
-        );
+        pool_not_open(pool, 1);
     }
 }
 
@@ -324,17 +320,29 @@ impl Pending {
         if let Some(e) = find_pool(self.pool) {
             // SAFETY: the pool is open while its mbufs' handle lives.
             let e = unsafe { &*e };
-            if let Err(e) = e.mp.put_bulk(objs) {
-                tracing::error!(error = %e, "mbufs not returned to their pool");
+            if let Err(err) = e.mp.put_bulk(objs) {
+                put_failed(&err, objs.len());
             }
         } else {
-            tracing::error!(
-                pool = self.pool,
-                n = objs.len(),
-                "mbufs' pool is not open in this process: mbufs leaked"
-            );
+            pool_not_open(self.pool, objs.len());
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn put_failed(err: &memplane_mempool::MempoolError, n: usize) {
+    tracing::error!(error = %err, n, "mbufs not returned to their pool");
+}
+
+#[cold]
+#[inline(never)]
+fn pool_not_open(pool: usize, n: usize) {
+    tracing::error!(
+        pool,
+        n,
+        "mbufs' pool is not open in this process: mbufs leaked"
+    );
 }
 
 /// Frees raw mbufs (chains included), segments returned to their own pools
@@ -345,6 +353,7 @@ impl Pending {
 /// Each pointer is an allocated mbuf the caller owns (one reference),
 /// freed exactly once, and the pool of every segment is open in this
 /// process.
+#[inline]
 pub unsafe fn free_bulk_raw(mbufs: &[*mut MbufHeader]) {
     let mut p = Pending::new();
     for &m in mbufs {
@@ -608,6 +617,7 @@ impl<'p> Mbuf<'p> {
 
     /// Frees mbufs (chains included) in batches per pool
     /// (`rte_pktmbuf_free_bulk`).
+    #[inline]
     pub fn free_bulk<'a>(mbufs: impl IntoIterator<Item = Mbuf<'a>>) {
         let mut p = Pending::new();
         for m in mbufs {
@@ -1180,6 +1190,93 @@ impl<'p> Mbuf<'p> {
         h.nb_segs = n;
         h.pkt_len = l;
         Ok(head)
+    }
+
+    /// A deep copy of `len` bytes from offset `off` (`usize::MAX`: to the
+    /// end) into new mbufs from `pool` (`rte_pktmbuf_copy`): the packet
+    /// metadata (port, VLAN, hash, packet type, offload flags and lengths,
+    /// timesync, dynamic fields) and the bytes, filling each new segment's
+    /// tailroom before taking the next. Nothing is left allocated on error.
+    pub fn copy_in<'a>(
+        &self,
+        pool: &'a MbufPool<'_>,
+        off: usize,
+        len: usize,
+    ) -> Result<Mbuf<'a>, MbufError> {
+        let pkt_len = self.pkt_len() as usize;
+        if off > pkt_len {
+            return Err(MbufError::OutOfRange {
+                op: "copy",
+                off,
+                len,
+                pkt_len,
+            });
+        }
+        let len = len.min(pkt_len - off);
+        let mut head = pool.alloc()?;
+        if len > 0 && head.tailroom() == 0 {
+            return Err(MbufError::NoTailroom { len, tailroom: 0 });
+        }
+        let src = self.h();
+        {
+            let d = head.hm();
+            d.port = src.port;
+            d.vlan_tci = src.vlan_tci;
+            d.vlan_tci_outer = src.vlan_tci_outer;
+            d.tx_offload = src.tx_offload;
+            d.hash = src.hash;
+            d.packet_type = src.packet_type;
+            d.timesync = src.timesync;
+            d.dynfield1 = src.dynfield1;
+        }
+        head.set_ol_flags(src.ol_flags);
+        // Segments after the head, filled in order, chained at the end
+        // (back to front: each chain step then sees a one-segment head).
+        let mut rest: Vec<Mbuf<'a>> = Vec::new();
+        let mut left = len;
+        let mut skip = off;
+        for seg in self.segments() {
+            let mut data = seg.data();
+            if skip >= data.len() {
+                skip -= data.len();
+                continue;
+            }
+            data = &data[skip..];
+            skip = 0;
+            while !data.is_empty() && left > 0 {
+                let cur = rest.last_mut().unwrap_or(&mut head);
+                let room = (cur.tailroom() as usize).min(data.len()).min(left);
+                if room == 0 {
+                    if u32::from(head.nb_segs()) + rest.len() as u32 >= u32::from(MAX_NB_SEGS) {
+                        return Err(MbufError::TooManySegments {
+                            head: u32::from(head.nb_segs()),
+                            tail: rest.len() as u32,
+                            bytes: len as u64,
+                            max: MAX_NB_SEGS,
+                        });
+                    }
+                    rest.push(pool.alloc()?);
+                    continue;
+                }
+                cur.append(room)?.copy_from_slice(&data[..room]);
+                data = &data[room..];
+                left -= room;
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        let mut tail: Option<Mbuf<'a>> = None;
+        while let Some(s) = rest.pop() {
+            tail = Some(match tail {
+                None => s,
+                Some(t) => s.chain(t).map_err(|e| e.error)?,
+            });
+        }
+        match tail {
+            None => Ok(head),
+            Some(t) => head.chain(t).map_err(|e| e.error),
+        }
     }
 
     /// Attaches an external buffer to this fresh mbuf

@@ -127,6 +127,14 @@ pub(crate) struct PoolEntry {
     pub(crate) flags: u32,
     /// Bytes from an element to its object header.
     pub(crate) obj_header_size: usize,
+    /// The instance: (device, inode) of its shared config file, unique
+    /// while the instance lives and not reused by a later one soon.
+    instance: (u64, u64),
+}
+
+/// Identity of `mem` for the map of open pools (see `PoolEntry::instance`).
+fn instance_id(mem: &Memory) -> (u64, u64) {
+    rustix::fs::fstat(mem.config_fd()).map_or((0, 0), |st| (st.st_dev, st.st_ino))
 }
 
 impl PoolEntry {
@@ -468,15 +476,27 @@ impl<'m> MbufPool<'m> {
         obj_header_size: usize,
     ) -> Self {
         let addr = mp.addr();
+        let instance = instance_id(mp.memory());
         let mut open = OPEN
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(r) = open.iter_mut().find(|r| r.entry.addr == addr) {
-            r.handles += 1;
-            return Self {
-                entry: r.entry.clone(),
-                _mem: PhantomData,
-            };
+        if let Some(i) = open.iter().position(|r| r.entry.addr == addr) {
+            if open[i].entry.instance == instance {
+                open[i].handles += 1;
+                return Self {
+                    entry: open[i].entry.clone(),
+                    _mem: PhantomData,
+                };
+            }
+            // A stale entry: a handle of an instance that is gone was
+            // leaked (mem::forget), so its entry never left. Its Mempool
+            // must not be dropped (its Memory is gone): leak it too.
+            tracing::warn!(
+                addr,
+                "a leaked mbuf pool handle of a dropped instance is replaced"
+            );
+            GENERATION.fetch_add(1, Ordering::AcqRel);
+            std::mem::forget(open.swap_remove(i));
         }
         // SAFETY: only the lifetime changes. The entry is dropped when the
         // last handle of this pool in this process drops (`Drop` below,
@@ -491,6 +511,7 @@ impl<'m> MbufPool<'m> {
             priv_size,
             flags,
             obj_header_size,
+            instance,
         });
         open.push(Registered {
             entry: entry.clone(),

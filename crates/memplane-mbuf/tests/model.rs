@@ -28,6 +28,7 @@ enum Op {
     Read { off: usize, len: usize },
     Clone,
     DropClone(usize),
+    Copy { off: usize, len: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -41,6 +42,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..400, 0usize..200).prop_map(|(off, len)| Op::Read { off, len }),
         1 => Just(Op::Clone),
         1 => (0usize..8).prop_map(Op::DropClone),
+        1 => (0usize..400, prop_oneof![0usize..300, Just(usize::MAX)])
+            .prop_map(|(off, len)| Op::Copy { off, len }),
     ]
 }
 
@@ -305,6 +308,22 @@ fn random_operation_sequences_match_the_byte_model() {
                                 model.bytes(),
                             ));
                             clones.push(c);
+                        }
+                    }
+                    Op::Copy { off, len } => {
+                        let bytes = model.bytes();
+                        let r = m.copy_in(&pa, off, len);
+                        if off > bytes.len() {
+                            prop_assert!(matches!(r, Err(MbufError::OutOfRange { .. })), "{r:?}");
+                        } else {
+                            let c = r.unwrap();
+                            let end = off + len.min(bytes.len() - off);
+                            prop_assert_eq!(c.to_vec(), &bytes[off..end]);
+                            let n = end - off;
+                            let room = ROOM_A - HEADROOM;
+                            prop_assert_eq!(c.nb_segs() as usize, n.div_ceil(room).max(1));
+                            prop_assert!(c.is_direct());
+                            prop_assert_eq!(c.port(), m.port());
                         }
                     }
                     Op::DropClone(k) => {

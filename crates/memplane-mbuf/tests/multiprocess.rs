@@ -2,8 +2,10 @@
 //! two-segment chain and an indirect clone, hands their addresses to a
 //! secondary (this test binary re-executed with `--proc-type secondary`),
 //! which looks the pools up, adopts the mbufs, reads and modifies them,
-//! and frees them there; the primary then finds its pools full again and
-//! sees the secondary's bytes in the buffers.
+//! and frees them there; 100 more mbufs go through a memplane ring (raw
+//! addresses as u64), are checked and freed in bulk by the secondary; the
+//! primary then finds its pools full again and sees the secondary's bytes
+//! in the buffers.
 
 mod common;
 
@@ -14,12 +16,14 @@ use common::{have_hugepages, instance, opts};
 use memplane::Memory;
 use memplane_mbuf::{Mbuf, MbufHeader, MbufPool, MbufPoolConfig};
 use memplane_mempool::register_thread;
+use memplane_ring::{Ring, RingConfig, ZoneRegion};
 
 const ROLE: &str = "MPL_MBUF_CHILD";
 const PREFIX: &str = "MPL_MBUF_PREFIX";
 const RUNDIR: &str = "MPL_MBUF_RUNDIR";
 const CHAIN: &str = "MPL_MBUF_CHAIN";
 const CLONE: &str = "MPL_MBUF_CLONE";
+const RING_MBUFS: usize = 100;
 
 fn child() {
     let prefix = std::env::var(PREFIX).unwrap();
@@ -57,6 +61,21 @@ fn child() {
         chain.nb_segs()
     );
     drop(chain);
+    // Mbufs through a ring.
+    let ring: Ring<u64, ZoneRegion<'_>> = Ring::lookup(&mem, "mbufs").unwrap();
+    let mut addrs = [0u64; RING_MBUFS];
+    ring.consumer().unwrap().dequeue_bulk(&mut addrs).unwrap();
+    let got: Vec<Mbuf<'_>> = addrs
+        .iter()
+        // SAFETY: the primary enqueued each mbuf once and gave it up.
+        .map(|&a| unsafe { Mbuf::from_raw(a as usize as *mut MbufHeader, &pkts) }.unwrap())
+        .collect();
+    let ok = got
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.data() == format!("pkt {i}").as_bytes());
+    Mbuf::free_bulk(got);
+    println!("@ring {RING_MBUFS} ok={ok}");
     pkts.cache_flush().unwrap();
     clones.cache_flush().unwrap();
     println!("@in_use {} {}", pkts.in_use_count(), clones.in_use_count());
@@ -101,6 +120,19 @@ fn an_mbuf_allocated_in_the_primary_is_modified_and_freed_in_a_secondary() {
     let clone = chain.clone_in(&clones).unwrap();
     assert_eq!(pkts.in_use_count(), 2);
     let (chain_raw, clone_raw) = (chain.into_raw() as usize, clone.into_raw() as usize);
+    let ring: Ring<u64, ZoneRegion<'_>> =
+        Ring::create(mem, "mbufs", 128, -1, RingConfig::MPMC).unwrap();
+    let mut addrs = Vec::new();
+    for i in 0..RING_MBUFS {
+        let mut m = pkts.alloc().unwrap();
+        let text = format!("pkt {i}");
+        m.append(text.len())
+            .unwrap()
+            .copy_from_slice(text.as_bytes());
+        addrs.push(m.into_raw() as u64);
+    }
+    ring.producer().unwrap().enqueue_bulk(&addrs).unwrap();
+    assert_eq!(pkts.in_use_count(), 2 + RING_MBUFS as u32);
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -132,6 +164,7 @@ fn an_mbuf_allocated_in_the_primary_is_modified_and_freed_in_a_secondary() {
             "chain hello world!",
             "clone hello world!",
             "modified HELOo world! (sec'y) end segs=3",
+            "ring 100 ok=true",
             "in_use 0 0",
         ]
     );
@@ -146,6 +179,7 @@ fn an_mbuf_allocated_in_the_primary_is_modified_and_freed_in_a_secondary() {
     // the last bytes written.
     let bytes = unsafe { std::slice::from_raw_parts((*h).buf_addr.add(128), 4) };
     assert_eq!(bytes, b"HELO");
+    ring.free().unwrap();
     pkts.free().unwrap();
     clones.free().unwrap();
 }

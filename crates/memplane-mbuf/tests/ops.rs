@@ -41,6 +41,17 @@ fn pool_layout_footprint_and_fresh_mbufs_follow_dpdk() {
     assert_eq!((64 + 128 + 64 + 2176usize).next_multiple_of(64), 2432);
     assert_eq!(os.total_size, 2496);
     assert_eq!(pool.mempool().handler(), "ring_mp_mc");
+    // Footprint: the object zones are exactly what the mempool says n
+    // mbufs of header + private area + data room take.
+    let zones: usize = pool.mempool().chunks().iter().map(|c| c.len).sum();
+    let need = memplane_mempool::required_memory(
+        1000,
+        128 + 64 + 2176,
+        memplane_mempool::MempoolFlags::NONE,
+    )
+    .unwrap();
+    assert_eq!(zones, need);
+    assert_eq!(need, (1000 * os.total_size as usize).next_multiple_of(64));
     let (p, len) = pool.mempool().private_area();
     assert!(len >= std::mem::size_of::<PktmbufPoolPrivate>());
     // SAFETY: the private area holds the pktmbuf sizes.
@@ -307,6 +318,31 @@ fn data_operations_and_their_bad_input() {
     w.put_u16(0x0a0b);
     assert_eq!(c.to_vec(), b"World!\x0a\x0b");
     assert_eq!(c.pkt_len(), 8);
+    // A deep copy: bytes and metadata, into new direct mbufs.
+    c.set_port(7);
+    c.set_vlan_tci(9);
+    c.dynfields_mut()[0] = 3;
+    let cp = c.copy_in(&pool, 1, 5).unwrap();
+    assert_eq!(cp.to_vec(), b"orld!");
+    assert_eq!((cp.port(), cp.vlan_tci(), cp.dynfields()[0]), (7, 9, 3));
+    assert!(cp.is_direct() && cp.refcnt() == 1);
+    assert_eq!(
+        c.copy_in(&pool, 0, usize::MAX).unwrap().to_vec(),
+        c.to_vec()
+    );
+    assert!(matches!(
+        c.copy_in(&pool, 9, 1),
+        Err(MbufError::OutOfRange { op: "copy", .. })
+    ));
+    let empty = MbufPool::create(&inst.mem, "e0", &MbufPoolConfig::new(4).data_room(0)).unwrap();
+    assert!(matches!(
+        c.copy_in(&empty, 0, 3),
+        Err(MbufError::NoTailroom { .. })
+    ));
+    assert!(empty.is_full());
+    empty.free().unwrap();
+    drop(cp);
+    assert_eq!(pool.in_use_count(), 2);
     c.linearize().unwrap();
     assert_eq!(
         (c.nb_segs(), c.data(), c.pkt_len()),
@@ -796,4 +832,37 @@ fn handles_come_and_go_while_other_threads_free_mbufs() {
     b.mempool().audit().unwrap();
     a.free().unwrap();
     b.free().unwrap();
+}
+
+#[test]
+fn a_leaked_handle_of_a_dropped_instance_is_replaced_not_reused() {
+    if !have_hugepages(16) {
+        return;
+    }
+    let first = {
+        let inst = instance("mb_leak1");
+        let pool = MbufPool::create(&inst.mem, "leak", &MbufPoolConfig::new(64)).unwrap();
+        let addr = pool.addr();
+        // Leaked: its entry stays in the map after the instance is gone.
+        std::mem::forget(pool);
+        addr
+    };
+    let inst = instance("mb_leak2");
+    let pool =
+        MbufPool::create(&inst.mem, "leak", &MbufPoolConfig::new(64).data_room(512)).unwrap();
+    if pool.addr() != first {
+        eprintln!("note: the new pool is elsewhere; nothing stale to replace");
+    }
+    // The new instance's sizes, not the stale entry's.
+    let mut m = pool.alloc().unwrap();
+    assert_eq!(m.tailroom(), 512 - 128);
+    m.append(3).unwrap().copy_from_slice(b"new");
+    let c = m.clone_in(&pool).unwrap();
+    drop(m);
+    drop(c);
+    assert!(pool.is_full());
+    let again = MbufPool::lookup(&inst.mem, "leak").unwrap();
+    assert_eq!(again.data_room(), 512);
+    drop(again);
+    pool.free().unwrap();
 }
