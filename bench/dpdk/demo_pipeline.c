@@ -903,9 +903,40 @@ static int run_primary(const struct plan *pl, const sigset_t *signals, struct sh
 	return ok ? (ending == END_INTERRUPTED ? 130 : 0) : 1;
 }
 
+/* `--dump SIZE SEQ`: packet SEQ of SIZE bytes in hex as sent, then as
+ * rewritten by the secondary, without EAL; bench/demo_vs_dpdk.sh compares
+ * it with packet.rs's output (bench/dpdk/demo_packet_dump.rs). */
+static int dump(const char *size_arg, const char *seq_arg)
+{
+	unsigned long size, seq;
+	char why[WHY_LEN];
+	uint8_t p[MAX_PACKET];
+	if (!parse_uint(size_arg, MIN_PACKET, MAX_PACKET, &size) ||
+	    !parse_uint(seq_arg, 0, ULONG_MAX, &seq))
+		return usage("--dump: expected a packet size (58..1514) and a sequence number");
+	fill(p, size, seq);
+	for (size_t i = 0; i < size; i++)
+		printf("%02x", p[i]);
+	printf("\n");
+	if (check_and_rewrite(p, size, why) != OK) {
+		printf("check_and_rewrite: %s\n", why);
+		return 1;
+	}
+	for (size_t i = 0; i < size; i++)
+		printf("%02x", p[i]);
+	printf("\n");
+	if (check_returned(p, size, seq, size, why) != OK) {
+		printf("check_returned: %s\n", why);
+		return 1;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct plan pl;
+	if (argc == 4 && strcmp(argv[1], "--dump") == 0)
+		return dump(argv[2], argv[3]);
 	int r = parse(argc, argv, &pl);
 	if (r)
 		return r;
