@@ -50,9 +50,12 @@
 #   faster.
 # - pinning: DPDK pins each process itself (primary -l 0, secondary -l 1).
 #   memplane does not pin, so the script starts its primary under
-#   `taskset -c 0` and, as soon as the secondary appears (pgrep -P), moves
-#   all its threads to CPU 1 (`taskset -a -p -c 1`), before it attaches;
-#   the affinity seen is checked and printed. DPDK's control threads
+#   `taskset -c 0,1` and, as soon as the secondary appears (polling
+#   /proc/<pid>/task/<pid>/children), moves all the secondary's threads to
+#   CPU 1 and all the primary's to CPU 0 (`taskset -a -p`); the affinity
+#   seen and the secondary's age when pinned are checked and printed (the
+#   packet loop starts when the secondary has attached: until it is
+#   pinned, both processes float over CPUs 0 and 1). DPDK's control threads
 #   (interrupt, multi-process) and memplane's IPC threads are idle here.
 #
 # The machine may be shared and noisy: medians, with the run count in the
@@ -145,6 +148,7 @@ mpps_of() {
 }
 
 failures=0
+clk_tck="$(getconf CLK_TCK)"
 # run_one <side> <size> <run>: runs one side once; appends its Mpps to
 # $results/<side>-<size>, or counts a failure.
 run_one() {
@@ -160,19 +164,26 @@ run_one() {
             ;;
         memplane)
             # shellcheck disable=SC2086 # $memplane_pages is a word list
-            taskset -c 0 "$memplane_bin" demo --duration "$secs" --packet-size "$size" \
+            taskset -c 0,1 "$memplane_bin" demo --duration "$secs" --packet-size "$size" \
                 --file-prefix "$prefix" $memplane_pages >"$log" 2>&1 &
             local pid=$! child="" t=0
-            while [ -z "$child" ] && [ $t -lt 2000 ] && kill -0 "$pid" 2>/dev/null; do
-                child="$(pgrep -P "$pid" | head -1 || true)"
-                [ -n "$child" ] || { sleep 0.002; t=$((t + 2)); }
+            while [ -z "$child" ] && [ $t -lt 20000 ] && kill -0 "$pid" 2>/dev/null; do
+                child=""
+                # (no newline at the end of the file: read fails but sets child)
+                read -r child _ <"/proc/$pid/task/$pid/children" 2>/dev/null || true
+                [ -n "$child" ] || { sleep 0.001; t=$((t + 1)); }
             done
             if [ -n "$child" ]; then
                 taskset -a -p -c 1 "$child" >/dev/null 2>&1 || true
-                local pri sec
+                local pri sec age
+                # The secondary's age once pinned (10 ms ticks; an upper
+                # bound), to compare with the "attached in X ms" its primary
+                # prints: the packet loop starts at the attach.
+                age="$(awk -v hz="$clk_tck" 'NR == FNR { up = $1; next } { sub(/.*\) /, ""); printf "%.0f", (up - $20 / hz) * 1000 }' /proc/uptime "/proc/$child/stat" 2>/dev/null || echo '?')"
+                taskset -a -p -c 0 "$pid" >/dev/null 2>&1 || true
                 pri="$(awk '/^Cpus_allowed_list/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
                 sec="$(awk '/^Cpus_allowed_list/ { print $2 }' "/proc/$child/status" 2>/dev/null || true)"
-                echo "pinning: primary $pid on CPU $pri, secondary $child on CPU $sec (set ~${t} ms after the primary started)" >>"$log.pin"
+                echo "pinning: primary on CPU $pri, secondary on CPU $sec (re-pinned when ~${age} ms old)" >>"$log.pin"
                 [ "$pri" = 0 ] && [ "$sec" = 1 ] || echo "demo_vs_dpdk: memplane run $run: pinning not as intended (primary '$pri', secondary '$sec')" >&2
             else
                 echo "demo_vs_dpdk: memplane run $run: no secondary process seen to pin" >&2
@@ -255,7 +266,8 @@ pool_line="$(grep -m1 '^pool ' "$logs/memplane-$first_size-1.log" 2>/dev/null ||
 echo "memplane: ${mem_line:-?}; ${pool_line:-?}"
 echo "DPDK:     2 MiB hugetlbfs files in $huge_dir; ${dpdk_line:-?}"
 pin_line="$(head -1 "$logs/memplane-$first_size-1.log.pin" 2>/dev/null || true)"
-[ -z "$pin_line" ] || echo "memplane $pin_line"
+attach="$(grep -m1 -o 'attached in [0-9]* ms' "$logs/memplane-$first_size-1.log" 2>/dev/null || true)"
+[ -z "$pin_line" ] || echo "memplane $pin_line; it $attach (run 1)"
 echo "logs: $logs"
 
 free_after="$(free_2m)"
