@@ -223,6 +223,9 @@ median() {
     [ -s "$1" ] || { echo "-"; return; }
     sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+best() { [ -s "$1" ] && sort -g "$1" | tail -1 | awk '{ printf "%.3f", $1 }' || echo "-"; }
+spread() { [ -s "$1" ] && sort -g "$1" | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }' || echo "-"; }
+ratio_of() { [ "$1" = "-" ] || [ "$2" = "-" ] && echo "-" || awk -v m="$1" -v d="$2" 'BEGIN { printf "%.2f", m / d }'; }
 count() { [ -s "$1" ] && wc -l <"$1" | tr -d ' ' || echo 0; }
 
 echo
@@ -257,6 +260,16 @@ for size in "${sizes[@]}"; do
 done
 echo "ratio = memplane / DPDK; met: the smaller of the two ratios >= 1.0"
 echo "worst ratio: ${worst:--}"
+echo
+echo "best run of each (the least disturbed; the machine is shared), and the range of all runs:"
+for size in "${sizes[@]}"; do
+    m="$(best "$results/memplane-$size")"
+    d="$(best "$results/dpdk-$size")"
+    d3="$(best "$results/dpdkO3-$size")"
+    printf '%-11s %9s %12s %8s %12s %8s   range: memplane %s, -O2 %s, -O3 %s\n' "$size B" "$m" "$d" \
+        "$(ratio_of "$m" "$d")" "$d3" "$(ratio_of "$m" "$d3")" "$(spread "$results/memplane-$size")" \
+        "$(spread "$results/dpdk-$size")" "$(spread "$results/dpdkO3-$size")"
+done
 
 # What memory each side used, from the first run's logs.
 first_size="${sizes[0]}"
