@@ -5,13 +5,14 @@
 #                         [--memplane-any-pages]
 #
 # Runs `memplane demo` (crates/memplane-cli/src/demo/) and
-# bench/dpdk/demo_pipeline.c (its port to DPDK) alternately N times
-# (default 5; odd runs memplane first, even runs DPDK first), S seconds
-# each (default 3), for 64- and 1514-byte packets and the --packet-size
-# asked, and prints one table: median Mpps of each side, the ratio
-# memplane/DPDK and the target (>= 1.0). Needs root, DPDK 22.11
-# (pkg-config libdpdk, gcc) and ~40 free 2 MiB hugepages; takes about
-# N x sizes x 2 x (S + 1) s.
+# bench/dpdk/demo_pipeline.c (its port to DPDK, built with gcc -O2 and
+# with -O3) alternately N times (default 5; odd runs memplane first, even
+# runs DPDK first), S seconds each (default 3), for 64- and 1514-byte
+# packets and the --packet-size asked, and prints one table: median Mpps
+# of each, the ratios memplane/DPDK and the target (>= 1.0), then the best
+# run and the range of each. Needs root, DPDK 22.11 (pkg-config libdpdk,
+# gcc, rustc) and ~40 free 2 MiB hugepages; takes about
+# N x sizes x 3 x (S + 1.5) s (2 min with the defaults).
 #
 # What it mirrors: both sides run a primary that creates a packet pool
 # (8191 buffers, per-lcore cache 256), two single-producer/single-consumer
@@ -31,9 +32,9 @@
 #   each mbuf, rte_pktmbuf_append, rte_pktmbuf_free_bulk); memplane's
 #   demo still uses its interim buffers over the mempool (a 64-byte header
 #   holding the length; get_bulk/put_bulk), until the mbuf crate lands.
-# - pool element: DPDK 2368 bytes (128-byte mbuf + 2176 data room + pool
-#   header), memplane 2112 (+ its pool header); handler ring_mp_mc vs
-#   memplane's default.
+# - pool element: DPDK 2368 bytes (pool header + 128-byte mbuf + 2176
+#   data room), memplane 2112 (64-byte header + 2048 data room); both
+#   pools use the ring_mp_mc handler.
 # - memory: both on 2 MiB hugepages mapped as needed; DPDK with hugetlbfs
 #   files in /dev/hugepages (secondaries need the files; the primary removes
 #   what is left of its prefix after rte_eal_cleanup), memplane with a
@@ -42,7 +43,7 @@
 #   Each run's log names the pages it used (summary below the table).
 # - compiler: the per-packet work (fill, checksums, byte checks) is
 #   compiled by gcc on one side and LLVM on the other, and that alone
-#   moves the 1514-byte rate by ~1.5x. So the C program is built twice,
+#   moves the 1514-byte rate by 1.5-2x. So the C program is built twice,
 #   gcc -O2 -Wall (as asked) and gcc -O3 -Wall (what DPDK's own release
 #   build and Rust's release profile use), both with pkg-config's
 #   -march=corei7; Rust release has opt-level 3 and the default x86-64
@@ -75,7 +76,7 @@ secs=3
 sizes=(64 1514)
 # 2 MiB pages only on memplane's side too (DPDK's has no 1 GiB mount here).
 memplane_pages="--pagesz-mem 1G:0"
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) runs="${2:-}"; shift 2 || usage ;;
