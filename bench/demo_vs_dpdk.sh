@@ -207,6 +207,7 @@ run_one() {
     fi
 }
 
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 results="$(mktemp -d)"
 trap 'rm -rf "$results"' EXIT
 rm -f "$logs"/*.log "$logs"/*.pin
@@ -232,7 +233,7 @@ count() { [ -s "$1" ] && wc -l <"$1" | tr -d ' ' || echo 0; }
 echo
 echo "memplane demo vs the same pipeline over DPDK 22.11 (bench/dpdk/demo_pipeline.c)"
 echo "medians of $runs alternating runs, ${secs} s each; burst 32, 1024 in flight, pool 8191 / cache 256;"
-echo "primary on CPU 0, secondary on CPU 1 (both sides)"
+echo "primary on CPU 0, secondary on CPU 1 (both sides); load average $load_before before, $(cut -d' ' -f1-3 /proc/loadavg) after, on $(nproc) CPUs"
 printf '%-11s %9s %12s %8s %12s %8s %7s %4s\n' "" "memplane" "DPDK, C -O2" "" "DPDK, C -O3" "" "" ""
 printf '%-11s %9s %12s %8s %12s %8s %7s %4s\n' "packet size" "Mpps" "Mpps" "ratio" "Mpps" "ratio" "target" "met"
 worst=""
