@@ -59,6 +59,11 @@
 #   pinned, both processes float over CPUs 0 and 1). DPDK's control threads
 #   (interrupt, multi-process) and memplane's IPC threads are idle here.
 #
+# Last, the per-packet work alone is timed on one core for each build
+# (demo_packet_dump bench / demo_pipeline --bench: fill, check_and_rewrite,
+# check_returned on one buffer, no pool or ring), to show how much of a
+# ratio comes from compiling packet.rs vs its C port.
+#
 # The machine may be shared and noisy: medians, with the run count in the
 # output. Each run is checked (exit 0, "all packets intact") and counted
 # only then; afterwards no hugepage file of the run's prefix may remain in
@@ -122,7 +127,8 @@ for opt in O2 O3; do
 done
 packet_rs="$root/crates/memplane-cli/src/demo/packet.rs"
 if [ ! -x "$dump_bin" ] || [ "$here/dpdk/demo_packet_dump.rs" -nt "$dump_bin" ] || [ "$packet_rs" -nt "$dump_bin" ]; then
-    rustc --edition 2021 -O -o "$dump_bin" "$here/dpdk/demo_packet_dump.rs" >&2
+    # opt-level 3, as the release profile that builds memplane.
+    rustc --edition 2021 -C opt-level=3 -o "$dump_bin" "$here/dpdk/demo_packet_dump.rs" >&2
 fi
 echo "building memplane (cargo build --release -p memplane-cli) ..." >&2
 cargo build --release -q -p memplane-cli >&2
@@ -278,6 +284,23 @@ first_size="${sizes[0]}"
 mem_line="$(grep -m1 '^memory: ' "$logs/memplane-$first_size-1.log" 2>/dev/null || true)"
 dpdk_line="$(grep -m1 '^pool ' "$logs/dpdk-$first_size-1.log" 2>/dev/null || true)"
 pool_line="$(grep -m1 '^pool ' "$logs/memplane-$first_size-1.log" 2>/dev/null || true)"
+# The packet work alone (no pool, no ring, one core, one buffer): how much
+# of a ratio is the compilation of the per-packet code. Best of 5.
+echo
+echo "the packet work alone (fill + check_and_rewrite + check_returned on one buffer, CPU 0, best of 5), ns per packet:"
+printf '%-11s %22s %12s %12s\n' "packet size" "packet.rs (rustc -O3)" "C, gcc -O2" "C, gcc -O3"
+for size in "${sizes[@]}"; do
+    count_pkts=$(( size > 512 ? 200000 : 2000000 ))
+    for k in 1 2 3 4 5; do
+        taskset -c 0 "$dump_bin" bench "$size" "$count_pkts" | awk '{ print $1 }' >>"$results/work-rust-$size"
+        taskset -c 0 "$dpdk_bin" --bench "$size" "$count_pkts" | awk '{ print $1 }' >>"$results/work-O2-$size"
+        taskset -c 0 "$dpdk_o3_bin" --bench "$size" "$count_pkts" | awk '{ print $1 }' >>"$results/work-O3-$size"
+    done
+    least() { sort -g "$1" | head -1; }
+    printf '%-11s %22s %12s %12s\n' "$size B" "$(least "$results/work-rust-$size")" \
+        "$(least "$results/work-O2-$size")" "$(least "$results/work-O3-$size")"
+done
+echo
 echo "memplane: ${mem_line:-?}; ${pool_line:-?}"
 echo "DPDK:     2 MiB hugetlbfs files in $huge_dir; ${dpdk_line:-?}"
 pin_line="$(head -1 "$logs/memplane-$first_size-1.log.pin" 2>/dev/null || true)"

@@ -932,11 +932,38 @@ static int dump(const char *size_arg, const char *seq_arg)
 	return 0;
 }
 
+/* `--bench SIZE N`: the per-packet work alone, on one core, one buffer:
+ * N x (fill, check_and_rewrite, check_returned); prints ns per packet.
+ * bench/demo_vs_dpdk.sh sets it beside packet.rs's (demo_packet_dump.rs
+ * bench) to show how much of a ratio is the packet code's compilation. */
+static int bench(const char *size_arg, const char *n_arg)
+{
+	unsigned long size, n;
+	char why[WHY_LEN];
+	static uint8_t p[MAX_PACKET];
+	if (!parse_uint(size_arg, MIN_PACKET, MAX_PACKET, &size) ||
+	    !parse_uint(n_arg, 1, ULONG_MAX, &n))
+		return usage("--bench: expected a packet size (58..1514) and a packet count");
+	double start = now_s();
+	for (uint64_t seq = 0; seq < n; seq++) {
+		fill(p, size, seq);
+		if (check_and_rewrite(p, size, why) != OK ||
+		    check_returned(p, size, seq, size, why) != OK) {
+			printf("packet %" PRIu64 ": %s\n", seq, why);
+			return 1;
+		}
+	}
+	printf("%.1f ns per packet\n", (now_s() - start) * 1e9 / (double)n);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct plan pl;
 	if (argc == 4 && strcmp(argv[1], "--dump") == 0)
 		return dump(argv[2], argv[3]);
+	if (argc == 4 && strcmp(argv[1], "--bench") == 0)
+		return bench(argv[2], argv[3]);
 	int r = parse(argc, argv, &pl);
 	if (r)
 		return r;
