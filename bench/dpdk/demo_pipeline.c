@@ -35,6 +35,8 @@
  *   demo_pipeline [--duration S] [--packet-size B] [--burst N] [--mbufs N]
  *                 [--file-prefix P] [--lcores A,B] [--huge-dir DIR]
  *                 [-- extra EAL options for the primary]
+ *   demo_pipeline --dump SIZE SEQ     packet SEQ in hex, sent and rewritten
+ *   demo_pipeline --bench SIZE N      the packet work alone, ns per packet
  *
  * Defaults: 5 s, 64 bytes, 32, 8191, prefix "dpdkdemo<pid>", lcores 0,1
  * (primary -l A, secondary -l B), huge-dir /dev/hugepages (2 MiB pages).
