@@ -4,12 +4,7 @@
 //! [`Mbuf::from_raw`] against its own handle of the pool.
 
 use memplane::{Error, Memory};
-use memplane_mbuf::{
-    Mbuf, MbufHeader, MbufPool, MbufPoolConfig, DEFAULT_BUF_SIZE, MBUF_HEADER_SIZE,
-};
-
-/// Largest burst the demo takes (`--burst` is checked against it).
-pub(crate) const MAX_BURST: usize = 512;
+use memplane_mbuf::{MbufHeader, MbufPool, MbufPoolConfig, DEFAULT_BUF_SIZE, MBUF_HEADER_SIZE};
 
 /// The packet pool.
 pub(crate) struct PacketPool<'m> {
@@ -43,25 +38,39 @@ impl<'m> PacketPool<'m> {
         Ok(PacketPool { pool })
     }
 
-    /// Appends `n` (at most [`MAX_BURST`]) mbufs holding `len` bytes of
+    /// Appends `n` mbufs holding `len` bytes of
     /// (unwritten) data each to `out`, or nothing when the pool has fewer
     /// than `n` free (`rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_append`).
     pub(crate) fn alloc_bulk(&self, out: &mut Vec<usize>, n: usize, len: usize) -> bool {
-        let mut raw = [std::ptr::null_mut::<MbufHeader>(); MAX_BURST];
-        // SAFETY: the mbufs become ours; each goes into `out` and is freed
+        out.reserve(n);
+        let start = out.len();
+        // Null first, so the slots are initialised pointers (no zeroed
+        // staging array: the mbufs land in `out` directly).
+        out.resize(start + n, 0);
+        // SAFETY: usize and *mut MbufHeader have the same size and
+        // alignment, and the n slots are initialised.
+        let raw = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().add(start).cast::<*mut MbufHeader>(), n)
+        };
+        // SAFETY: the mbufs become ours; each stays in `out` and is freed
         // exactly once, by this or the other process, via `free_bulk`.
-        if unsafe { self.pool.alloc_bulk_raw(&mut raw[..n]) }.is_err() {
+        if unsafe { self.pool.alloc_bulk_raw(raw) }.is_err() {
+            out.truncate(start);
             return false;
         }
-        for &m in &raw[..n] {
-            // SAFETY: just allocated above, ours alone; the pool is open.
-            let mut mbuf =
-                unsafe { Mbuf::from_raw(m, &self.pool) }.expect("a fresh mbuf of our pool");
-            if mbuf.append(len).is_err() {
-                // The data room is checked against --packet-size up front.
-                unreachable!("a {len}-byte packet fits a default mbuf");
+        for &m in raw.iter() {
+            // SAFETY: fresh mbufs of our pool (one segment, reset: data_off
+            // at the headroom, no data), ours alone: `rte_pktmbuf_append`
+            // on a fresh mbuf is these two stores once the room is checked.
+            unsafe {
+                let h = &mut *m;
+                assert!(
+                    usize::from(h.buf_len - h.data_off) >= len,
+                    "--packet-size is checked against the data room"
+                );
+                h.data_len = len as u16;
+                h.pkt_len = len as u32;
             }
-            out.push(mbuf.into_raw() as usize);
         }
         true
     }

@@ -384,7 +384,9 @@ fn packet_loop(
             }
             t.returned += 1;
         }
-        pool.free_bulk(&received[..got]);
+        if got != 0 {
+            pool.free_bulk(&received[..got]);
+        }
         if got == 0 {
             idle += 1;
             // See the secondary: yield when the other side is not running.
