@@ -260,6 +260,13 @@ pub struct PoolHeader {
     pub priv_off: u64,
     /// Object zones in population order.
     pub chunks: [ChunkDesc; MAX_CHUNKS],
+    /// Leak tracking on (1) or off (0); mirrored in every [`CacheSlot`]
+    /// so the cached fast path reads it from a line it touches anyway.
+    /// (In the header's tail padding: old headers read 0, off.)
+    pub leak_on: AtomicU32,
+    /// Address of the leak tracking table (zone `ML_<name>`), 0 until
+    /// tracking is first switched on.
+    pub leak_table: AtomicU64,
 }
 
 /// The head of one per-lcore cache; `cache_cap` object slots follow it.
@@ -268,6 +275,8 @@ pub struct CacheSlot {
     /// Objects in the cache. Written only by the thread owning the lcore
     /// id; read by anyone (counts).
     pub len: AtomicU32,
+    /// Copy of [`PoolHeader::leak_on`], in the line `len` is in.
+    pub leak_on: AtomicU32,
 }
 
 /// Geometry of the header zone.
@@ -325,6 +334,9 @@ const _: () = {
     assert!(std::mem::size_of::<ObjHeader>() == 24);
     assert!(std::mem::size_of::<ChunkDesc>() == 32);
     assert!(std::mem::size_of::<CacheSlot>() == 64);
+    // The leak tracking fields live in what was tail padding: the header
+    // (and so every offset after it) keeps its size.
+    assert!(std::mem::size_of::<PoolHeader>() == 2240);
 };
 
 #[cfg(test)]

@@ -64,6 +64,7 @@ mod error;
 pub mod handler;
 pub mod layout;
 mod lcore;
+pub mod leak;
 mod pool;
 mod typed;
 
@@ -74,6 +75,9 @@ pub use layout::{
     NAME_MAX,
 };
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};
+pub use leak::{
+    caller_tag, set_caller_tag, LeakGroup, LeakReport, Outstanding, Owner, LEAK_ZONE_PREFIX,
+};
 pub use pool::{
     mempool_names, mempools, AuditReport, ChunkInfo, Mempool, MempoolCache, MempoolConfig,
     MempoolInfo, POOL_ZONE_PREFIX,

@@ -16,7 +16,10 @@ use memplane::memzone::{Memzone, MemzoneError, MemzoneFlags};
 use memplane::{Error, Memory};
 use serde::Serialize;
 
-use crate::handler::{default_handler, find_handler, Backend, BackendParams, Handler};
+use crate::handler::{
+    default_handler, find_handler, is_builtin_ring, pool_ring, ring_dequeue, ring_enqueue, Backend,
+    BackendParams, Handler,
+};
 use crate::layout::{
     calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
     ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
@@ -24,7 +27,12 @@ use crate::layout::{
     NAME_MAX, POOL_MAGIC,
 };
 use crate::lcore::RegistryRef;
+use crate::leak::{
+    caller_tag, ids, table_bytes, LeakHead, LeakReport, Outstanding, Owner, OwnerRecord, LEAK_HEAD,
+    LEAK_MAGIC, LEAK_ZONE_PREFIX,
+};
 use crate::MempoolError;
+use memplane_ring::{Ring, ZoneRegion};
 
 /// Prefix of a pool's memzones (DPDK's `RTE_MEMPOOL_MZ_PREFIX`).
 pub const POOL_ZONE_PREFIX: &str = "MP_";
@@ -47,6 +55,8 @@ pub struct MempoolConfig {
     pub flags: MempoolFlags,
     /// Handler name; `None` picks from the flags (`ring_mp_mc` by default).
     pub handler: Option<String>,
+    /// Start with leak tracking on ([`Mempool::set_leak_tracking`]).
+    pub leak_tracking: bool,
 }
 
 impl MempoolConfig {
@@ -61,7 +71,14 @@ impl MempoolConfig {
             socket: memplane::heap::SOCKET_ID_ANY,
             flags: MempoolFlags::NONE,
             handler: None,
+            leak_tracking: false,
         }
+    }
+    /// Starts the pool with leak tracking on (or off).
+    #[must_use]
+    pub fn leak_tracking(mut self, on: bool) -> Self {
+        self.leak_tracking = on;
+        self
     }
     /// Sets the per-lcore cache size.
     #[must_use]
@@ -163,6 +180,9 @@ pub struct Mempool<'m> {
     zone: Memzone<'m>,
     hdr: NonNull<PoolHeader>,
     backend: Box<dyn Backend + 'm>,
+    /// The ring itself when the handler is a built-in ring one: the fast
+    /// path calls it directly (no virtual call).
+    ring: Option<Ring<u64, ZoneRegion<'m>>>,
     reg: RegistryRef,
     name: String,
     handler: String,
@@ -181,6 +201,21 @@ pub struct Mempool<'m> {
     /// chunk `ranges[k - 1]`, [`GRAN_MANY`] = several (binary search).
     /// Empty when the chunks span too much address space.
     gran: Box<[u8]>,
+    /// First element address when the objects are in one zone (the
+    /// common case): a put's membership check is then one compare per
+    /// object, `addr - obj_lo < obj_span`.
+    obj_lo: usize,
+    /// Bytes from `obj_lo` to the zone's end; 0 with several zones (the
+    /// granule table is used then).
+    obj_span: usize,
+    /// Several zones: address of granule 0 of `full`.
+    full_base: usize,
+    /// Several zones: per granule from `full_base`, 1 when the whole
+    /// granule lies inside one zone's objects, else 0; one more 0 at the
+    /// end, where every address past the table lands. A put whose objects
+    /// all hit 1s is done with one table load per object; any other goes
+    /// through the exact check.
+    full: Box<[u8]>,
 }
 
 // SAFETY: the header pointer is into a memzone mapped as long as the
@@ -366,7 +401,10 @@ impl<'m> Mempool<'m> {
         };
         debug_assert_eq!(nchunks, h.nb_chunks);
         let pool = Self::from_parts(mem, zone, hdr, backend, reg, hname.clone());
-        if let Err(e) = pool.place_objects(&mut obj_init) {
+        if let Err(e) = pool
+            .place_objects(&mut obj_init)
+            .and_then(|()| pool.set_leak_tracking(cfg.leak_tracking))
+        {
             let _ = pool.free_forced();
             return Err(e);
         }
@@ -411,12 +449,12 @@ impl<'m> Mempool<'m> {
                 idx += 1;
                 batch.push(elt as *mut u8);
                 if batch.len() == 512 {
-                    pool.backend.enqueue(&batch)?;
+                    pool.b_enqueue(&batch)?;
                     batch.clear();
                 }
             }
         }
-        pool.backend.enqueue(&batch)?;
+        pool.b_enqueue(&batch)?;
         // SAFETY: as above; the header is still unpublished.
         unsafe { (*hdr.as_ptr()).populated = idx };
         pool.header().magic.store(POOL_MAGIC, Ordering::Release);
@@ -484,9 +522,31 @@ impl<'m> Mempool<'m> {
             .collect();
         ranges.sort_unstable_by_key(|r| r.0);
         let (gran_base, gran) = granules(&ranges);
+        let name = name_str(&h.name);
+        let (obj_lo, obj_span) = match ranges[..] {
+            [(start, end, _)] => (
+                start + h.header_size as usize,
+                end.saturating_sub(start + h.header_size as usize),
+            ),
+            _ => (0, 0),
+        };
+        // Built-in ring handlers: a second handle on the same shared ring
+        // for direct calls; without it (cannot happen unless the ring zone
+        // is gone) the backend is used through the trait.
+        let (full_base, full) = full_granules(&ranges, h.header_size as usize);
+        let ring = if is_builtin_ring(&handler) {
+            pool_ring(mem, &name).ok()
+        } else {
+            None
+        };
         Self {
+            ring,
+            obj_lo,
+            obj_span,
+            full_base,
+            full,
             mem,
-            name: name_str(&h.name),
+            name,
             handler,
             n: h.n,
             header_size: h.header_size as usize,
@@ -666,6 +726,36 @@ impl<'m> Mempool<'m> {
         Ok(())
     }
 
+    /// The error for the first pointer of `objs` outside the pool.
+    #[cold]
+    #[inline(never)]
+    fn first_foreign(&self, objs: &[*mut u8]) -> MempoolError {
+        let a = objs
+            .iter()
+            .map(|&p| p as usize)
+            .find(|a| a.wrapping_sub(self.obj_lo) >= self.obj_span)
+            .unwrap_or(0);
+        self.foreign(a)
+    }
+
+    /// Backend enqueue: the ring directly for built-in ring handlers.
+    #[inline(always)]
+    fn b_enqueue(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        match &self.ring {
+            Some(r) => ring_enqueue(r, &self.name, objs),
+            None => self.backend.enqueue(objs),
+        }
+    }
+
+    /// Backend dequeue: the ring directly for built-in ring handlers.
+    #[inline(always)]
+    fn b_dequeue(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        match &self.ring {
+            Some(r) => ring_dequeue(r, &self.name, out),
+            None => self.backend.dequeue(out),
+        }
+    }
+
     #[cold]
     fn foreign(&self, a: usize) -> MempoolError {
         // Name the owner when `a` is an object of another pool of the
@@ -683,8 +773,47 @@ impl<'m> Mempool<'m> {
 
     #[inline(always)]
     fn check_put(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
-        for &p in objs {
-            self.check_obj(p)?;
+        if self.obj_span != 0 {
+            // One zone: one subtract and compare per object, no early
+            // exit (branch-free; the rare failure is sorted out below).
+            let mut bad = false;
+            for &p in objs {
+                bad |= (p as usize).wrapping_sub(self.obj_lo) >= self.obj_span;
+            }
+            if bad {
+                return Err(self.first_foreign(objs));
+            }
+            if cfg!(debug_assertions) {
+                for &p in objs {
+                    self.check_obj(p)?;
+                }
+            }
+        } else {
+            let (base, table) = (self.full_base, &*self.full);
+            let last = table.len() - 1;
+            // Whole granule inside a zone's objects: 1; else 0.
+            let whole = |p: *mut u8| {
+                let g = (p as usize).wrapping_sub(base) >> FULL_SHIFT;
+                // SAFETY: g.min(last) < table.len().
+                unsafe { *table.get_unchecked(g.min(last)) }
+            };
+            let mut quads = objs.chunks_exact(4);
+            for q in &mut quads {
+                if whole(q[0]) & whole(q[1]) & whole(q[2]) & whole(q[3]) == 0
+                    || cfg!(debug_assertions)
+                {
+                    // Near a zone's edge, or not ours: the exact check
+                    // (a few objects per zone only).
+                    for &p in q {
+                        self.check_obj(p)?;
+                    }
+                }
+            }
+            for &p in quads.remainder() {
+                if whole(p) == 0 || cfg!(debug_assertions) {
+                    self.check_obj(p)?;
+                }
+            }
         }
         if cfg!(debug_assertions) {
             for (i, &p) in objs.iter().enumerate() {
@@ -745,8 +874,21 @@ impl<'m> Mempool<'m> {
     /// has an lcore id ([`register_thread`](crate::register_thread)) and
     /// the pool has caches. Fails with [`MempoolError::NotEnough`] even if
     /// other lcores' caches hold objects.
-    #[inline]
+    #[inline(always)]
     pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.get_impl(out, None)
+    }
+
+    /// [`get_bulk`](Self::get_bulk), recording `tag` instead of the
+    /// thread's caller tag ([`set_caller_tag`](crate::set_caller_tag))
+    /// as the objects' owner tag while leak tracking is on.
+    #[inline]
+    pub fn get_bulk_tagged(&self, out: &mut [*mut u8], tag: u64) -> Result<(), MempoolError> {
+        self.get_impl(out, Some(tag))
+    }
+
+    #[inline(always)]
+    fn get_impl(&self, out: &mut [*mut u8], tag: Option<u64>) -> Result<(), MempoolError> {
         if out.is_empty() {
             return Ok(());
         }
@@ -756,11 +898,18 @@ impl<'m> Mempool<'m> {
                 let mut len = slot.len.load(Ordering::Relaxed);
                 let r = self.cache_get(objs, &mut len, self.cache_size, out);
                 slot.len.store(len, Ordering::Relaxed);
+                // The switch sits in the line `len` is in.
+                if slot.leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
+                    self.record_get(out, tag, Some(id));
+                }
                 return r;
             }
         }
-        self.backend.dequeue(out)?;
+        self.b_dequeue(out)?;
         self.mark_out(out);
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_get(out, tag, None);
+        }
         Ok(())
     }
 
@@ -779,19 +928,53 @@ impl<'m> Mempool<'m> {
     /// its header, when it is another pool's object). Debug builds also
     /// check the object boundary and the header's pool address, and refuse
     /// an object already in the pool ([`MempoolError::DoublePut`]).
-    #[inline]
+    #[inline(always)]
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;
+        // SAFETY: checked to be objects of this pool.
+        unsafe { self.put_checked(objs) }
+    }
+
+    /// [`put_bulk`](Self::put_bulk) without the membership check (DPDK's
+    /// put, which checks nothing): for callers that know their pointers
+    /// came from this pool. Debug builds still check (and refuse double
+    /// puts).
+    ///
+    /// # Safety
+    /// Every pointer in `objs` is an object of this pool, handed out by a
+    /// get and not put back since. A foreign pointer would later be handed
+    /// out by a get as if it were an object of this pool.
+    #[inline(always)]
+    pub unsafe fn put_bulk_unchecked(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        if cfg!(debug_assertions) {
+            self.check_put(objs)?;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.put_checked(objs) }
+    }
+
+    /// The put after the checks.
+    ///
+    /// # Safety
+    /// `objs` are objects of this pool that are out.
+    #[inline(always)]
+    unsafe fn put_checked(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         if self.cache_size != 0 {
             if let Some(id) = self.reg.current() {
                 let (slot, cobjs) = self.slot(id);
+                if slot.leak_on.load(Ordering::Relaxed) != 0 {
+                    self.record_put(objs);
+                }
                 let mut len = slot.len.load(Ordering::Relaxed);
                 let r = self.cache_put(cobjs, &mut len, self.cache_size, objs);
                 slot.len.store(len, Ordering::Relaxed);
                 return r;
             }
         }
-        self.backend.enqueue(objs)
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_put(objs);
+        }
+        self.b_enqueue(objs)
     }
 
     /// One object.
@@ -814,7 +997,7 @@ impl<'m> Mempool<'m> {
         let n = out.len() as u32;
         if n > *len {
             if n > 2 * size {
-                self.backend.dequeue(out)?;
+                self.b_dequeue(out)?;
                 self.mark_out(out);
                 return Ok(());
             }
@@ -823,7 +1006,7 @@ impl<'m> Mempool<'m> {
             let fill = unsafe {
                 std::slice::from_raw_parts_mut(objs.add(*len as usize), (size + need) as usize)
             };
-            if self.backend.dequeue(fill).is_ok() {
+            if self.b_dequeue(fill).is_ok() {
                 *len += size + need;
             } else {
                 self.backend
@@ -856,7 +1039,7 @@ impl<'m> Mempool<'m> {
         let n = items.len() as u32;
         let thresh = size * 3 / 2;
         if n > thresh {
-            return self.backend.enqueue(items);
+            return self.b_enqueue(items);
         }
         // SAFETY: len <= thresh and n <= thresh, so len + n <= 3 x size.
         unsafe { copy_ptrs(items.as_ptr(), objs.add(*len as usize), n as usize) };
@@ -866,7 +1049,7 @@ impl<'m> Mempool<'m> {
             let extra = unsafe {
                 std::slice::from_raw_parts(objs.add(size as usize), (*len - size) as usize)
             };
-            self.backend.enqueue(extra)?;
+            self.b_enqueue(extra)?;
             *len = size;
         }
         Ok(())
@@ -884,9 +1067,9 @@ impl<'m> Mempool<'m> {
         };
         let (slot, objs) = self.slot(id);
         let len = slot.len.load(Ordering::Relaxed);
-        self.backend
+        self
             // SAFETY: [0, len) are cached objects, ours (our lcore id).
-            .enqueue(unsafe { std::slice::from_raw_parts(objs, len as usize) })?;
+            .b_enqueue(unsafe { std::slice::from_raw_parts(objs, len as usize) })?;
         slot.len.store(0, Ordering::Relaxed);
         Ok(())
     }
@@ -939,7 +1122,7 @@ impl<'m> Mempool<'m> {
     /// Takes objects through a user-owned cache (DPDK's
     /// `rte_mempool_generic_get` with a cache from
     /// `rte_mempool_cache_create`).
-    #[inline]
+    #[inline(always)]
     pub fn get_bulk_with(
         &self,
         cache: &mut MempoolCache,
@@ -952,11 +1135,14 @@ impl<'m> Mempool<'m> {
         let mut len = cache.len;
         let r = self.cache_get(cache.objs.as_mut_ptr(), &mut len, cache.size, out);
         cache.len = len;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
+            self.record_get(out, None, self.reg.current());
+        }
         r
     }
 
     /// Returns objects through a user-owned cache.
-    #[inline]
+    #[inline(always)]
     pub fn put_bulk_with(
         &self,
         cache: &mut MempoolCache,
@@ -964,6 +1150,9 @@ impl<'m> Mempool<'m> {
     ) -> Result<(), MempoolError> {
         cache.bind(self)?;
         self.check_put(objs)?;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_put(objs);
+        }
         let mut len = cache.len;
         let r = self.cache_put(cache.objs.as_mut_ptr(), &mut len, cache.size, objs);
         cache.len = len;
@@ -1047,11 +1236,11 @@ impl<'m> Mempool<'m> {
         let count = self.backend.count();
         let mut held: Vec<*mut u8> = vec![std::ptr::null_mut(); count as usize];
         for part in held.chunks_mut(4096) {
-            self.backend.dequeue(part)?;
+            self.b_dequeue(part)?;
         }
         let r = self.audit_with(&held);
         for part in held.chunks(4096) {
-            self.backend.enqueue(part)?;
+            self.b_enqueue(part)?;
         }
         r
     }
@@ -1166,8 +1355,16 @@ impl<'m> Mempool<'m> {
         unsafe {
             std::ptr::drop_in_place(&raw mut this.handler);
             std::ptr::drop_in_place(&raw mut this.ranges);
+            std::ptr::drop_in_place(&raw mut this.gran);
+            std::ptr::drop_in_place(&raw mut this.full);
+            std::ptr::drop_in_place(&raw mut this.ring);
         }
         let mut first_err = backend.destroy().err();
+        if let Some(z) = mem.memzone_lookup(&format!("{LEAK_ZONE_PREFIX}{name}")) {
+            if let Err(e) = z.free() {
+                first_err.get_or_insert(e.into());
+            }
+        }
         for k in 0..nb {
             if let Some(z) = mem.memzone_lookup(&chunk_zone_name(&name, k)) {
                 if let Err(e) = z.free() {
@@ -1180,6 +1377,239 @@ impl<'m> Mempool<'m> {
         }
         tracing::debug!(name, "mempool freed");
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Leak tracking (see [`crate::leak`]).
+impl Mempool<'_> {
+    /// Switches leak tracking on or off for every handle of the pool, in
+    /// every process. On: creates the owner table (zone `ML_<name>`) the
+    /// first time, and clears it when tracking was off (objects already
+    /// out stay unrecorded; reports count them as untracked). Off: gets
+    /// and puts stop recording; the records stay readable.
+    pub fn set_leak_tracking(&self, on: bool) -> Result<(), MempoolError> {
+        let h = self.header();
+        if h.magic.load(Ordering::Acquire) != POOL_MAGIC {
+            return Err(MempoolError::Gone {
+                name: self.name.clone(),
+            });
+        }
+        if on && h.leak_on.load(Ordering::Acquire) == 0 {
+            let head = self.leak_table_create()?;
+            // SAFETY: the table holds `n` records after its head.
+            let recs = unsafe { self.leak_records(head) };
+            for r in recs {
+                r.seq.store(0, Ordering::Relaxed);
+            }
+        }
+        let v = u32::from(on);
+        h.leak_on.store(v, Ordering::Release);
+        if self.cache_size != 0 {
+            for id in 0..MAX_LCORES as u32 {
+                self.slot(id).0.leak_on.store(v, Ordering::Release);
+            }
+        }
+        tracing::debug!(pool = self.name, on, "leak tracking switched");
+        Ok(())
+    }
+
+    /// Whether leak tracking is on.
+    pub fn leak_tracking(&self) -> bool {
+        self.header().leak_on.load(Ordering::Acquire) != 0
+    }
+
+    /// The owner table, created (or found, when another process created
+    /// it) and published in the header.
+    fn leak_table_create(&self) -> Result<&LeakHead, MempoolError> {
+        let h = self.header();
+        let zname = format!("{LEAK_ZONE_PREFIX}{}", self.name);
+        let bytes = table_bytes(self.n);
+        let zone = match self.mem.memzone_lookup(&zname) {
+            Some(z) => z,
+            None => match self.mem.memzone_reserve_aligned(
+                &zname,
+                bytes,
+                h.socket,
+                MemzoneFlags::ZERO,
+                64,
+            ) {
+                Ok(z) => z,
+                Err(Error::Memzone(MemzoneError::Exists { .. })) => self
+                    .mem
+                    .memzone_lookup(&zname)
+                    .ok_or_else(|| MempoolError::Corrupt {
+                        name: self.name.clone(),
+                        why: format!("leak tracking zone {zname} vanished while being created"),
+                    })?,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if zone.len() < bytes {
+            return Err(MempoolError::Corrupt {
+                name: self.name.clone(),
+                why: format!(
+                    "zone {zname} ({} bytes) is not this pool's leak table ({bytes} bytes needed); free it or rename the pool",
+                    zone.len()
+                ),
+            });
+        }
+        // SAFETY: a zone of at least `bytes` bytes, 64-aligned, zeroed when
+        // created; the head's fields are atomics.
+        let head = unsafe { &*zone.as_ptr().cast::<LeakHead>() };
+        if head.magic.load(Ordering::Acquire) != LEAK_MAGIC {
+            let n = head.n.load(Ordering::Relaxed);
+            if n != 0 && n != self.n {
+                return Err(MempoolError::Corrupt {
+                    name: self.name.clone(),
+                    why: format!(
+                        "zone {zname} holds a leak table for {n} objects, the pool has {}",
+                        self.n
+                    ),
+                });
+            }
+            head.n.store(self.n, Ordering::Relaxed);
+            let _ = head
+                .seq
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+            head.magic.store(LEAK_MAGIC, Ordering::Release);
+        } else if head.n.load(Ordering::Relaxed) != self.n {
+            return Err(MempoolError::Corrupt {
+                name: self.name.clone(),
+                why: format!(
+                    "zone {zname} holds a leak table for {} objects, the pool has {}",
+                    head.n.load(Ordering::Relaxed),
+                    self.n
+                ),
+            });
+        }
+        h.leak_table.store(zone.as_ptr() as u64, Ordering::Release);
+        Ok(head)
+    }
+
+    /// The published owner table, if tracking was ever switched on.
+    fn leak_table(&self) -> Option<&LeakHead> {
+        let a = self.header().leak_table.load(Ordering::Acquire) as usize;
+        // SAFETY: published only after the table zone was checked and
+        // initialised; freed only with the pool.
+        (a != 0).then(|| unsafe { &*(a as *const LeakHead) })
+    }
+
+    /// The records of `head`.
+    ///
+    /// # Safety
+    /// `head` is this pool's table (`n` records follow it).
+    unsafe fn leak_records<'a>(&self, head: &'a LeakHead) -> &'a [OwnerRecord] {
+        let first = (std::ptr::from_ref(head) as usize + LEAK_HEAD) as *const OwnerRecord;
+        // SAFETY: the caller's contract; records are atomics.
+        unsafe { std::slice::from_raw_parts(first, self.n as usize) }
+    }
+
+    /// Index of an object this pool handed out or is taking back (checked
+    /// already): one division when the objects are in one zone.
+    #[inline]
+    fn index_in_pool(&self, a: usize) -> Option<u32> {
+        if self.obj_span != 0 {
+            let off = a.wrapping_sub(self.obj_lo);
+            (off < self.obj_span).then(|| (off / self.total_size) as u32)
+        } else {
+            self.index_of(a)
+        }
+    }
+
+    /// Records the caller as the owner of `objs` (tracking is on).
+    #[cold]
+    #[inline(never)]
+    fn record_get(&self, objs: &[*mut u8], tag: Option<u64>, lcore: Option<u32>) {
+        let Some(head) = self.leak_table() else {
+            return;
+        };
+        // SAFETY: our table.
+        let recs = unsafe { self.leak_records(head) };
+        let seq = head.seq.fetch_add(1, Ordering::Relaxed);
+        let tag = tag.unwrap_or_else(caller_tag);
+        let (pid, tid) = ids();
+        let lcore = lcore.or_else(|| self.reg.current()).unwrap_or(u32::MAX);
+        for &p in objs {
+            if let Some(r) = self
+                .index_in_pool(p as usize)
+                .and_then(|i| recs.get(i as usize))
+            {
+                r.tag.store(tag, Ordering::Relaxed);
+                r.pid.store(pid, Ordering::Relaxed);
+                r.tid.store(tid, Ordering::Relaxed);
+                r.lcore.store(lcore, Ordering::Relaxed);
+                r.seq.store(seq, Ordering::Release);
+            }
+        }
+    }
+
+    /// Clears the owner of `objs` (tracking is on; they are ours).
+    #[cold]
+    #[inline(never)]
+    fn record_put(&self, objs: &[*mut u8]) {
+        let Some(head) = self.leak_table() else {
+            return;
+        };
+        // SAFETY: our table.
+        let recs = unsafe { self.leak_records(head) };
+        for &p in objs {
+            if let Some(r) = self
+                .index_in_pool(p as usize)
+                .and_then(|i| recs.get(i as usize))
+            {
+                r.seq.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Objects out with an owner record, oldest get first. Objects in
+    /// lcore caches are in the pool, not listed; objects taken while
+    /// tracking was off are not listed (see [`leak_report`](Self::leak_report)'s
+    /// `untracked`). Exact when no get or put runs meanwhile.
+    pub fn outstanding(&self) -> Result<Vec<Outstanding>, MempoolError> {
+        let head = self
+            .leak_table()
+            .ok_or_else(|| MempoolError::LeakTrackingOff {
+                name: self.name.clone(),
+            })?;
+        // SAFETY: our table.
+        let recs = unsafe { self.leak_records(head) };
+        let mut out: Vec<Outstanding> = self
+            .objects()
+            .zip(recs)
+            .enumerate()
+            .filter_map(|(i, (p, r))| {
+                let seq = r.seq.load(Ordering::Acquire);
+                (seq != 0).then(|| {
+                    let lcore = r.lcore.load(Ordering::Relaxed);
+                    Outstanding {
+                        addr: p as usize,
+                        index: i as u32,
+                        owner: Owner {
+                            pid: r.pid.load(Ordering::Relaxed),
+                            tid: r.tid.load(Ordering::Relaxed),
+                            lcore: (lcore != u32::MAX).then_some(lcore),
+                            tag: r.tag.load(Ordering::Relaxed),
+                            seq,
+                        },
+                    }
+                })
+            })
+            .collect();
+        out.sort_by_key(|o| o.owner.seq);
+        Ok(out)
+    }
+
+    /// What is out and who holds it, grouped by (process, lcore, tag);
+    /// print it (`Display`) or take [`LeakReport::to_json`].
+    pub fn leak_report(&self) -> Result<LeakReport, MempoolError> {
+        let out = self.outstanding()?;
+        Ok(LeakReport::new(
+            &self.name,
+            self.leak_tracking(),
+            self.in_use_count(),
+            &out,
+        ))
     }
 }
 
@@ -1215,14 +1645,46 @@ fn granules(ranges: &[(usize, usize, u32)]) -> (usize, Box<[u8]>) {
     (base, t.into_boxed_slice())
 }
 
-/// Copies `n` pointers: a plain loop for the small bulks of the hot path
-/// (a `memcpy` call costs more than the copy), `memcpy` above.
+/// Granule (log2) of the "whole granule inside a zone's objects" table.
+const FULL_SHIFT: u32 = 12;
+/// Largest such table: zones spread over at most 1 GiB of address space
+/// (a 256 KiB table); pools spread wider use the exact check.
+const FULL_MAX: usize = 1 << 18;
+
+/// The "whole granule inside a zone's objects" table for `ranges` (zone
+/// start, end) whose objects start `header` bytes in: (base, table with a
+/// final 0); only the final 0 when the zones span too much address space.
+fn full_granules(ranges: &[(usize, usize, u32)], header: usize) -> (usize, Box<[u8]>) {
+    let (Some(lo), Some(hi)) = (
+        ranges.iter().map(|r| r.0).min(),
+        ranges.iter().map(|r| r.1).max(),
+    ) else {
+        return (0, Box::new([0]));
+    };
+    let base = lo >> FULL_SHIFT << FULL_SHIFT;
+    let n = ((hi - base) >> FULL_SHIFT) + 1;
+    if n > FULL_MAX {
+        return (0, Box::new([0]));
+    }
+    let mut t = vec![0u8; n + 1];
+    for &(s, e, _) in ranges {
+        let first = (s + header - base).div_ceil(1 << FULL_SHIFT);
+        let end = (e - base) >> FULL_SHIFT;
+        for slot in t.iter_mut().take(end).skip(first) {
+            *slot = 1;
+        }
+    }
+    (base, t.into_boxed_slice())
+}
+
+/// Copies `n` pointers: an inlined (vectorised) loop for the bulks of the
+/// hot path (a `memcpy` call costs more than the copy), `memcpy` above.
 ///
 /// # Safety
 /// `src` and `dst` valid for `n` pointers, not overlapping.
 #[inline(always)]
 unsafe fn copy_ptrs(src: *const *mut u8, dst: *mut *mut u8, n: usize) {
-    if n <= 16 {
+    if n <= 64 {
         for i in 0..n {
             // SAFETY: i < n, both valid for n elements.
             unsafe { dst.add(i).write(src.add(i).read()) };
@@ -1396,24 +1858,31 @@ impl MempoolCache {
         self.len == 0
     }
 
+    #[inline(always)]
     fn bind(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
         if self.pool != pool.addr() {
-            if self.len != 0 {
-                return Err(MempoolError::ForeignObject {
-                    addr: self.objs[0] as usize,
-                    pool: pool.name.clone(),
-                    owner: None,
-                });
-            }
-            self.pool = pool.addr();
+            return self.rebind(pool);
         }
+        Ok(())
+    }
+
+    #[cold]
+    fn rebind(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
+        if self.len != 0 {
+            return Err(MempoolError::ForeignObject {
+                addr: self.objs[0] as usize,
+                pool: pool.name.clone(),
+                owner: None,
+            });
+        }
+        self.pool = pool.addr();
         Ok(())
     }
 
     /// Returns every object to `pool`'s backend.
     pub fn flush(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
         self.bind(pool)?;
-        pool.backend.enqueue(&self.objs[..self.len as usize])?;
+        pool.b_enqueue(&self.objs[..self.len as usize])?;
         self.len = 0;
         Ok(())
     }
@@ -1422,6 +1891,19 @@ impl MempoolCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_granule_table_marks_only_granules_wholly_inside_objects() {
+        let g = 1usize << 12;
+        // Zone A: objects from 10g + 64 to 13g; zone B: 20g .. 21g + 8.
+        let (base, t) = full_granules(&[(10 * g, 13 * g, 0), (20 * g - 64, 21 * g + 8, 9)], 64);
+        assert_eq!(base, 10 * g);
+        // 10g is partial (its first 64 bytes are a header), 11g and 12g
+        // are whole; 13g..19g outside; 20g whole; 21g partial; final 0.
+        assert_eq!(&t[..], &[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        let (_, t) = full_granules(&[(0, 4096, 0), (1 << 31, (1 << 31) + 4096, 1)], 0);
+        assert_eq!(&t[..], &[0], "zones spread too wide: exact check only");
+    }
 
     #[test]
     fn granule_table_names_the_only_chunk_or_says_several() {
