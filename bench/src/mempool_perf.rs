@@ -1,7 +1,9 @@
 //! `mempool-perf`: memplane's mirror of DPDK 22.11 `mempool_perf_autotest`
 //! (app/test/test_mempool_perf.c) for 1 and 2 cores: pools of 2048-byte
 //! objects, size `2 x (512 + 512) - 1` (the autotest's formula with 2
-//! lcores), without cache, with a 512-object per-lcore cache, and without
+//! lcores), without cache, with a 512-object per-lcore cache (looked up
+//! once per thread, `Mempool::lcore_cache`, as the autotest passes
+//! `rte_mempool_default_cache()` to every call), and without
 //! cache through one user-owned cache of 512 per thread. For each core
 //! count, get/put bulk sizes in {1, 4, 8, 32} (get == put unless
 //! `--all-bulks`, which gives the autotest's cross product) and n_keep in
@@ -32,7 +34,9 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use memplane::Memory;
-use memplane_mempool::{register_thread, Mempool, MempoolCache, MempoolConfig, MempoolError};
+use memplane_mempool::{
+    register_thread, LcoreCache, Mempool, MempoolCache, MempoolConfig, MempoolError,
+};
 
 const N: usize = 65536;
 const ELT: u32 = 2048;
@@ -56,6 +60,22 @@ trait Ops {
 struct PoolOps<'a, 'm>(&'a Mempool<'m>);
 
 impl Ops for PoolOps<'_, '_> {
+    #[inline(always)]
+    fn get(&mut self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.0.get_bulk(out)
+    }
+    #[inline(always)]
+    fn put(&mut self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.0.put_bulk(objs)
+    }
+}
+
+/// The thread's lcore cache, looked up once per thread, as the autotest
+/// does (`rte_mempool_default_cache(mp, lcore_id)` passed to every
+/// `rte_mempool_generic_get/put`).
+struct LcoreOps<'a, 'p, 'm>(&'a LcoreCache<'p, 'm>);
+
+impl Ops for LcoreOps<'_, '_, '_> {
     #[inline(always)]
     fn get(&mut self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
         self.0.get_bulk(out)
@@ -171,6 +191,9 @@ fn launch(
                         let r = per_thread(&mut o, r, secs, start);
                         o.1.flush(pool).map_err(|e| format!("flush: {e}"))?;
                         r
+                    } else if mode == Mode::Cache {
+                        let lc = pool.lcore_cache().ok_or("no lcore cache")?;
+                        per_thread(&mut LcoreOps(&lc), r, secs, start)
                     } else {
                         per_thread(&mut PoolOps(pool), r, secs, start)
                     }

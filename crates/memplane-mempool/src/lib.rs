@@ -79,7 +79,7 @@ pub use leak::{
     caller_tag, set_caller_tag, LeakGroup, LeakReport, Outstanding, Owner, LEAK_ZONE_PREFIX,
 };
 pub use pool::{
-    mempool_names, mempools, AuditReport, ChunkInfo, Mempool, MempoolCache, MempoolConfig,
-    MempoolInfo, POOL_ZONE_PREFIX,
+    mempool_names, mempools, AuditReport, ChunkInfo, LcoreCache, Mempool, MempoolCache,
+    MempoolConfig, MempoolInfo, POOL_ZONE_PREFIX,
 };
 pub use typed::{PoolBox, TypedMempool};

@@ -191,6 +191,8 @@ pub struct Mempool<'m> {
     total_size: usize,
     cache_size: u32,
     cache_cap: u32,
+    /// 1.5 x cache size: a cache above it is flushed.
+    flush_thresh: u32,
     cache_base: usize,
     cache_stride: usize,
     /// (start, end) of each chunk's objects: membership checks.
@@ -553,6 +555,7 @@ impl<'m> Mempool<'m> {
             total_size: h.total_size as usize,
             cache_size: h.cache_size,
             cache_cap: h.cache_cap,
+            flush_thresh: h.cache_size * 3 / 2,
             cache_base: hdr.as_ptr() as usize + h.cache_off as usize,
             cache_stride: h.cache_stride as usize,
             ranges,
@@ -876,7 +879,85 @@ impl<'m> Mempool<'m> {
     /// other lcores' caches hold objects.
     #[inline(always)]
     pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        if self.get_cached_fast(out) {
+            return Ok(());
+        }
         self.get_impl(out, None)
+    }
+
+    /// The hot get: `out.len()` objects straight from the calling
+    /// thread's lcore cache when it holds them and leak tracking is off.
+    /// `false`: nothing done, take the general path. Kept tiny so it
+    /// inlines into the caller with no error plumbing.
+    #[inline(always)]
+    fn get_cached_fast(&self, out: &mut [*mut u8]) -> bool {
+        // Debug builds mark cookies: always the general path.
+        if self.cache_size == 0 || cfg!(debug_assertions) {
+            return false;
+        }
+        let Some(id) = self.reg.current() else {
+            return false;
+        };
+        let (slot, objs) = self.slot(id);
+        let len = slot.len.load(Ordering::Relaxed);
+        if out.len() > len as usize || slot.leak_on.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let len = len - out.len() as u32;
+        // SAFETY: [len, len + out.len()) are cached objects of our lcore.
+        unsafe { copy_ptrs(objs.add(len as usize), out.as_mut_ptr(), out.len()) };
+        slot.len.store(len, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether every pointer of `objs` is surely an object of this pool
+    /// (one zone: inside it; several: in a table granule wholly inside a
+    /// zone's objects). `false` may still be all ours: the exact check
+    /// decides then.
+    #[inline(always)]
+    fn surely_ours(&self, objs: &[*mut u8]) -> bool {
+        if self.obj_span != 0 {
+            let (lo, span) = (self.obj_lo, self.obj_span);
+            let mut bad = false;
+            for &p in objs {
+                bad |= (p as usize).wrapping_sub(lo) >= span;
+            }
+            !bad
+        } else {
+            let (base, table) = (self.full_base, &*self.full);
+            let last = table.len() - 1;
+            let mut all = 1u8;
+            for &p in objs {
+                let g = (p as usize).wrapping_sub(base) >> FULL_SHIFT;
+                // SAFETY: g.min(last) < table.len().
+                all &= unsafe { *table.get_unchecked(g.min(last)) };
+            }
+            all != 0
+        }
+    }
+
+    /// The hot put: into the calling thread's lcore cache when the
+    /// objects are surely ours, they fit under the flush threshold and
+    /// leak tracking is off. `false`: nothing done, take the general path.
+    #[inline(always)]
+    fn put_cached_fast(&self, objs: &[*mut u8]) -> bool {
+        if self.cache_size == 0 || cfg!(debug_assertions) || !self.surely_ours(objs) {
+            return false;
+        }
+        let Some(id) = self.reg.current() else {
+            return false;
+        };
+        let (slot, cobjs) = self.slot(id);
+        let len = slot.len.load(Ordering::Relaxed);
+        if len as usize + objs.len() > self.flush_thresh as usize
+            || slot.leak_on.load(Ordering::Relaxed) != 0
+        {
+            return false;
+        }
+        // SAFETY: len + objs.len() <= flush threshold < capacity.
+        unsafe { copy_ptrs(objs.as_ptr(), cobjs.add(len as usize), objs.len()) };
+        slot.len.store(len + objs.len() as u32, Ordering::Relaxed);
+        true
     }
 
     /// [`get_bulk`](Self::get_bulk), recording `tag` instead of the
@@ -887,7 +968,9 @@ impl<'m> Mempool<'m> {
         self.get_impl(out, Some(tag))
     }
 
-    #[inline(always)]
+    /// The general get (refills, no cache, no lcore id, leak tracking,
+    /// debug checks): out of line, so the hot path stays small.
+    #[inline(never)]
     fn get_impl(&self, out: &mut [*mut u8], tag: Option<u64>) -> Result<(), MempoolError> {
         if out.is_empty() {
             return Ok(());
@@ -930,6 +1013,16 @@ impl<'m> Mempool<'m> {
     /// an object already in the pool ([`MempoolError::DoublePut`]).
     #[inline(always)]
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        if self.put_cached_fast(objs) {
+            return Ok(());
+        }
+        self.put_slow(objs)
+    }
+
+    /// The general put (flushes, no cache, no lcore id, leak tracking,
+    /// the exact membership check and its errors): out of line.
+    #[inline(never)]
+    fn put_slow(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;
         // SAFETY: checked to be objects of this pool.
         unsafe { self.put_checked(objs) }
@@ -947,7 +1040,7 @@ impl<'m> Mempool<'m> {
     #[inline(always)]
     pub unsafe fn put_bulk_unchecked(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         if cfg!(debug_assertions) {
-            self.check_put(objs)?;
+            return self.put_slow(objs);
         }
         // SAFETY: the caller's contract.
         unsafe { self.put_checked(objs) }
@@ -1128,6 +1221,33 @@ impl<'m> Mempool<'m> {
         cache: &mut MempoolCache,
         out: &mut [*mut u8],
     ) -> Result<(), MempoolError> {
+        // Hot: bound to this pool, holds enough, tracking off.
+        if !cfg!(debug_assertions)
+            && cache.pool == self.addr()
+            && out.len() <= cache.len as usize
+            && self.header().leak_on.load(Ordering::Relaxed) == 0
+        {
+            let len = cache.len - out.len() as u32;
+            // SAFETY: [len, len + out.len()) are cached objects.
+            unsafe {
+                copy_ptrs(
+                    cache.objs.as_ptr().add(len as usize),
+                    out.as_mut_ptr(),
+                    out.len(),
+                );
+            }
+            cache.len = len;
+            return Ok(());
+        }
+        self.get_with_slow(cache, out)
+    }
+
+    #[inline(never)]
+    fn get_with_slow(
+        &self,
+        cache: &mut MempoolCache,
+        out: &mut [*mut u8],
+    ) -> Result<(), MempoolError> {
         cache.bind(self)?;
         if out.is_empty() {
             return Ok(());
@@ -1144,6 +1264,34 @@ impl<'m> Mempool<'m> {
     /// Returns objects through a user-owned cache.
     #[inline(always)]
     pub fn put_bulk_with(
+        &self,
+        cache: &mut MempoolCache,
+        objs: &[*mut u8],
+    ) -> Result<(), MempoolError> {
+        // Hot: bound to this pool, surely ours, fits under the flush
+        // threshold, tracking off.
+        if !cfg!(debug_assertions)
+            && cache.pool == self.addr()
+            && cache.len as usize + objs.len() <= (cache.size * 3 / 2) as usize
+            && self.surely_ours(objs)
+            && self.header().leak_on.load(Ordering::Relaxed) == 0
+        {
+            // SAFETY: len + objs.len() <= 1.5 x size < capacity (3 x size).
+            unsafe {
+                copy_ptrs(
+                    objs.as_ptr(),
+                    cache.objs.as_mut_ptr().add(cache.len as usize),
+                    objs.len(),
+                );
+            }
+            cache.len += objs.len() as u32;
+            return Ok(());
+        }
+        self.put_with_slow(cache, objs)
+    }
+
+    #[inline(never)]
+    fn put_with_slow(
         &self,
         cache: &mut MempoolCache,
         objs: &[*mut u8],
@@ -1339,6 +1487,9 @@ impl<'m> Mempool<'m> {
     pub fn free_forced(self) -> Result<(), MempoolError> {
         self.header().magic.store(0, Ordering::Release);
         let nb = self.header().nb_chunks as usize;
+        // The leak table, only if this pool published it (a zone of that
+        // name that is not ours stays).
+        let leak_table = self.header().leak_table.load(Ordering::Acquire) as usize;
         let mut this = std::mem::ManuallyDrop::new(self);
         this.reg.release();
         // SAFETY: each field is moved out exactly once and `this` is never
@@ -1360,7 +1511,10 @@ impl<'m> Mempool<'m> {
             std::ptr::drop_in_place(&raw mut this.ring);
         }
         let mut first_err = backend.destroy().err();
-        if let Some(z) = mem.memzone_lookup(&format!("{LEAK_ZONE_PREFIX}{name}")) {
+        if let Some(z) = mem
+            .memzone_lookup(&format!("{LEAK_ZONE_PREFIX}{name}"))
+            .filter(|z| leak_table != 0 && z.as_ptr() as usize == leak_table)
+        {
             if let Err(e) = z.free() {
                 first_err.get_or_insert(e.into());
             }
@@ -1803,6 +1957,114 @@ pub fn mempools(mem: &Memory) -> Vec<MempoolInfo> {
         .into_iter()
         .filter_map(|n| Mempool::lookup(mem, &n).ok().map(|p| p.info()))
         .collect()
+}
+
+/// The calling thread's per-lcore cache of a pool, looked up once (DPDK's
+/// `rte_mempool_default_cache(mp, rte_lcore_id())`): gets and puts through
+/// it skip the per-call lcore id lookup. Same objects, same policy and
+/// same checks as [`Mempool::get_bulk`] / [`Mempool::put_bulk`] on this
+/// thread. Not `Send`: it names this thread's lcore id, which cannot be
+/// unregistered while a handle lives ([`MempoolError::LcoreCacheHeld`]).
+pub struct LcoreCache<'p, 'm> {
+    pool: &'p Mempool<'m>,
+    slot: &'p CacheSlot,
+    objs: *mut *mut u8,
+    id: u32,
+}
+
+impl std::fmt::Debug for LcoreCache<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LcoreCache")
+            .field("pool", &self.pool.name)
+            .field("lcore", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> Mempool<'m> {
+    /// The calling thread's lcore cache of this pool; `None` when the
+    /// pool has no caches or the thread no lcore id
+    /// ([`register_thread`](crate::register_thread)).
+    pub fn lcore_cache(&self) -> Option<LcoreCache<'_, 'm>> {
+        if self.cache_size == 0 {
+            return None;
+        }
+        let id = self.reg.current()?;
+        let (slot, objs) = self.slot(id);
+        crate::lcore::cache_handle_made();
+        Some(LcoreCache {
+            pool: self,
+            slot,
+            objs,
+            id,
+        })
+    }
+}
+
+impl LcoreCache<'_, '_> {
+    /// The lcore id.
+    pub fn lcore_id(&self) -> u32 {
+        self.id
+    }
+
+    /// Objects in the cache.
+    pub fn len(&self) -> u32 {
+        self.slot.len.load(Ordering::Relaxed)
+    }
+
+    /// Holds no object.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [`Mempool::get_bulk`] through this cache.
+    #[inline(always)]
+    pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        let len = self.slot.len.load(Ordering::Relaxed);
+        if !cfg!(debug_assertions)
+            && out.len() <= len as usize
+            && self.slot.leak_on.load(Ordering::Relaxed) == 0
+        {
+            let len = len - out.len() as u32;
+            // SAFETY: [len, len + out.len()) are cached objects of our
+            // lcore (this thread's id, held while the handle lives).
+            unsafe { copy_ptrs(self.objs.add(len as usize), out.as_mut_ptr(), out.len()) };
+            self.slot.len.store(len, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.pool.get_impl(out, None)
+    }
+
+    /// [`Mempool::put_bulk`] through this cache.
+    #[inline(always)]
+    pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        let len = self.slot.len.load(Ordering::Relaxed);
+        if !cfg!(debug_assertions)
+            && len as usize + objs.len() <= self.pool.flush_thresh as usize
+            && self.slot.leak_on.load(Ordering::Relaxed) == 0
+            && self.pool.surely_ours(objs)
+        {
+            // SAFETY: len + objs.len() <= flush threshold < capacity.
+            unsafe { copy_ptrs(objs.as_ptr(), self.objs.add(len as usize), objs.len()) };
+            self.slot
+                .len
+                .store(len + objs.len() as u32, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.pool.put_slow(objs)
+    }
+
+    /// Returns the cached objects to the backend
+    /// ([`Mempool::cache_flush`]).
+    pub fn flush(&self) -> Result<(), MempoolError> {
+        self.pool.cache_flush()
+    }
+}
+
+impl Drop for LcoreCache<'_, '_> {
+    fn drop(&mut self) {
+        crate::lcore::cache_handle_dropped();
+    }
 }
 
 /// A user-owned cache (DPDK's `rte_mempool_cache_create`): process-local,
