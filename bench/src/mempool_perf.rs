@@ -28,6 +28,10 @@
 //! `dpdk-test mempool_perf_autotest` output as a column (a check that the C
 //! program measures what the autotest does).
 
+// The get/put wrappers and the loop must inline into each call site, so
+// constant bulk sizes stay constant (the autotest's constant_n rows).
+#![allow(clippy::inline_always)]
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Barrier;
@@ -102,7 +106,6 @@ impl Ops for UserCacheOps<'_, '_> {
 /// The autotest's `test_loop`; inlined into each call site so that
 /// constant sizes stay constant (its `constant_n=1` rows).
 #[inline(always)]
-#[allow(clippy::inline_always)]
 fn test_loop(
     o: &mut impl Ops,
     table: &mut [*mut u8; MAX_KEEP],
@@ -422,15 +425,15 @@ pub struct CompareOpts<'a> {
 }
 
 /// `compare mempool`; returns the process exit code.
-pub fn compare(o: &CompareOpts<'_>) -> i32 {
-    let (runs, secs) = (o.runs, o.secs);
+pub fn compare(opts: &CompareOpts<'_>) -> i32 {
+    let (runs, secs) = (opts.runs, opts.secs);
     let mut dpdk: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut ours: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut tracked: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for run in 1..=runs {
-        eprintln!("run {run}/{runs}: {} ...", o.bin);
-        let d = match run_dpdk(o.bin, secs, o.all_bulks) {
+        eprintln!("run {run}/{runs}: {} ...", opts.bin);
+        let d = match run_dpdk(opts.bin, secs, opts.all_bulks) {
             Ok(t) => parse(&t),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -438,7 +441,7 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
             }
         };
         let mut sides = vec![(false, &mut ours)];
-        if o.tracking {
+        if opts.tracking {
             sides.push((true, &mut tracked));
         }
         for (tracking, into) in sides {
@@ -446,7 +449,7 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
                 "run {run}/{runs}: memplane mempool-perf{} ...",
                 if tracking { " --leak-tracking" } else { "" }
             );
-            match run_ours(secs, o.all_bulks, tracking) {
+            match run_ours(secs, opts.all_bulks, tracking) {
                 Ok(t) => {
                     for (k, v) in parse(&t) {
                         into.entry(k).or_default().push(v);
@@ -465,7 +468,7 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
             dpdk.entry(k).or_default().push(v);
         }
     }
-    let autotest: BTreeMap<String, f64> = o
+    let autotest: BTreeMap<String, f64> = opts
         .dpdk_output
         .and_then(|f| std::fs::read_to_string(f).ok())
         .map(|t| parse(&t).into_iter().collect())
@@ -474,7 +477,7 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
         "\nmempool_perf_autotest rows (1 and 2 cores): DPDK 22.11 (bench/dpdk/mempool_perf.c) vs memplane mirror, medians of {runs} alternating runs, {secs} s per row"
     );
     println!("rate = objects got and put back per second (2 cores: sum of both); ratio = memplane / DPDK (> 1.00: memplane faster); target: ratio >= {TARGET:.2}");
-    if o.tracking {
+    if opts.tracking {
         println!("track = memplane with leak tracking on; t/off = track / memplane (its cost)");
     }
     if !autotest.is_empty() {
@@ -485,7 +488,7 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
         "{:<78} {:>11} {:>11} {:>6} {:>6}",
         "test", "DPDK", "memplane", "ratio", "target"
     );
-    if o.tracking {
+    if opts.tracking {
         let _ =
             std::fmt::Write::write_fmt(&mut head, format_args!(" {:>11} {:>6}", "track", "t/off"));
     }
@@ -497,10 +500,10 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
     let mut below = 0;
     let mut track_ratios = Vec::new();
     for k in &order {
-        let d = dpdk.get_mut(k).map(|v| crate::compare::median(v));
-        let m = ours.get_mut(k).map(|v| crate::compare::median(v));
+        let dp = dpdk.get_mut(k).map(|v| crate::compare::median(v));
+        let mp = ours.get_mut(k).map(|v| crate::compare::median(v));
         let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
-        let (ratio, mark) = match (d, m) {
+        let (ratio, mark) = match (dp, mp) {
             (Some(d), Some(m)) if d > 0.0 => {
                 worst = worst.min(m / d);
                 if m / d < TARGET {
@@ -513,10 +516,10 @@ pub fn compare(o: &CompareOpts<'_>) -> i32 {
             }
             _ => ("-".into(), "-"),
         };
-        let mut line = format!("{k:<78} {:>11} {:>11} {ratio:>6} {mark:>6}", f(d), f(m));
-        if o.tracking {
+        let mut line = format!("{k:<78} {:>11} {:>11} {ratio:>6} {mark:>6}", f(dp), f(mp));
+        if opts.tracking {
             let t = tracked.get_mut(k).map(|v| crate::compare::median(v));
-            let tr = match (t, m) {
+            let tr = match (t, mp) {
                 (Some(t), Some(m)) if m > 0.0 => {
                     track_ratios.push(t / m);
                     format!("{:.2}", t / m)

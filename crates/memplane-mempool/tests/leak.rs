@@ -154,8 +154,8 @@ fn switching_off_then_on_starts_a_clean_table() {
     let inst = instance("leak_switch");
     let mem = &inst.mem;
     let pool = Mempool::create(mem, "switch", &MempoolConfig::new(200, 32)).unwrap();
-    let mut a = vec![std::ptr::null_mut(); 5];
-    pool.get_bulk(&mut a).unwrap();
+    let mut before = vec![std::ptr::null_mut(); 5];
+    pool.get_bulk(&mut before).unwrap();
     // Never switched on: no table to report from.
     assert!(matches!(
         pool.outstanding(),
@@ -169,14 +169,14 @@ fn switching_off_then_on_starts_a_clean_table() {
     // Taken before tracking: untracked.
     let r = pool.leak_report().unwrap();
     assert_eq!((r.in_use, r.tracked, r.untracked), (5, 0, 5), "{r}");
-    let mut b = vec![std::ptr::null_mut(); 4];
+    let mut tagged = vec![std::ptr::null_mut(); 4];
     set_caller_tag(7);
-    pool.get_bulk(&mut b).unwrap();
+    pool.get_bulk(&mut tagged).unwrap();
     set_caller_tag(0);
     let out = pool.outstanding().unwrap();
     assert_eq!(
         out.iter().map(|o| o.addr).collect::<BTreeSet<_>>(),
-        addrs(&b)
+        addrs(&tagged)
     );
     assert!(out
         .iter()
@@ -184,9 +184,9 @@ fn switching_off_then_on_starts_a_clean_table() {
     // Off: nothing recorded or cleared; the old records stay readable.
     pool.set_leak_tracking(false).unwrap();
     assert!(!pool.leak_tracking());
-    let mut c = vec![std::ptr::null_mut(); 3];
-    pool.get_bulk(&mut c).unwrap();
-    pool.put_bulk(&b[..2]).unwrap();
+    let mut later = vec![std::ptr::null_mut(); 3];
+    pool.get_bulk(&mut later).unwrap();
+    pool.put_bulk(&tagged[..2]).unwrap();
     let r = pool.leak_report().unwrap();
     assert!(!r.tracking);
     assert_eq!(
@@ -197,25 +197,31 @@ fn switching_off_then_on_starts_a_clean_table() {
     pool.set_leak_tracking(true).unwrap();
     let r = pool.leak_report().unwrap();
     assert_eq!((r.in_use, r.tracked, r.untracked), (10, 0, 10), "{r}");
-    let mut d = vec![std::ptr::null_mut(); 6];
-    pool.get_bulk(&mut d).unwrap();
+    let mut fresh = vec![std::ptr::null_mut(); 6];
+    pool.get_bulk(&mut fresh).unwrap();
     assert_eq!(
         pool.outstanding()
             .unwrap()
             .iter()
             .map(|o| o.addr)
             .collect::<BTreeSet<_>>(),
-        addrs(&d)
+        addrs(&fresh)
     );
     // Switching on while on keeps the records.
     pool.set_leak_tracking(true).unwrap();
     assert_eq!(pool.outstanding().unwrap().len(), 6);
     // Sequence numbers grow: the newest get is last.
-    pool.get_bulk(&mut b[..1]).unwrap();
+    pool.get_bulk(&mut tagged[..1]).unwrap();
     let out = pool.outstanding().unwrap();
-    assert_eq!(out.last().unwrap().addr, b[0] as usize);
+    assert_eq!(out.last().unwrap().addr, tagged[0] as usize);
     assert!(out.windows(2).all(|w| w[0].owner.seq <= w[1].owner.seq));
-    for v in [&a[..], &b[..1], &b[2..], &c[..], &d[..]] {
+    for v in [
+        &before[..],
+        &tagged[..1],
+        &tagged[2..],
+        &later[..],
+        &fresh[..],
+    ] {
         pool.put_bulk(v).unwrap();
     }
     assert!(pool.outstanding().unwrap().is_empty());
