@@ -12,8 +12,8 @@
 //! A record: process id, thread id (gettid), lcore id (none for a thread
 //! without one), the caller's tag ([`set_caller_tag`] for the thread, or
 //! per call with [`Mempool::get_bulk_tagged`](crate::Mempool::get_bulk_tagged))
-//! and a sequence number from a per-pool counter (one per get call), so
-//! the oldest holders show first.
+//! and a sequence stamp of the get call (the TSC on x86_64, a per-pool
+//! counter elsewhere), so the oldest holders show first.
 //!
 //! Objects are recorded at the API boundary: objects in per-lcore caches
 //! are in the pool, not outstanding; objects in a user-owned
@@ -57,7 +57,8 @@ pub(crate) struct LeakHead {
     /// Records (objects of the pool).
     pub n: AtomicU32,
     _pad: [u8; 52],
-    /// The next sequence number (starts at 1; 0 marks a free record).
+    /// The next sequence number where there is no TSC (starts at 1; 0
+    /// marks a free record).
     pub seq: AtomicU64,
 }
 
@@ -133,7 +134,8 @@ pub struct Owner {
     pub lcore: Option<u32>,
     /// The caller tag.
     pub tag: u64,
-    /// Sequence number of the get (per pool, increasing).
+    /// Sequence stamp of the get (increasing: the TSC on x86_64, a
+    /// per-pool counter elsewhere).
     pub seq: u64,
 }
 

@@ -193,6 +193,9 @@ pub struct Mempool<'m> {
     cache_cap: u32,
     /// 1.5 x cache size: a cache above it is flushed.
     flush_thresh: u32,
+    /// `floor((2^64 - 1) / total_size) + 1`: object index by multiply
+    /// ([`div_by_recip`]).
+    total_recip: u64,
     cache_base: usize,
     cache_stride: usize,
     /// (start, end) of each chunk's objects: membership checks.
@@ -556,6 +559,7 @@ impl<'m> Mempool<'m> {
             cache_size: h.cache_size,
             cache_cap: h.cache_cap,
             flush_thresh: h.cache_size * 3 / 2,
+            total_recip: u64::MAX / u64::from(h.total_size.max(2)) + 1,
             cache_base: hdr.as_ptr() as usize + h.cache_off as usize,
             cache_stride: h.cache_stride as usize,
             ranges,
@@ -1659,14 +1663,25 @@ impl Mempool<'_> {
     }
 
     /// Index of an object this pool handed out or is taking back (checked
-    /// already): one division when the objects are in one zone.
+    /// already): a multiply by the object size's reciprocal after finding
+    /// its zone (directly with one zone, through the granule table with
+    /// several).
     #[inline]
     fn index_in_pool(&self, a: usize) -> Option<u32> {
         if self.obj_span != 0 {
             let off = a.wrapping_sub(self.obj_lo);
-            (off < self.obj_span).then(|| (off / self.total_size) as u32)
-        } else {
-            self.index_of(a)
+            return (off < self.obj_span)
+                .then(|| div_by_recip(off, self.total_size, self.total_recip) as u32);
+        }
+        let g = a.wrapping_sub(self.gran_base) >> GRAN_SHIFT;
+        match self.gran.get(g) {
+            Some(&k) if k != 0 && k != GRAN_MANY => {
+                let (start, end, first) = self.ranges[k as usize - 1];
+                let lo = start + self.header_size;
+                (a >= lo && a < end)
+                    .then(|| first + div_by_recip(a - lo, self.total_size, self.total_recip) as u32)
+            }
+            _ => self.index_of(a),
         }
     }
 
@@ -1679,7 +1694,7 @@ impl Mempool<'_> {
         };
         // SAFETY: our table.
         let recs = unsafe { self.leak_records(head) };
-        let seq = head.seq.fetch_add(1, Ordering::Relaxed);
+        let seq = get_stamp(head);
         let tag = tag.unwrap_or_else(caller_tag);
         let (pid, tid) = ids();
         let lcore = lcore.or_else(|| self.reg.current()).unwrap_or(u32::MAX);
@@ -1797,6 +1812,37 @@ fn granules(ranges: &[(usize, usize, u32)]) -> (usize, Box<[u8]>) {
         }
     }
     (base, t.into_boxed_slice())
+}
+
+/// The sequence stamp of a get: the TSC on x86_64 (invariant and
+/// synchronised across cores on the CPUs memplane runs on, so stamps order
+/// gets across threads and processes without a shared counter that every
+/// tracked get would bounce between cores), the table's counter elsewhere.
+/// Never 0 (0 marks a free record).
+#[inline]
+fn get_stamp(head: &LeakHead) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let _ = head;
+        // SAFETY: rdtsc has no memory effects; every x86_64 CPU has it.
+        unsafe { core::arch::x86_64::_rdtsc() }.max(1)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        head.seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// `off / d` with `recip = floor((2^64 - 1) / d) + 1`: exact for `off <
+/// 2^32` and `2 <= d <= 2^32` (the error of the multiply stays below `1 / d`),
+/// a plain division otherwise.
+#[inline]
+fn div_by_recip(off: usize, d: usize, recip: u64) -> usize {
+    if off >> 32 == 0 {
+        ((off as u128 * u128::from(recip)) >> 64) as usize
+    } else {
+        off / d
+    }
 }
 
 /// Granule (log2) of the "whole granule inside a zone's objects" table.
@@ -2153,6 +2199,38 @@ impl MempoolCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn division_by_reciprocal_is_exact() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for d in [
+            2usize,
+            8,
+            40,
+            64,
+            128,
+            2112,
+            4160,
+            65_535,
+            1 << 20,
+            (1 << 31) - 8,
+        ] {
+            let recip = u64::MAX / d as u64 + 1;
+            for off in [0usize, 1, d - 1, d, d + 1, (1 << 32) - 1, 1 << 32, 1 << 40] {
+                assert_eq!(div_by_recip(off, d, recip), off / d, "{off} / {d}");
+            }
+            for _ in 0..20_000 {
+                let off = (next() >> 32) as usize;
+                assert_eq!(div_by_recip(off, d, recip), off / d, "{off} / {d}");
+            }
+        }
+    }
 
     #[test]
     fn full_granule_table_marks_only_granules_wholly_inside_objects() {
