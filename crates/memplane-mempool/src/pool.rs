@@ -886,7 +886,32 @@ impl<'m> Mempool<'m> {
         if self.get_cached_fast(out) {
             return Ok(());
         }
+        if self.cache_size == 0 && !cfg!(debug_assertions) {
+            return self.get_uncached(out);
+        }
         self.get_impl(out, None)
+    }
+
+    /// Get from a pool without caches: the backend, nothing else (a small
+    /// function of its own, so the ring call is not weighed down by the
+    /// general path's cache code).
+    #[inline(never)]
+    fn get_uncached(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.b_dequeue(out)?;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_get(out, None, None);
+        }
+        Ok(())
+    }
+
+    /// Put into a pool without caches: the checks and the backend.
+    #[inline(never)]
+    fn put_uncached(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.check_put(objs)?;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_put(objs);
+        }
+        self.b_enqueue(objs)
     }
 
     /// The hot get: `out.len()` objects straight from the calling
@@ -1019,6 +1044,9 @@ impl<'m> Mempool<'m> {
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         if self.put_cached_fast(objs) {
             return Ok(());
+        }
+        if self.cache_size == 0 && !cfg!(debug_assertions) {
+            return self.put_uncached(objs);
         }
         self.put_slow(objs)
     }
