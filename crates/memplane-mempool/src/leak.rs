@@ -12,8 +12,9 @@
 //! A record: process id, thread id (gettid), lcore id (none for a thread
 //! without one), the caller's tag ([`set_caller_tag`] for the thread, or
 //! per call with [`Mempool::get_bulk_tagged`](crate::Mempool::get_bulk_tagged))
-//! and a sequence stamp of the get call (the TSC on x86_64, a per-pool
-//! counter elsewhere), so the oldest holders show first.
+//! and a sequence number of the get call (a per-pool counter in the
+//! table, one atomic add per tracked get call), so the oldest holders
+//! show first.
 //!
 //! Objects are recorded at the API boundary: objects in per-lcore caches
 //! are in the pool, not outstanding; objects in a user-owned
@@ -57,8 +58,7 @@ pub(crate) struct LeakHead {
     /// Records (objects of the pool).
     pub n: AtomicU32,
     _pad: [u8; 52],
-    /// The next sequence number where there is no TSC (starts at 1; 0
-    /// marks a free record).
+    /// The next sequence number (starts at 1; 0 marks a free record).
     pub seq: AtomicU64,
 }
 
@@ -134,8 +134,7 @@ pub struct Owner {
     pub lcore: Option<u32>,
     /// The caller tag.
     pub tag: u64,
-    /// Sequence stamp of the get (increasing: the TSC on x86_64, a
-    /// per-pool counter elsewhere).
+    /// Sequence number of the get (per pool, increasing).
     pub seq: u64,
 }
 
