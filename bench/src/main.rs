@@ -6,9 +6,10 @@
 //!   `dpdk-test ring_perf_autotest` and the mirror alternately N times and
 //!   prints medians side by side with the ratio.
 //! - `memplane-bench compare mempool --mempool-bin B [--runs N] [--secs S]
-//!   [--dpdk-output FILE]`: DPDK 22.11 `mempool_perf_autotest` 1-core rows
-//!   (B = `bench/dpdk/mempool_perf_1core.c`) vs memplane's mirror
-//!   (`mempool-perf [--secs S]`).
+//!   [--all-bulks] [--tracking] [--dpdk-output FILE]`: DPDK 22.11
+//!   `mempool_perf_autotest` 1- and 2-core rows (B =
+//!   `bench/dpdk/mempool_perf.c`) vs memplane's mirror (`mempool-perf
+//!   [--secs S] [--all-bulks] [--leak-tracking] [--only SUBSTRING]`).
 //! - `memplane-bench compare mbuf --mbuf-bin B [--runs N] [--secs S]`:
 //!   `rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_free_bulk` (B =
 //!   `bench/dpdk/mbuf_perf.c`) vs memplane's `MbufPool::alloc_bulk` +
@@ -115,15 +116,17 @@ fn main() {
         }
         (Some("compare"), Some("mempool")) => {
             let Some(bin) = flag(&args, "--mempool-bin") else {
-                eprintln!("compare mempool needs --mempool-bin <mempool_perf_1core binary> (bench/compare builds it)");
+                eprintln!("compare mempool needs --mempool-bin <bench/dpdk/mempool_perf binary> (bench/compare builds it)");
                 std::process::exit(2);
             };
-            std::process::exit(mempool_perf::compare(
-                &bin,
-                flag(&args, "--runs").map_or(3, |s| s.parse().expect("--runs N")),
-                flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
-                flag(&args, "--dpdk-output").as_deref(),
-            ))
+            std::process::exit(mempool_perf::compare(&mempool_perf::CompareOpts {
+                bin: &bin,
+                runs: flag(&args, "--runs").map_or(3, |s| s.parse().expect("--runs N")),
+                secs: flag(&args, "--secs").map_or(0.2, |s| s.parse().expect("--secs S")),
+                dpdk_output: flag(&args, "--dpdk-output").as_deref(),
+                all_bulks: args.iter().any(|a| a == "--all-bulks"),
+                tracking: args.iter().any(|a| a == "--tracking"),
+            }))
         }
         (Some("compare"), Some("mbuf")) => {
             let Some(bin) = flag(&args, "--mbuf-bin") else {
@@ -144,7 +147,10 @@ fn main() {
         )),
         (Some("mempool-perf"), _) => std::process::exit(mempool_perf::run(
             &prefix(),
-            flag(&args, "--secs").map_or(1.0, |s| s.parse().expect("--secs S")),
+            flag(&args, "--secs").map_or(0.2, |s| s.parse().expect("--secs S")),
+            args.iter().any(|a| a == "--all-bulks"),
+            args.iter().any(|a| a == "--leak-tracking"),
+            flag(&args, "--only").as_deref(),
         )),
         (Some("malloc-perf"), _) => std::process::exit(malloc_perf::run(&prefix())),
         (Some("malloc-aligned"), _) => std::process::exit(malloc_perf::run_aligned(&prefix())),

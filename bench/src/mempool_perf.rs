@@ -1,88 +1,222 @@
 //! `mempool-perf`: memplane's mirror of DPDK 22.11 `mempool_perf_autotest`
-//! (test_mempool_perf.c), one core: pools of 2048-byte objects, size
-//! `2 x (512 + 512) - 1` (DPDK's formula with `-l 0-1`), without cache,
-//! with a 512-object per-lcore cache, and without cache through a
-//! user-owned cache of 512. For each n_keep in {32, 128} and get/put bulk
-//! sizes in {1, 4, 32}: repeat until `--secs` elapsed: N/n_keep rounds of
+//! (app/test/test_mempool_perf.c) for 1 and 2 cores: pools of 2048-byte
+//! objects, size `2 x (512 + 512) - 1` (the autotest's formula with 2
+//! lcores), without cache, with a 512-object per-lcore cache (looked up
+//! once per thread, `Mempool::lcore_cache`, as the autotest passes
+//! `rte_mempool_default_cache()` to every call), and without
+//! cache through one user-owned cache of 512 per thread. For each core
+//! count, get/put bulk sizes in {1, 4, 8, 32} (get == put unless
+//! `--all-bulks`, which gives the autotest's cross product) and n_keep in
+//! {32, 128, 512}: every thread repeats `test_loop` (N/n_keep rounds of
 //! [get n_keep objects in bulks of n_get_bulk, put them back in bulks of
-//! n_put_bulk]; rate_persec = objects / seconds (one object = one get+put).
-//! Lines are printed in DPDK's format, under DPDK's section headers.
+//! n_put_bulk], N = 65536) until `--secs` elapsed; rows with get == put
+//! are replayed with compile-time constant sizes (`constant_n=1`), as the
+//! autotest does. 2-core rows: two threads pinned to CPUs 0 and 1, each
+//! with its own lcore id (`register_thread`), released together on the
+//! same pool; the rate is the sum of both threads' objects / seconds (one
+//! object = one get + put). Lines are printed in DPDK's format, under
+//! DPDK's section headers. `--leak-tracking` switches the pools' leak
+//! tracking on first (to measure what it costs).
 //!
-//! `compare mempool` runs DPDK's side, `bench/dpdk/mempool_perf_1core.c`
-//! (the autotest's 1-core loop on its own, since `dpdk-test
-//! mempool_perf_autotest` runs every row for 1, 2 and all cores at 5 s each,
-//! ~45 min here), and this mirror alternately `--runs` times with `--secs`
-//! per row, and prints medians side by side. `--dpdk-output FILE` adds the
-//! 1-core rows of a saved `dpdk-test mempool_perf_autotest` output as a
-//! third column (a check that the C program measures what the autotest
-//! does).
+//! `compare mempool` runs DPDK's side, `bench/dpdk/mempool_perf.c` (the
+//! autotest's loops for 1 and 2 cores on their own, since `dpdk-test
+//! mempool_perf_autotest` runs every row for 1, 2 and all cores at 5 s
+//! each), and this mirror alternately `--runs` times with `--secs` per
+//! row, and prints medians side by side with the ratio and the target
+//! (memplane >= 1.00 x DPDK). `--tracking` adds a column: memplane with
+//! leak tracking on. `--dpdk-output FILE` adds the rows of a saved
+//! `dpdk-test mempool_perf_autotest` output as a column (a check that the C
+//! program measures what the autotest does).
+
+// The get/put wrappers and the loop must inline into each call site, so
+// constant bulk sizes stay constant (the autotest's constant_n rows).
+#![allow(clippy::inline_always)]
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use memplane_mempool::{register_thread, Mempool, MempoolCache, MempoolConfig};
+use memplane::Memory;
+use memplane_mempool::{
+    register_thread, LcoreCache, Mempool, MempoolCache, MempoolConfig, MempoolError,
+};
 
 const N: usize = 65536;
 const ELT: u32 = 2048;
-const MAX_KEEP: u32 = 512;
+const MAX_KEEP: usize = 512;
 const CACHE: u32 = 512;
+/// The autotest runs here with 2 lcores (`-l 0-1`): its pool size is
+/// `rte_lcore_count() x (MAX_KEEP + cache) - 1`.
 const LCORES: u32 = 2;
+const BULKS: [usize; 4] = [1, 4, 8, 32];
+const KEEPS: [usize; 3] = [32, 128, 512];
+/// The target: memplane at least as fast as DPDK on every row.
+const TARGET: f64 = 1.0;
+
+/// The get/put pair one thread uses: the pool's own (per-lcore cache or
+/// none) or through a user-owned cache.
+trait Ops {
+    fn get(&mut self, out: &mut [*mut u8]) -> Result<(), MempoolError>;
+    fn put(&mut self, objs: &[*mut u8]) -> Result<(), MempoolError>;
+}
+
+struct PoolOps<'a, 'm>(&'a Mempool<'m>);
+
+impl Ops for PoolOps<'_, '_> {
+    #[inline(always)]
+    fn get(&mut self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.0.get_bulk(out)
+    }
+    #[inline(always)]
+    fn put(&mut self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.0.put_bulk(objs)
+    }
+}
+
+/// The thread's lcore cache, looked up once per thread, as the autotest
+/// does (`rte_mempool_default_cache(mp, lcore_id)` passed to every
+/// `rte_mempool_generic_get/put`).
+struct LcoreOps<'a, 'p, 'm>(&'a LcoreCache<'p, 'm>);
+
+impl Ops for LcoreOps<'_, '_, '_> {
+    #[inline(always)]
+    fn get(&mut self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.0.get_bulk(out)
+    }
+    #[inline(always)]
+    fn put(&mut self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.0.put_bulk(objs)
+    }
+}
+
+struct UserCacheOps<'a, 'm>(&'a Mempool<'m>, MempoolCache);
+
+impl Ops for UserCacheOps<'_, '_> {
+    #[inline(always)]
+    fn get(&mut self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.0.get_bulk_with(&mut self.1, out)
+    }
+    #[inline(always)]
+    fn put(&mut self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.0.put_bulk_with(&mut self.1, objs)
+    }
+}
+
+/// The autotest's `test_loop`; inlined into each call site so that
+/// constant sizes stay constant (its `constant_n=1` rows).
+#[inline(always)]
+fn test_loop(
+    o: &mut impl Ops,
+    table: &mut [*mut u8; MAX_KEEP],
+    keep: usize,
+    get: usize,
+    put: usize,
+) -> Result<(), MempoolError> {
+    for _ in 0..N / keep {
+        let mut idx = 0;
+        while idx < keep {
+            o.get(&mut table[idx..idx + get])?;
+            idx += get;
+        }
+        idx = 0;
+        while idx < keep {
+            o.put(&table[idx..idx + put])?;
+            idx += put;
+        }
+    }
+    Ok(())
+}
 
 #[derive(Clone, Copy)]
+struct Row {
+    get: usize,
+    put: usize,
+    keep: usize,
+    constant: bool,
+}
+
+/// One thread's part of a row: objects and seconds.
+fn per_thread(o: &mut impl Ops, r: Row, secs: f64, start: &Barrier) -> Result<(u64, f64), String> {
+    #[repr(align(64))]
+    struct Table([*mut u8; MAX_KEEP]);
+    let mut t = Table([std::ptr::null_mut(); MAX_KEEP]);
+    let table = &mut t.0;
+    let limit = Duration::from_secs_f64(secs);
+    start.wait();
+    let t0 = Instant::now();
+    let mut count = 0u64;
+    loop {
+        let res = match (r.constant, r.get) {
+            (false, _) => test_loop(o, table, r.keep, r.get, r.put),
+            (true, 1) => test_loop(o, table, r.keep, 1, 1),
+            (true, 4) => test_loop(o, table, r.keep, 4, 4),
+            (true, 8) => test_loop(o, table, r.keep, 8, 8),
+            (true, 32) => test_loop(o, table, r.keep, 32, 32),
+            (true, g) => return Err(format!("no constant variant for bulk {g}")),
+        };
+        res.map_err(|e| format!("get/put failed: {e}"))?;
+        count += N as u64;
+        if t0.elapsed() >= limit {
+            break;
+        }
+    }
+    Ok((count, t0.elapsed().as_secs_f64()))
+}
+
+#[derive(Clone, Copy, PartialEq)]
 enum Mode {
     NoCache,
     Cache,
     UserCache,
 }
 
-fn one(pool: &Mempool<'_>, mode: Mode, get: usize, put: usize, keep: usize, secs: f64) -> u64 {
-    let mut table = vec![std::ptr::null_mut(); keep];
-    let mut uc = MempoolCache::new(CACHE).expect("cache");
-    let limit = Duration::from_secs_f64(secs);
-    let start = Instant::now();
-    let mut count = 0u64;
-    loop {
-        for _ in 0..N / keep {
-            let mut idx = 0;
-            while idx < keep {
-                let s = &mut table[idx..idx + get];
-                let r = match mode {
-                    Mode::UserCache => pool.get_bulk_with(&mut uc, s),
-                    _ => pool.get_bulk(s),
-                };
-                if let Err(e) = r {
-                    eprintln!("get failed: {e}");
-                    std::process::exit(1);
-                }
-                idx += get;
-            }
-            idx = 0;
-            while idx < keep {
-                let s = &table[idx..idx + put];
-                let r = match mode {
-                    Mode::UserCache => pool.put_bulk_with(&mut uc, s),
-                    _ => pool.put_bulk(s),
-                };
-                r.expect("put");
-                idx += put;
-            }
-        }
-        count += N as u64;
-        if start.elapsed() >= limit {
-            break;
-        }
+/// One row on `cores` threads; objects per second, summed.
+fn launch(
+    mem: &Memory,
+    pool: &Mempool<'_>,
+    mode: Mode,
+    cores: usize,
+    r: Row,
+    secs: f64,
+) -> Result<f64, String> {
+    let start = Barrier::new(cores);
+    let results: Vec<Result<(u64, f64), String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..cores)
+            .map(|cpu| {
+                let start = &start;
+                s.spawn(move || {
+                    crate::pin(cpu);
+                    register_thread(mem).map_err(|e| format!("lcore id: {e}"))?;
+                    if mode == Mode::UserCache {
+                        let uc = MempoolCache::new(CACHE).map_err(|e| e.to_string())?;
+                        let mut o = UserCacheOps(pool, uc);
+                        let r = per_thread(&mut o, r, secs, start);
+                        o.1.flush(pool).map_err(|e| format!("flush: {e}"))?;
+                        r
+                    } else if mode == Mode::Cache {
+                        let lc = pool.lcore_cache().ok_or("no lcore cache")?;
+                        per_thread(&mut LcoreOps(&lc), r, secs, start)
+                    } else {
+                        per_thread(&mut PoolOps(pool), r, secs, start)
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let mut rate = 0.0;
+    for res in results {
+        let (count, el) = res?;
+        rate += count as f64 / el;
     }
-    let el = start.elapsed().as_secs_f64();
-    if matches!(mode, Mode::UserCache) {
-        uc.flush(pool).expect("flush");
-    }
-    (count as f64 / el) as u64
+    Ok(rate)
 }
 
 /// Runs the mirror; returns the process exit code.
-pub fn run(prefix: &str, secs: f64) -> i32 {
-    crate::pin(0);
+pub fn run(prefix: &str, secs: f64, all_bulks: bool, tracking: bool, only: Option<&str>) -> i32 {
     let (mem, _tmp) = match crate::malloc_perf::instance(prefix) {
         Ok(v) => v,
         Err(e) => {
@@ -90,22 +224,39 @@ pub fn run(prefix: &str, secs: f64) -> i32 {
             return 1;
         }
     };
-    let size = LCORES * (MAX_KEEP + CACHE) - 1;
+    let size = LCORES * (MAX_KEEP as u32 + CACHE) - 1;
     let mk = |name: &str, cache| {
-        Mempool::create(&mem, name, &MempoolConfig::new(size, ELT).cache_size(cache))
-            .expect("create pool")
+        let p = Mempool::create_with(
+            &mem,
+            name,
+            &MempoolConfig::new(size, ELT).cache_size(cache),
+            // The autotest's my_obj_init: zero the element, object
+            // number in its first 4 bytes.
+            |i, e| {
+                // SAFETY: `e` is an element of ELT bytes, not yet published.
+                unsafe {
+                    std::ptr::write_bytes(e, 0, ELT as usize);
+                    e.cast::<u32>().write_unaligned(i);
+                }
+            },
+        )
+        .expect("create pool");
+        if tracking {
+            p.set_leak_tracking(true).expect("leak tracking");
+        }
+        p
     };
     let nocache = mk("perf_test_nocache", 0);
     let cache = mk("perf_test_cache", CACHE);
-    register_thread(&mem).expect("lcore id");
     for p in [&nocache, &cache] {
         eprintln!(
-            "{}: {} objects of {} bytes in {} memzone(s), handler {}",
+            "{}: {} objects of {} bytes in {} memzone(s), handler {}, leak tracking {}",
             p.name(),
             p.size(),
             p.obj_size().total_size,
             p.chunks().len(),
-            p.handler()
+            p.handler(),
+            if p.leak_tracking() { "on" } else { "off" }
         );
     }
     for (title, pool, mode) in [
@@ -122,76 +273,106 @@ pub fn run(prefix: &str, secs: f64) -> i32 {
         ),
     ] {
         println!("{title}");
-        for get in [1usize, 4, 32] {
-            for put in [1usize, 4, 32] {
-                for keep in [32usize, 128] {
-                    assert_eq!(pool.avail_count(), size, "mempool is not full");
-                    let c = if matches!(mode, Mode::NoCache) {
-                        0
-                    } else {
-                        CACHE
-                    };
-                    let rate = one(pool, mode, get, put, keep, secs);
-                    pool.cache_flush().expect("flush");
-                    println!(
-                        "mempool_autotest cache={c} cores=1 n_get_bulk={get} n_put_bulk={put} n_keep={keep} constant_n=0 rate_persec={rate}"
-                    );
+        for cores in 1..=2 {
+            for get in BULKS {
+                for put in BULKS {
+                    if !all_bulks && get != put {
+                        continue;
+                    }
+                    for keep in KEEPS {
+                        for constant in [false, true] {
+                            if constant && get != put {
+                                continue;
+                            }
+                            if pool.avail_count() != size {
+                                println!("mempool is not full");
+                                return 1;
+                            }
+                            let c = if mode == Mode::NoCache { 0 } else { CACHE };
+                            let line = format!(
+                                "mempool_autotest cache={c} cores={cores} n_get_bulk={get} n_put_bulk={put} n_keep={keep} constant_n={}",
+                                u8::from(constant)
+                            );
+                            if only.is_some_and(|o| !format!("{title} {line}").contains(o)) {
+                                continue;
+                            }
+                            let r = Row {
+                                get,
+                                put,
+                                keep,
+                                constant,
+                            };
+                            match launch(&mem, pool, mode, cores, r, secs) {
+                                Ok(rate) => println!("{line} rate_persec={}", rate as u64),
+                                Err(e) => {
+                                    println!("per-lcore test failed: {e}");
+                                    return 1;
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
     }
-    nocache.free().expect("free");
-    cache.free().expect("free");
+    if let Err(e) = nocache.free().and_then(|()| cache.free()) {
+        eprintln!("free: {e}");
+        return 1;
+    }
     0
 }
 
-/// (section, row) -> rate, 1-core rows only.
+/// (section + row) -> rate, 1- and 2-core rows.
 fn parse(out: &str) -> Vec<(String, f64)> {
     let mut section = String::new();
     let mut v = Vec::new();
     for l in out.lines() {
         let l = l.trim();
         if let Some(s) = l.strip_prefix("start performance test") {
-            section = s.trim().to_string();
+            section = s.trim().trim_matches(|c| c == '(' || c == ')').to_string();
             continue;
         }
         let Some(i) = l.find("mempool_autotest cache=") else {
             continue;
         };
         let l = &l[i..];
-        if !l.contains(" cores=1 ") || l.contains("constant_n=1") {
+        if !(l.contains(" cores=1 ") || l.contains(" cores=2 ")) {
             continue;
         }
-        let l = l.replace(" constant_n=0", "");
-        if let Some((k, r)) = l.as_str().rsplit_once(" rate_persec=") {
+        if let Some((k, r)) = l.rsplit_once(" rate_persec=") {
             if let Ok(r) = r.trim().parse::<f64>() {
-                v.push((
-                    format!("{section} {}", k.trim_start_matches("mempool_autotest ")),
-                    r,
-                ));
+                let k = k
+                    .trim_start_matches("mempool_autotest ")
+                    .replace("n_get_bulk", "get")
+                    .replace("n_put_bulk", "put")
+                    .replace("n_keep", "keep")
+                    .replace("constant_n", "const");
+                v.push((format!("{section}: {k}"), r));
             }
         }
     }
     v
 }
 
-fn run_dpdk(bin: &str, secs: f64) -> Result<String, String> {
+fn run_dpdk(bin: &str, secs: f64, all_bulks: bool) -> Result<String, String> {
     let prefix = format!("mpmempool{}", std::process::id());
-    let out = Command::new(bin)
-        .args([
-            "--no-huge",
-            "-m",
-            "512",
-            "--no-pci",
-            "-l",
-            "0",
-            "--file-prefix",
-            &prefix,
-            "--",
-        ])
-        .arg(secs.to_string())
-        .output()
-        .map_err(|e| format!("cannot run {bin}: {e}"));
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--no-huge",
+        "-m",
+        "512",
+        "--no-pci",
+        "-l",
+        "0-1",
+        "--file-prefix",
+        &prefix,
+        "--",
+    ])
+    .arg(secs.to_string());
+    if all_bulks {
+        cmd.arg("all");
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run {bin}: {e}"));
     crate::compare_mem::remove_dpdk_runtime_dir(&prefix);
     let out = out?;
     if !out.status.success() {
@@ -204,88 +385,167 @@ fn run_dpdk(bin: &str, secs: f64) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_ours(secs: f64) -> Result<String, String> {
+fn run_ours(secs: f64, all_bulks: bool, tracking: bool) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let o = Command::new(exe)
-        .args(["mempool-perf", "--secs", &secs.to_string()])
+    let mut cmd = Command::new(exe);
+    cmd.args(["mempool-perf", "--secs", &secs.to_string()]);
+    if all_bulks {
+        cmd.arg("--all-bulks");
+    }
+    if tracking {
+        cmd.arg("--leak-tracking");
+    }
+    let o = cmd
         .output()
         .map_err(|e| format!("cannot run mempool-perf: {e}"))?;
     if !o.status.success() {
         return Err(format!(
-            "memplane mempool-perf failed: {}",
+            "memplane mempool-perf failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         ));
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
+/// Options of `compare mempool`.
+pub struct CompareOpts<'a> {
+    /// The DPDK program (`bench/dpdk/mempool_perf.c`).
+    pub bin: &'a str,
+    /// Alternating runs.
+    pub runs: usize,
+    /// Seconds per row.
+    pub secs: f64,
+    /// A saved `dpdk-test mempool_perf_autotest` output.
+    pub dpdk_output: Option<&'a str>,
+    /// Every get/put bulk pair, not only get == put.
+    pub all_bulks: bool,
+    /// Also run memplane with leak tracking on (an extra column).
+    pub tracking: bool,
+}
+
 /// `compare mempool`; returns the process exit code.
-pub fn compare(bin: &str, runs: usize, secs: f64, dpdk_output: Option<&str>) -> i32 {
+pub fn compare(opts: &CompareOpts<'_>) -> i32 {
+    let (runs, secs) = (opts.runs, opts.secs);
     let mut dpdk: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut ours: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut tracked: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for run in 1..=runs {
-        eprintln!("run {run}/{runs}: {bin} ...");
-        let d = match run_dpdk(bin, secs) {
+        eprintln!("run {run}/{runs}: {} ...", opts.bin);
+        let d = match run_dpdk(opts.bin, secs, opts.all_bulks) {
             Ok(t) => parse(&t),
             Err(e) => {
                 eprintln!("error: {e}");
                 return 1;
             }
         };
-        eprintln!("run {run}/{runs}: memplane mempool-perf ...");
-        let m = match run_ours(secs) {
-            Ok(t) => parse(&t),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return 1;
+        let mut sides = vec![(false, &mut ours)];
+        if opts.tracking {
+            sides.push((true, &mut tracked));
+        }
+        for (tracking, into) in sides {
+            eprintln!(
+                "run {run}/{runs}: memplane mempool-perf{} ...",
+                if tracking { " --leak-tracking" } else { "" }
+            );
+            match run_ours(secs, opts.all_bulks, tracking) {
+                Ok(t) => {
+                    for (k, v) in parse(&t) {
+                        into.entry(k).or_default().push(v);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
             }
-        };
+        }
         for (k, v) in d {
             if !order.contains(&k) {
                 order.push(k.clone());
             }
             dpdk.entry(k).or_default().push(v);
         }
-        for (k, v) in m {
-            ours.entry(k).or_default().push(v);
-        }
     }
-    let autotest: BTreeMap<String, f64> = dpdk_output
+    let autotest: BTreeMap<String, f64> = opts
+        .dpdk_output
         .and_then(|f| std::fs::read_to_string(f).ok())
         .map(|t| parse(&t).into_iter().collect())
         .unwrap_or_default();
     println!(
-        "\nmempool_perf_autotest 1-core rows: DPDK 22.11 (bench/dpdk/mempool_perf_1core.c) vs memplane mirror, medians of {runs} alternating runs, {secs} s per row"
+        "\nmempool_perf_autotest rows (1 and 2 cores): DPDK 22.11 (bench/dpdk/mempool_perf.c) vs memplane mirror, medians of {runs} alternating runs, {secs} s per row"
     );
-    println!("rate = objects got and put back per second; ratio = memplane / DPDK (> 1.00: memplane faster)");
+    println!("rate = objects got and put back per second (2 cores: sum of both); ratio = memplane / DPDK (> 1.00: memplane faster); target: ratio >= {TARGET:.2}");
+    if opts.tracking {
+        println!("track = memplane with leak tracking on; t/off = track / memplane (its cost)");
+    }
     if !autotest.is_empty() {
         println!("autotest = the same row in the saved dpdk-test mempool_perf_autotest output (5 s per row)");
     }
     println!();
-    println!(
-        "{:<88} {:>11} {:>11} {:>6} {:>11}",
-        "test", "DPDK", "memplane", "ratio", "autotest"
+    let mut head = format!(
+        "{:<78} {:>11} {:>11} {:>6} {:>6}",
+        "test", "DPDK", "memplane", "ratio", "target"
     );
+    if opts.tracking {
+        let _ =
+            std::fmt::Write::write_fmt(&mut head, format_args!(" {:>11} {:>6}", "track", "t/off"));
+    }
+    if !autotest.is_empty() {
+        let _ = std::fmt::Write::write_fmt(&mut head, format_args!(" {:>11}", "autotest"));
+    }
+    println!("{head}");
     let mut worst = f64::INFINITY;
+    let mut below = 0;
+    let mut track_ratios = Vec::new();
     for k in &order {
-        let d = dpdk.get_mut(k).map(|v| crate::compare::median(v));
-        let m = ours.get_mut(k).map(|v| crate::compare::median(v));
+        let dp = dpdk.get_mut(k).map(|v| crate::compare::median(v));
+        let mp = ours.get_mut(k).map(|v| crate::compare::median(v));
         let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
-        let ratio = match (d, m) {
+        let (ratio, mark) = match (dp, mp) {
             (Some(d), Some(m)) if d > 0.0 => {
                 worst = worst.min(m / d);
-                format!("{:.2}", m / d)
+                if m / d < TARGET {
+                    below += 1;
+                }
+                (
+                    format!("{:.2}", m / d),
+                    if m / d >= TARGET { "ok" } else { "BELOW" },
+                )
             }
-            _ => "-".into(),
+            _ => ("-".into(), "-"),
         };
+        let mut line = format!("{k:<78} {:>11} {:>11} {ratio:>6} {mark:>6}", f(dp), f(mp));
+        if opts.tracking {
+            let t = tracked.get_mut(k).map(|v| crate::compare::median(v));
+            let tr = match (t, mp) {
+                (Some(t), Some(m)) if m > 0.0 => {
+                    track_ratios.push(t / m);
+                    format!("{:.2}", t / m)
+                }
+                _ => "-".into(),
+            };
+            let _ = std::fmt::Write::write_fmt(&mut line, format_args!(" {:>11} {tr:>6}", f(t)));
+        }
+        if !autotest.is_empty() {
+            let _ = std::fmt::Write::write_fmt(
+                &mut line,
+                format_args!(" {:>11}", f(autotest.get(k).copied())),
+            );
+        }
+        println!("{line}");
+    }
+    println!(
+        "\nworst ratio: {worst:.2}; rows below the target ({TARGET:.2}): {below} of {}",
+        order.len()
+    );
+    if !track_ratios.is_empty() {
+        let med = crate::compare::median(&mut track_ratios);
         println!(
-            "{k:<88} {:>11} {:>11} {ratio:>6} {:>11}",
-            f(d),
-            f(m),
-            f(autotest.get(k).copied())
+            "leak tracking on / off: median {med:.2} over {} rows",
+            track_ratios.len()
         );
     }
-    println!("\nworst ratio: {worst:.2}");
     0
 }

@@ -242,6 +242,29 @@ pub enum MempoolError {
         /// `align_of::<T>()`.
         align: usize,
     },
+    /// The thread still holds [`LcoreCache`](crate::LcoreCache) handles
+    /// on its lcore id, so the id cannot be released.
+    #[error("lcore {lcore} cannot be unregistered while this thread holds {handles} LcoreCache handle(s) on it; drop them first")]
+    LcoreCacheHeld {
+        /// The thread's lcore id.
+        lcore: u32,
+        /// Live handles.
+        handles: u32,
+    },
+    /// Leak tracking was never switched on for this pool, so there is no
+    /// owner table to report from.
+    #[error("mempool {name:?} has no leak tracking table: switch tracking on first (Mempool::set_leak_tracking(true) or MempoolConfig::leak_tracking)")]
+    LeakTrackingOff {
+        /// Pool name.
+        name: String,
+    },
+    /// The pool this handle names is gone (freed by another handle or
+    /// process): its header no longer holds a published pool.
+    #[error("mempool {name:?} is gone (freed through another handle or process)")]
+    Gone {
+        /// Pool name.
+        name: String,
+    },
     /// The pool's shared structures are inconsistent.
     #[error("mempool {name:?} is corrupt: {why}")]
     Corrupt {

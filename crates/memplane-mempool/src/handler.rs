@@ -10,6 +10,8 @@
 
 // Zones are 64-byte aligned (memzone minimum): header casts are aligned.
 #![allow(clippy::cast_ptr_alignment)]
+// The ring calls of the pool's fast path must inline into it.
+#![allow(clippy::inline_always)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -208,54 +210,90 @@ fn as_words_mut(objs: &mut [*mut u8]) -> &mut [u64] {
 
 const _: () = assert!(std::mem::size_of::<*mut u8>() == 8);
 
-impl RingBackend<'_> {
-    fn role_err(&self, e: RingError, role: &'static str) -> MempoolError {
-        match e {
-            RingError::RoleTaken { .. } => MempoolError::SingleRoleBusy {
-                name: self.name.clone(),
-                role,
-            },
-            e => MempoolError::Ring(ZoneRingError::Ring(e)),
-        }
+/// Whether `name` is one of the built-in ring handlers (names that cannot
+/// be registered again, so they always mean the built-in code): pools
+/// using them call the ring directly instead of through `dyn Backend`.
+pub(crate) fn is_builtin_ring(name: &str) -> bool {
+    matches!(
+        name,
+        "ring_mp_mc" | "ring_sp_sc" | "ring_mp_sc" | "ring_sp_mc"
+    )
+}
+
+/// The ring of a pool using a built-in ring handler.
+pub(crate) fn pool_ring<'m>(
+    mem: &'m Memory,
+    pool: &str,
+) -> Result<Ring<u64, ZoneRegion<'m>>, MempoolError> {
+    Ok(Ring::lookup(mem, &ring_name(pool))?)
+}
+
+#[cold]
+fn role_err(name: &str, e: RingError, role: &'static str) -> MempoolError {
+    match e {
+        RingError::RoleTaken { .. } => MempoolError::SingleRoleBusy {
+            name: name.to_string(),
+            role,
+        },
+        e => MempoolError::Ring(ZoneRingError::Ring(e)),
+    }
+}
+
+#[cold]
+fn refused(name: &str, e: &BulkError) -> MempoolError {
+    MempoolError::Corrupt {
+        name: name.to_string(),
+        why: format!("backend ring refused objects being returned: {e}"),
+    }
+}
+
+/// A built-in ring handler's enqueue (pool `name`).
+#[inline(always)]
+pub(crate) fn ring_enqueue(
+    ring: &Ring<u64, ZoneRegion<'_>>,
+    name: &str,
+    objs: &[*mut u8],
+) -> Result<(), MempoolError> {
+    let p = ring.producer().map_err(|e| role_err(name, e, "producer"))?;
+    match p.enqueue_bulk(as_words(objs)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(refused(name, &e)),
+    }
+}
+
+/// A built-in ring handler's dequeue (pool `name`).
+#[inline(always)]
+pub(crate) fn ring_dequeue(
+    ring: &Ring<u64, ZoneRegion<'_>>,
+    name: &str,
+    out: &mut [*mut u8],
+) -> Result<(), MempoolError> {
+    let c = ring.consumer().map_err(|e| role_err(name, e, "consumer"))?;
+    match c.dequeue_bulk(as_words_mut(out)) {
+        Ok(_) => Ok(()),
+        Err(BulkError::Insufficient {
+            requested,
+            available,
+        }) => Err(MempoolError::NotEnough {
+            requested,
+            available,
+        }),
+        Err(_) => Err(MempoolError::NotEnough {
+            requested: out.len() as u32,
+            available: ring.count(),
+        }),
     }
 }
 
 impl Backend for RingBackend<'_> {
     #[inline]
     fn enqueue(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
-        let p = self
-            .ring
-            .producer()
-            .map_err(|e| self.role_err(e, "producer"))?;
-        match p.enqueue_bulk(as_words(objs)) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(MempoolError::Corrupt {
-                name: self.name.clone(),
-                why: format!("backend ring refused objects being returned: {e}"),
-            }),
-        }
+        ring_enqueue(&self.ring, &self.name, objs)
     }
 
     #[inline]
     fn dequeue(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
-        let c = self
-            .ring
-            .consumer()
-            .map_err(|e| self.role_err(e, "consumer"))?;
-        match c.dequeue_bulk(as_words_mut(out)) {
-            Ok(_) => Ok(()),
-            Err(BulkError::Insufficient {
-                requested,
-                available,
-            }) => Err(MempoolError::NotEnough {
-                requested,
-                available,
-            }),
-            Err(_) => Err(MempoolError::NotEnough {
-                requested: out.len() as u32,
-                available: self.ring.count(),
-            }),
-        }
+        ring_dequeue(&self.ring, &self.name, out)
     }
 
     fn count(&self) -> u32 {

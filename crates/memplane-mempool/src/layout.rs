@@ -19,8 +19,9 @@ pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MPLPOOL1");
 /// "MPLPOOL0": a pool made by `create_empty` whose objects are not all
 /// placed yet; lookups are refused until it is fully populated.
 pub const POOL_MAGIC_BUILDING: u64 = u64::from_le_bytes(*b"MPLPOOL0");
-/// Layout version of the header (2: chunk ownership masks).
-pub const LAYOUT_VERSION: u32 = 2;
+/// Layout version of the header (2: chunk ownership masks; 3: leak
+/// tracking fields).
+pub const LAYOUT_VERSION: u32 = 3;
 /// Longest pool name (DPDK's `RTE_MEMPOOL_NAMESIZE - 1`): `MP_<name>`
 /// must leave room for a chunk suffix and the ring's `RG_` prefix.
 pub const NAME_MAX: usize = 25;
@@ -314,6 +315,13 @@ pub struct PoolHeader {
     pub local_chunks: u64,
     /// Object chunks in population order.
     pub chunks: [ChunkDesc; MAX_CHUNKS],
+    /// Leak tracking on (1) or off (0); mirrored in every [`CacheSlot`]
+    /// so the cached fast path reads it from a line it touches anyway.
+    /// (In the header's tail padding: old headers read 0, off.)
+    pub leak_on: AtomicU32,
+    /// Address of the leak tracking table (zone `MT_<name>`), 0 until
+    /// tracking is first switched on.
+    pub leak_table: AtomicU64,
 }
 
 /// The head of one per-lcore cache; `cache_cap` object slots follow it.
@@ -322,6 +330,8 @@ pub struct CacheSlot {
     /// Objects in the cache. Written only by the thread owning the lcore
     /// id; read by anyone (counts).
     pub len: AtomicU32,
+    /// Copy of [`PoolHeader::leak_on`], in the line `len` is in.
+    pub leak_on: AtomicU32,
 }
 
 /// Geometry of the header zone.
@@ -379,6 +389,8 @@ const _: () = {
     assert!(std::mem::size_of::<ObjHeader>() == 24);
     assert!(std::mem::size_of::<ChunkDesc>() == 32);
     assert!(std::mem::size_of::<CacheSlot>() == 64);
+    // Chunk ownership masks and the leak tracking fields: one more line.
+    assert!(std::mem::size_of::<PoolHeader>() == 2304);
 };
 
 #[cfg(test)]

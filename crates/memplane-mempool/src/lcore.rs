@@ -94,6 +94,19 @@ thread_local! {
     /// The last (registry address, token, id) looked up: the hot path
     /// (no destructor, so no lazy registration on access).
     static LAST: Cell<(usize, u64, u32)> = const { Cell::new((0, 0, 0)) };
+    /// Live [`LcoreCache`](crate::LcoreCache) handles of this thread: the
+    /// thread's lcore id cannot be unregistered while one lives.
+    static CACHE_HANDLES: Cell<u32> = const { Cell::new(0) };
+}
+
+/// An [`LcoreCache`](crate::LcoreCache) handle was made on this thread.
+pub(crate) fn cache_handle_made() {
+    CACHE_HANDLES.with(|c| c.set(c.get() + 1));
+}
+
+/// An [`LcoreCache`](crate::LcoreCache) handle of this thread was dropped.
+pub(crate) fn cache_handle_dropped() {
+    CACHE_HANDLES.with(|c| c.set(c.get().saturating_sub(1)));
 }
 
 fn owner_word() -> u64 {
@@ -241,10 +254,14 @@ impl RegistryRef {
         Ok(id)
     }
 
-    fn unregister(self) -> bool {
+    fn unregister(self) -> Result<bool, MempoolError> {
         let Some(id) = self.current() else {
-            return false;
+            return Ok(false);
         };
+        let handles = CACHE_HANDLES.with(Cell::get);
+        if handles != 0 {
+            return Err(MempoolError::LcoreCacheHeld { lcore: id, handles });
+        }
         let _ = self.reg().slots[id as usize].compare_exchange(
             owner_word(),
             0,
@@ -253,7 +270,7 @@ impl RegistryRef {
         );
         TLS.with(|t| t.borrow_mut().entries.retain(|(r, _)| *r != self));
         LAST.set((0, 0, 0));
-        true
+        Ok(true)
     }
 
     /// Registered ids.
@@ -279,11 +296,13 @@ pub fn register_thread(mem: &Memory) -> Result<u32, MempoolError> {
 }
 
 /// Releases the calling thread's lcore id (its caches keep their objects,
-/// still counted as available). Returns whether it had one. Flush its
+/// still counted as available). Returns whether it had one; refused with
+/// [`MempoolError::LcoreCacheHeld`] while the thread holds
+/// [`LcoreCache`](crate::LcoreCache) handles. Flush its
 /// caches first ([`Mempool::cache_flush`](crate::Mempool::cache_flush)) if
 /// the objects should go back to the backends now.
 pub fn unregister_thread(mem: &Memory) -> Result<bool, MempoolError> {
-    Ok(RegistryRef::open(mem)?.unregister())
+    RegistryRef::open(mem)?.unregister()
 }
 
 /// The calling thread's lcore id in `mem`'s instance, if registered.

@@ -22,8 +22,25 @@
 //!   to other processes. Out of memory, [`MempoolError::NoMemory`] says
 //!   what was needed and what each NUMA node had.
 //! - Get is all-or-nothing; put refuses pointers outside the pool's object
-//!   zones (a chunk table lookup); debug builds also check the object
-//!   boundary, the header's pool address and the cookie (double put).
+//!   zones: one subtract-and-compare per object when the objects are in
+//!   one zone, one table load per object (4 KiB granules wholly inside a
+//!   zone) otherwise, the exact chunk lookup only near zone edges; debug
+//!   builds also check the object boundary, the header's pool address and
+//!   the cookie (double put). [`Mempool::put_bulk_unchecked`] skips the
+//!   check for callers that know (DPDK's put checks nothing).
+//! - Hot path: a get served by the calling thread's lcore cache, or a put
+//!   that fits under its flush threshold, is inlined into the caller
+//!   (lcore id from one thread-local, a bounds check, a copy); everything
+//!   else (refills, flushes, no cache, errors, leak tracking, debug
+//!   checks) is out of line. [`LcoreCache`] (DPDK's
+//!   `rte_mempool_default_cache`) skips even the lcore id lookup. Pools
+//!   with a built-in ring handler call the ring directly, not through
+//!   `dyn Backend`; user handlers still go through the trait.
+//! - Leak tracking ([`leak`]), switchable at run time per pool and seen by
+//!   every process: [`Mempool::set_leak_tracking`],
+//!   [`Mempool::outstanding`], [`Mempool::leak_report`]. Off, it costs one
+//!   well-predicted branch on a flag in the lcore cache's own line (the
+//!   header's tail for uncached and user-cache paths).
 //!   Per-lcore caches follow DPDK's policy up to 26.03 (size <= 512 and
 //!   <= n / 1.5, flush threshold 1.5 x size), for threads with an lcore
 //!   id ([`register_thread`]); [`MempoolCache`] is a user-owned cache.
@@ -76,6 +93,8 @@ pub mod handler;
 pub mod layout;
 #[cfg(not(loom))]
 mod lcore;
+#[cfg(not(loom))]
+pub mod leak;
 pub mod lf_stack;
 #[cfg(not(loom))]
 mod pool;
@@ -94,9 +113,13 @@ pub use layout::{
 #[cfg(not(loom))]
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};
 #[cfg(not(loom))]
+pub use leak::{
+    caller_tag, set_caller_tag, LeakGroup, LeakReport, Outstanding, Owner, LEAK_ZONE_PREFIX,
+};
+#[cfg(not(loom))]
 pub use pool::{
-    mempool_names, mempools, AuditReport, ChunkInfo, Mempool, MempoolCache, MempoolConfig,
-    MempoolInfo, POOL_ZONE_PREFIX,
+    mempool_names, mempools, AuditReport, ChunkInfo, LcoreCache, Mempool, MempoolCache,
+    MempoolConfig, MempoolInfo, POOL_ZONE_PREFIX,
 };
 #[cfg(not(loom))]
 pub use typed::{PoolBox, TypedMempool};

@@ -16,7 +16,10 @@ use memplane::memzone::{Memzone, MemzoneError, MemzoneFlags};
 use memplane::{Error, Memory};
 use serde::Serialize;
 
-use crate::handler::{default_handler, find_handler, Backend, BackendParams, Handler};
+use crate::handler::{
+    default_handler, find_handler, is_builtin_ring, pool_ring, ring_dequeue, ring_enqueue, Backend,
+    BackendParams, Handler,
+};
 use crate::layout::{
     calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
     ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
@@ -24,7 +27,12 @@ use crate::layout::{
     NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING,
 };
 use crate::lcore::RegistryRef;
+use crate::leak::{
+    caller_tag, ids, table_bytes, LeakHead, LeakReport, Outstanding, Owner, OwnerRecord, LEAK_HEAD,
+    LEAK_MAGIC, LEAK_ZONE_PREFIX,
+};
 use crate::{MempoolError, NodeFree};
+use memplane_ring::{Ring, ZoneRegion};
 
 /// Prefix of a pool's memzones (DPDK's `RTE_MEMPOOL_MZ_PREFIX`).
 pub const POOL_ZONE_PREFIX: &str = "MP_";
@@ -47,6 +55,8 @@ pub struct MempoolConfig {
     pub flags: MempoolFlags,
     /// Handler name; `None` picks from the flags (`ring_mp_mc` by default).
     pub handler: Option<String>,
+    /// Start with leak tracking on ([`Mempool::set_leak_tracking`]).
+    pub leak_tracking: bool,
 }
 
 impl MempoolConfig {
@@ -61,7 +71,14 @@ impl MempoolConfig {
             socket: memplane::heap::SOCKET_ID_ANY,
             flags: MempoolFlags::NONE,
             handler: None,
+            leak_tracking: false,
         }
+    }
+    /// Starts the pool with leak tracking on (or off).
+    #[must_use]
+    pub fn leak_tracking(mut self, on: bool) -> Self {
+        self.leak_tracking = on;
+        self
     }
     /// Sets the per-lcore cache size.
     #[must_use]
@@ -169,6 +186,9 @@ pub struct Mempool<'m> {
     zone: Memzone<'m>,
     hdr: NonNull<PoolHeader>,
     backend: Box<dyn Backend + 'm>,
+    /// The ring itself when the handler is a built-in ring one: the fast
+    /// path calls it directly (no virtual call).
+    ring: Option<Ring<u64, ZoneRegion<'m>>>,
     reg: RegistryRef,
     name: String,
     handler: String,
@@ -177,6 +197,11 @@ pub struct Mempool<'m> {
     total_size: usize,
     cache_size: u32,
     cache_cap: u32,
+    /// 1.5 x cache size: a cache above it is flushed.
+    flush_thresh: u32,
+    /// `floor((2^64 - 1) / total_size) + 1`: object index by multiply
+    /// ([`div_by_recip`]).
+    total_recip: u64,
     cache_base: usize,
     cache_stride: usize,
     /// (start, end) of each chunk's objects: membership checks.
@@ -187,6 +212,21 @@ pub struct Mempool<'m> {
     /// chunk `ranges[k - 1]`, [`GRAN_MANY`] = several (binary search).
     /// Empty when the chunks span too much address space.
     gran: Box<[u8]>,
+    /// First element address when the objects are in one zone (the
+    /// common case): a put's membership check is then one compare per
+    /// object, `addr - obj_lo < obj_span`.
+    obj_lo: usize,
+    /// Bytes from `obj_lo` to the zone's end; 0 with several zones (the
+    /// granule table is used then).
+    obj_span: usize,
+    /// Several zones: address of granule 0 of `full`.
+    full_base: usize,
+    /// Several zones: per granule from `full_base`, 1 when the whole
+    /// granule lies inside one zone's objects, else 0; one more 0 at the
+    /// end, where every address past the table lands. A put whose objects
+    /// all hit 1s is done with one table load per object; any other goes
+    /// through the exact check.
+    full: Box<[u8]>,
 }
 
 // SAFETY: the header pointer is into a memzone mapped as long as the
@@ -274,7 +314,13 @@ impl<'m> Mempool<'m> {
         mut obj_init: impl FnMut(u32, *mut u8),
     ) -> Result<Self, MempoolError> {
         let mut pool = Self::create_empty(mem, name, cfg)?;
-        match pool.populate_zones(&mut obj_init) {
+        let placed = pool.populate_zones(&mut obj_init).and_then(|n| {
+            if cfg.leak_tracking {
+                pool.set_leak_tracking(true)?;
+            }
+            Ok(n)
+        });
+        match placed {
             Ok(_) => {
                 tracing::debug!(
                     name,
@@ -732,15 +778,39 @@ impl<'m> Mempool<'m> {
             .collect();
         ranges.sort_unstable_by_key(|r| r.0);
         let (gran_base, gran) = granules(&ranges);
+        let name = name_str(&h.name);
+        let (obj_lo, obj_span) = match ranges[..] {
+            [(start, end, _)] => (
+                start + h.header_size as usize,
+                end.saturating_sub(start + h.header_size as usize),
+            ),
+            _ => (0, 0),
+        };
+        // Built-in ring handlers: a second handle on the same shared ring
+        // for direct calls; without it (cannot happen unless the ring zone
+        // is gone) the backend is used through the trait.
+        let (full_base, full) = full_granules(&ranges, h.header_size as usize);
+        let ring = if is_builtin_ring(&handler) {
+            pool_ring(mem, &name).ok()
+        } else {
+            None
+        };
         Self {
+            ring,
+            obj_lo,
+            obj_span,
+            full_base,
+            full,
             mem,
-            name: name_str(&h.name),
+            name,
             handler,
             n: h.n,
             header_size: h.header_size as usize,
             total_size: h.total_size as usize,
             cache_size: h.cache_size,
             cache_cap: h.cache_cap,
+            flush_thresh: h.cache_size * 3 / 2,
+            total_recip: u64::MAX / u64::from(h.total_size.max(2)) + 1,
             cache_base: hdr.as_ptr() as usize + h.cache_off as usize,
             cache_stride: h.cache_stride as usize,
             ranges,
@@ -914,6 +984,36 @@ impl<'m> Mempool<'m> {
         Ok(())
     }
 
+    /// The error for the first pointer of `objs` outside the pool.
+    #[cold]
+    #[inline(never)]
+    fn first_foreign(&self, objs: &[*mut u8]) -> MempoolError {
+        let a = objs
+            .iter()
+            .map(|&p| p as usize)
+            .find(|a| a.wrapping_sub(self.obj_lo) >= self.obj_span)
+            .unwrap_or(0);
+        self.foreign(a)
+    }
+
+    /// Backend enqueue: the ring directly for built-in ring handlers.
+    #[inline(always)]
+    fn b_enqueue(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        match &self.ring {
+            Some(r) => ring_enqueue(r, &self.name, objs),
+            None => self.backend.enqueue(objs),
+        }
+    }
+
+    /// Backend dequeue: the ring directly for built-in ring handlers.
+    #[inline(always)]
+    fn b_dequeue(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        match &self.ring {
+            Some(r) => ring_dequeue(r, &self.name, out),
+            None => self.backend.dequeue(out),
+        }
+    }
+
     #[cold]
     fn foreign(&self, a: usize) -> MempoolError {
         // Name the owner when `a` is an object of another pool of the
@@ -931,8 +1031,47 @@ impl<'m> Mempool<'m> {
 
     #[inline(always)]
     fn check_put(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
-        for &p in objs {
-            self.check_obj(p)?;
+        if self.obj_span != 0 {
+            // One zone: one subtract and compare per object, no early
+            // exit (branch-free; the rare failure is sorted out below).
+            let mut bad = false;
+            for &p in objs {
+                bad |= (p as usize).wrapping_sub(self.obj_lo) >= self.obj_span;
+            }
+            if bad {
+                return Err(self.first_foreign(objs));
+            }
+            if cfg!(debug_assertions) {
+                for &p in objs {
+                    self.check_obj(p)?;
+                }
+            }
+        } else {
+            let (base, table) = (self.full_base, &*self.full);
+            let last = table.len() - 1;
+            // Whole granule inside a zone's objects: 1; else 0.
+            let whole = |p: *mut u8| {
+                let g = (p as usize).wrapping_sub(base) >> FULL_SHIFT;
+                // SAFETY: g.min(last) < table.len().
+                unsafe { *table.get_unchecked(g.min(last)) }
+            };
+            let mut quads = objs.chunks_exact(4);
+            for q in &mut quads {
+                if whole(q[0]) & whole(q[1]) & whole(q[2]) & whole(q[3]) == 0
+                    || cfg!(debug_assertions)
+                {
+                    // Near a zone's edge, or not ours: the exact check
+                    // (a few objects per zone only).
+                    for &p in q {
+                        self.check_obj(p)?;
+                    }
+                }
+            }
+            for &p in quads.remainder() {
+                if whole(p) == 0 || cfg!(debug_assertions) {
+                    self.check_obj(p)?;
+                }
+            }
         }
         if cfg!(debug_assertions) {
             for (i, &p) in objs.iter().enumerate() {
@@ -993,8 +1132,126 @@ impl<'m> Mempool<'m> {
     /// has an lcore id ([`register_thread`](crate::register_thread)) and
     /// the pool has caches. Fails with [`MempoolError::NotEnough`] even if
     /// other lcores' caches hold objects.
-    #[inline]
+    #[inline(always)]
     pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        if self.get_cached_fast(out) {
+            return Ok(());
+        }
+        if self.cache_size == 0 && !cfg!(debug_assertions) {
+            return self.get_uncached(out);
+        }
+        self.get_impl(out, None)
+    }
+
+    /// Get from a pool without caches: the backend, nothing else (a small
+    /// function of its own, so the ring call is not weighed down by the
+    /// general path's cache code).
+    #[inline(never)]
+    fn get_uncached(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        self.b_dequeue(out)?;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_get(out, None, None);
+        }
+        Ok(())
+    }
+
+    /// Put into a pool without caches: the checks and the backend.
+    #[inline(never)]
+    fn put_uncached(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        self.check_put(objs)?;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_put(objs);
+        }
+        self.b_enqueue(objs)
+    }
+
+    /// The hot get: `out.len()` objects straight from the calling
+    /// thread's lcore cache when it holds them and leak tracking is off.
+    /// `false`: nothing done, take the general path. Kept tiny so it
+    /// inlines into the caller with no error plumbing.
+    #[inline(always)]
+    fn get_cached_fast(&self, out: &mut [*mut u8]) -> bool {
+        // Debug builds mark cookies: always the general path.
+        if self.cache_size == 0 || cfg!(debug_assertions) {
+            return false;
+        }
+        let Some(id) = self.reg.current() else {
+            return false;
+        };
+        let (slot, objs) = self.slot(id);
+        let len = slot.len.load(Ordering::Relaxed);
+        if out.len() > len as usize || slot.leak_on.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let len = len - out.len() as u32;
+        // SAFETY: [len, len + out.len()) are cached objects of our lcore.
+        unsafe { copy_ptrs(objs.add(len as usize), out.as_mut_ptr(), out.len()) };
+        slot.len.store(len, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether every pointer of `objs` is surely an object of this pool
+    /// (one zone: inside it; several: in a table granule wholly inside a
+    /// zone's objects). `false` may still be all ours: the exact check
+    /// decides then.
+    #[inline(always)]
+    fn surely_ours(&self, objs: &[*mut u8]) -> bool {
+        if self.obj_span != 0 {
+            let (lo, span) = (self.obj_lo, self.obj_span);
+            let mut bad = false;
+            for &p in objs {
+                bad |= (p as usize).wrapping_sub(lo) >= span;
+            }
+            !bad
+        } else {
+            let (base, table) = (self.full_base, &*self.full);
+            let last = table.len() - 1;
+            let mut all = 1u8;
+            for &p in objs {
+                let g = (p as usize).wrapping_sub(base) >> FULL_SHIFT;
+                // SAFETY: g.min(last) < table.len().
+                all &= unsafe { *table.get_unchecked(g.min(last)) };
+            }
+            all != 0
+        }
+    }
+
+    /// The hot put: into the calling thread's lcore cache when the
+    /// objects are surely ours, they fit under the flush threshold and
+    /// leak tracking is off. `false`: nothing done, take the general path.
+    #[inline(always)]
+    fn put_cached_fast(&self, objs: &[*mut u8]) -> bool {
+        if self.cache_size == 0 || cfg!(debug_assertions) || !self.surely_ours(objs) {
+            return false;
+        }
+        let Some(id) = self.reg.current() else {
+            return false;
+        };
+        let (slot, cobjs) = self.slot(id);
+        let len = slot.len.load(Ordering::Relaxed);
+        if len as usize + objs.len() > self.flush_thresh as usize
+            || slot.leak_on.load(Ordering::Relaxed) != 0
+        {
+            return false;
+        }
+        // SAFETY: len + objs.len() <= flush threshold < capacity.
+        unsafe { copy_ptrs(objs.as_ptr(), cobjs.add(len as usize), objs.len()) };
+        slot.len.store(len + objs.len() as u32, Ordering::Relaxed);
+        true
+    }
+
+    /// [`get_bulk`](Self::get_bulk), recording `tag` instead of the
+    /// thread's caller tag ([`set_caller_tag`](crate::set_caller_tag))
+    /// as the objects' owner tag while leak tracking is on.
+    #[inline]
+    pub fn get_bulk_tagged(&self, out: &mut [*mut u8], tag: u64) -> Result<(), MempoolError> {
+        self.get_impl(out, Some(tag))
+    }
+
+    /// The general get (refills, no cache, no lcore id, leak tracking,
+    /// debug checks): out of line, so the hot path stays small.
+    #[inline(never)]
+    fn get_impl(&self, out: &mut [*mut u8], tag: Option<u64>) -> Result<(), MempoolError> {
         if out.is_empty() {
             return Ok(());
         }
@@ -1004,11 +1261,18 @@ impl<'m> Mempool<'m> {
                 let mut len = slot.len.load(Ordering::Relaxed);
                 let r = self.cache_get(objs, &mut len, self.cache_size, out);
                 slot.len.store(len, Ordering::Relaxed);
+                // The switch sits in the line `len` is in.
+                if slot.leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
+                    self.record_get(out, tag, Some(id));
+                }
                 return r;
             }
         }
-        self.backend.dequeue(out)?;
+        self.b_dequeue(out)?;
         self.mark_out(out);
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_get(out, tag, None);
+        }
         Ok(())
     }
 
@@ -1027,19 +1291,66 @@ impl<'m> Mempool<'m> {
     /// its header, when it is another pool's object). Debug builds also
     /// check the object boundary and the header's pool address, and refuse
     /// an object already in the pool ([`MempoolError::DoublePut`]).
-    #[inline]
+    #[inline(always)]
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        if self.put_cached_fast(objs) {
+            return Ok(());
+        }
+        if self.cache_size == 0 && !cfg!(debug_assertions) {
+            return self.put_uncached(objs);
+        }
+        self.put_slow(objs)
+    }
+
+    /// The general put (flushes, no cache, no lcore id, leak tracking,
+    /// the exact membership check and its errors): out of line.
+    #[inline(never)]
+    fn put_slow(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;
+        // SAFETY: checked to be objects of this pool.
+        unsafe { self.put_checked(objs) }
+    }
+
+    /// [`put_bulk`](Self::put_bulk) without the membership check (DPDK's
+    /// put, which checks nothing): for callers that know their pointers
+    /// came from this pool. Debug builds still check (and refuse double
+    /// puts).
+    ///
+    /// # Safety
+    /// Every pointer in `objs` is an object of this pool, handed out by a
+    /// get and not put back since. A foreign pointer would later be handed
+    /// out by a get as if it were an object of this pool.
+    #[inline(always)]
+    pub unsafe fn put_bulk_unchecked(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        if cfg!(debug_assertions) {
+            return self.put_slow(objs);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.put_checked(objs) }
+    }
+
+    /// The put after the checks.
+    ///
+    /// # Safety
+    /// `objs` are objects of this pool that are out.
+    #[inline(always)]
+    unsafe fn put_checked(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         if self.cache_size != 0 {
             if let Some(id) = self.reg.current() {
                 let (slot, cobjs) = self.slot(id);
+                if slot.leak_on.load(Ordering::Relaxed) != 0 {
+                    self.record_put(objs);
+                }
                 let mut len = slot.len.load(Ordering::Relaxed);
                 let r = self.cache_put(cobjs, &mut len, self.cache_size, objs);
                 slot.len.store(len, Ordering::Relaxed);
                 return r;
             }
         }
-        self.backend.enqueue(objs)
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_put(objs);
+        }
+        self.b_enqueue(objs)
     }
 
     /// One object.
@@ -1062,7 +1373,7 @@ impl<'m> Mempool<'m> {
         let n = out.len() as u32;
         if n > *len {
             if n > 2 * size {
-                self.backend.dequeue(out)?;
+                self.b_dequeue(out)?;
                 self.mark_out(out);
                 return Ok(());
             }
@@ -1071,7 +1382,7 @@ impl<'m> Mempool<'m> {
             let fill = unsafe {
                 std::slice::from_raw_parts_mut(objs.add(*len as usize), (size + need) as usize)
             };
-            if self.backend.dequeue(fill).is_ok() {
+            if self.b_dequeue(fill).is_ok() {
                 *len += size + need;
             } else {
                 self.backend
@@ -1104,7 +1415,7 @@ impl<'m> Mempool<'m> {
         let n = items.len() as u32;
         let thresh = size * 3 / 2;
         if n > thresh {
-            return self.backend.enqueue(items);
+            return self.b_enqueue(items);
         }
         // SAFETY: len <= thresh and n <= thresh, so len + n <= 3 x size.
         unsafe { copy_ptrs(items.as_ptr(), objs.add(*len as usize), n as usize) };
@@ -1114,7 +1425,7 @@ impl<'m> Mempool<'m> {
             let extra = unsafe {
                 std::slice::from_raw_parts(objs.add(size as usize), (*len - size) as usize)
             };
-            self.backend.enqueue(extra)?;
+            self.b_enqueue(extra)?;
             *len = size;
         }
         Ok(())
@@ -1132,9 +1443,9 @@ impl<'m> Mempool<'m> {
         };
         let (slot, objs) = self.slot(id);
         let len = slot.len.load(Ordering::Relaxed);
-        self.backend
+        self
             // SAFETY: [0, len) are cached objects, ours (our lcore id).
-            .enqueue(unsafe { std::slice::from_raw_parts(objs, len as usize) })?;
+            .b_enqueue(unsafe { std::slice::from_raw_parts(objs, len as usize) })?;
         slot.len.store(0, Ordering::Relaxed);
         Ok(())
     }
@@ -1187,8 +1498,35 @@ impl<'m> Mempool<'m> {
     /// Takes objects through a user-owned cache (DPDK's
     /// `rte_mempool_generic_get` with a cache from
     /// `rte_mempool_cache_create`).
-    #[inline]
+    #[inline(always)]
     pub fn get_bulk_with(
+        &self,
+        cache: &mut MempoolCache,
+        out: &mut [*mut u8],
+    ) -> Result<(), MempoolError> {
+        // Hot: bound to this pool, holds enough, tracking off.
+        if !cfg!(debug_assertions)
+            && cache.pool == self.addr()
+            && out.len() <= cache.len as usize
+            && self.header().leak_on.load(Ordering::Relaxed) == 0
+        {
+            let len = cache.len - out.len() as u32;
+            // SAFETY: [len, len + out.len()) are cached objects.
+            unsafe {
+                copy_ptrs(
+                    cache.objs.as_ptr().add(len as usize),
+                    out.as_mut_ptr(),
+                    out.len(),
+                );
+            }
+            cache.len = len;
+            return Ok(());
+        }
+        self.get_with_slow(cache, out)
+    }
+
+    #[inline(never)]
+    fn get_with_slow(
         &self,
         cache: &mut MempoolCache,
         out: &mut [*mut u8],
@@ -1200,18 +1538,52 @@ impl<'m> Mempool<'m> {
         let mut len = cache.len;
         let r = self.cache_get(cache.objs.as_mut_ptr(), &mut len, cache.size, out);
         cache.len = len;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
+            self.record_get(out, None, self.reg.current());
+        }
         r
     }
 
     /// Returns objects through a user-owned cache.
-    #[inline]
+    #[inline(always)]
     pub fn put_bulk_with(
+        &self,
+        cache: &mut MempoolCache,
+        objs: &[*mut u8],
+    ) -> Result<(), MempoolError> {
+        // Hot: bound to this pool, surely ours, fits under the flush
+        // threshold, tracking off.
+        if !cfg!(debug_assertions)
+            && cache.pool == self.addr()
+            && cache.len as usize + objs.len() <= (cache.size * 3 / 2) as usize
+            && self.surely_ours(objs)
+            && self.header().leak_on.load(Ordering::Relaxed) == 0
+        {
+            // SAFETY: len + objs.len() <= 1.5 x size < capacity (3 x size).
+            unsafe {
+                copy_ptrs(
+                    objs.as_ptr(),
+                    cache.objs.as_mut_ptr().add(cache.len as usize),
+                    objs.len(),
+                );
+            }
+            cache.len += objs.len() as u32;
+            return Ok(());
+        }
+        self.put_with_slow(cache, objs)
+    }
+
+    #[inline(never)]
+    fn put_with_slow(
         &self,
         cache: &mut MempoolCache,
         objs: &[*mut u8],
     ) -> Result<(), MempoolError> {
         cache.bind(self)?;
         self.check_put(objs)?;
+        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+            self.record_put(objs);
+        }
         let mut len = cache.len;
         let r = self.cache_put(cache.objs.as_mut_ptr(), &mut len, cache.size, objs);
         cache.len = len;
@@ -1297,11 +1669,11 @@ impl<'m> Mempool<'m> {
         let count = self.backend.count();
         let mut held: Vec<*mut u8> = vec![std::ptr::null_mut(); count as usize];
         for part in held.chunks_mut(4096) {
-            self.backend.dequeue(part)?;
+            self.b_dequeue(part)?;
         }
         let r = self.audit_with(&held);
         for part in held.chunks(4096) {
-            self.backend.enqueue(part)?;
+            self.b_enqueue(part)?;
         }
         r
     }
@@ -1406,6 +1778,9 @@ impl<'m> Mempool<'m> {
             .filter(|k| anon & (1 << k) != 0)
             .map(|k| (h.chunks[k].va as usize, h.chunks[k].len as usize))
             .collect();
+        // The leak table, only if this pool published it (a zone of that
+        // name that is not ours stays).
+        let leak_table = h.leak_table.load(Ordering::Acquire) as usize;
         let mut this = std::mem::ManuallyDrop::new(self);
         this.reg.release();
         // SAFETY: each field is moved out exactly once and `this` is never
@@ -1422,8 +1797,19 @@ impl<'m> Mempool<'m> {
         unsafe {
             std::ptr::drop_in_place(&raw mut this.handler);
             std::ptr::drop_in_place(&raw mut this.ranges);
+            std::ptr::drop_in_place(&raw mut this.gran);
+            std::ptr::drop_in_place(&raw mut this.full);
+            std::ptr::drop_in_place(&raw mut this.ring);
         }
         let mut first_err = backend.destroy().err();
+        if let Some(z) = mem
+            .memzone_lookup(&format!("{LEAK_ZONE_PREFIX}{name}"))
+            .filter(|z| leak_table != 0 && z.as_ptr() as usize == leak_table)
+        {
+            if let Err(e) = z.free() {
+                first_err.get_or_insert(e.into());
+            }
+        }
         for k in (0..nb).filter(|k| zones & (1 << k) != 0) {
             if let Some(z) = mem.memzone_lookup(&chunk_zone_name(&name, k)) {
                 if let Err(e) = z.free() {
@@ -1443,6 +1829,250 @@ impl<'m> Mempool<'m> {
         }
         tracing::debug!(name, "mempool freed");
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Leak tracking (see [`crate::leak`]).
+impl Mempool<'_> {
+    /// Switches leak tracking on or off for every handle of the pool, in
+    /// every process. On: creates the owner table (zone `MT_<name>`) the
+    /// first time, and clears it when tracking was off (objects already
+    /// out stay unrecorded; reports count them as untracked). Off: gets
+    /// and puts stop recording; the records stay readable.
+    pub fn set_leak_tracking(&self, on: bool) -> Result<(), MempoolError> {
+        let h = self.header();
+        if h.magic.load(Ordering::Acquire) != POOL_MAGIC {
+            return Err(MempoolError::Gone {
+                name: self.name.clone(),
+            });
+        }
+        if on && h.leak_on.load(Ordering::Acquire) == 0 {
+            let head = self.leak_table_create()?;
+            // SAFETY: the table holds `n` records after its head.
+            let recs = unsafe { self.leak_records(head) };
+            for r in recs {
+                r.seq.store(0, Ordering::Relaxed);
+            }
+        }
+        let v = u32::from(on);
+        h.leak_on.store(v, Ordering::Release);
+        if self.cache_size != 0 {
+            for id in 0..MAX_LCORES as u32 {
+                self.slot(id).0.leak_on.store(v, Ordering::Release);
+            }
+        }
+        tracing::debug!(pool = self.name, on, "leak tracking switched");
+        Ok(())
+    }
+
+    /// Whether leak tracking is on.
+    pub fn leak_tracking(&self) -> bool {
+        self.header().leak_on.load(Ordering::Acquire) != 0
+    }
+
+    /// The owner table, created (or found, when another process created
+    /// it) and published in the header.
+    fn leak_table_create(&self) -> Result<&LeakHead, MempoolError> {
+        let h = self.header();
+        let zname = format!("{LEAK_ZONE_PREFIX}{}", self.name);
+        let bytes = table_bytes(self.n);
+        let zone = match self.mem.memzone_lookup(&zname) {
+            Some(z) => z,
+            None => match self.mem.memzone_reserve_aligned(
+                &zname,
+                bytes,
+                h.socket,
+                MemzoneFlags::ZERO,
+                64,
+            ) {
+                Ok(z) => z,
+                Err(Error::Memzone(MemzoneError::Exists { .. })) => self
+                    .mem
+                    .memzone_lookup(&zname)
+                    .ok_or_else(|| MempoolError::Corrupt {
+                        name: self.name.clone(),
+                        why: format!("leak tracking zone {zname} vanished while being created"),
+                    })?,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if zone.len() < bytes {
+            return Err(MempoolError::Corrupt {
+                name: self.name.clone(),
+                why: format!(
+                    "zone {zname} ({} bytes) is not this pool's leak table ({bytes} bytes needed); free it or rename the pool",
+                    zone.len()
+                ),
+            });
+        }
+        // SAFETY: a zone of at least `bytes` bytes, 64-aligned, zeroed when
+        // created; the head's fields are atomics.
+        let head = unsafe { &*zone.as_ptr().cast::<LeakHead>() };
+        if head.magic.load(Ordering::Acquire) != LEAK_MAGIC {
+            let n = head.n.load(Ordering::Relaxed);
+            if n != 0 && n != self.n {
+                return Err(MempoolError::Corrupt {
+                    name: self.name.clone(),
+                    why: format!(
+                        "zone {zname} holds a leak table for {n} objects, the pool has {}",
+                        self.n
+                    ),
+                });
+            }
+            head.n.store(self.n, Ordering::Relaxed);
+            let _ = head
+                .seq
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+            head.magic.store(LEAK_MAGIC, Ordering::Release);
+        } else if head.n.load(Ordering::Relaxed) != self.n {
+            return Err(MempoolError::Corrupt {
+                name: self.name.clone(),
+                why: format!(
+                    "zone {zname} holds a leak table for {} objects, the pool has {}",
+                    head.n.load(Ordering::Relaxed),
+                    self.n
+                ),
+            });
+        }
+        h.leak_table.store(zone.as_ptr() as u64, Ordering::Release);
+        Ok(head)
+    }
+
+    /// The published owner table, if tracking was ever switched on.
+    fn leak_table(&self) -> Option<&LeakHead> {
+        let a = self.header().leak_table.load(Ordering::Acquire) as usize;
+        // SAFETY: published only after the table zone was checked and
+        // initialised; freed only with the pool.
+        (a != 0).then(|| unsafe { &*(a as *const LeakHead) })
+    }
+
+    /// The records of `head`.
+    ///
+    /// # Safety
+    /// `head` is this pool's table (`n` records follow it).
+    unsafe fn leak_records<'a>(&self, head: &'a LeakHead) -> &'a [OwnerRecord] {
+        let first = (std::ptr::from_ref(head) as usize + LEAK_HEAD) as *const OwnerRecord;
+        // SAFETY: the caller's contract; records are atomics.
+        unsafe { std::slice::from_raw_parts(first, self.n as usize) }
+    }
+
+    /// Index of an object this pool handed out or is taking back (checked
+    /// already): a multiply by the object size's reciprocal after finding
+    /// its zone (directly with one zone, through the granule table with
+    /// several).
+    #[inline]
+    fn index_in_pool(&self, a: usize) -> Option<u32> {
+        if self.obj_span != 0 {
+            let off = a.wrapping_sub(self.obj_lo);
+            return (off < self.obj_span)
+                .then(|| div_by_recip(off, self.total_size, self.total_recip) as u32);
+        }
+        let g = a.wrapping_sub(self.gran_base) >> GRAN_SHIFT;
+        match self.gran.get(g) {
+            Some(&k) if k != 0 && k != GRAN_MANY => {
+                let (start, end, first) = self.ranges[k as usize - 1];
+                let lo = start + self.header_size;
+                (a >= lo && a < end)
+                    .then(|| first + div_by_recip(a - lo, self.total_size, self.total_recip) as u32)
+            }
+            _ => self.index_of(a),
+        }
+    }
+
+    /// Records the caller as the owner of `objs` (tracking is on).
+    #[cold]
+    #[inline(never)]
+    fn record_get(&self, objs: &[*mut u8], tag: Option<u64>, lcore: Option<u32>) {
+        let Some(head) = self.leak_table() else {
+            return;
+        };
+        // SAFETY: our table.
+        let recs = unsafe { self.leak_records(head) };
+        let seq = get_stamp(head);
+        let tag = tag.unwrap_or_else(caller_tag);
+        let (pid, tid) = ids();
+        let lcore = lcore.or_else(|| self.reg.current()).unwrap_or(u32::MAX);
+        for &p in objs {
+            if let Some(r) = self
+                .index_in_pool(p as usize)
+                .and_then(|i| recs.get(i as usize))
+            {
+                r.tag.store(tag, Ordering::Relaxed);
+                r.pid.store(pid, Ordering::Relaxed);
+                r.tid.store(tid, Ordering::Relaxed);
+                r.lcore.store(lcore, Ordering::Relaxed);
+                r.seq.store(seq, Ordering::Release);
+            }
+        }
+    }
+
+    /// Clears the owner of `objs` (tracking is on; they are ours).
+    #[cold]
+    #[inline(never)]
+    fn record_put(&self, objs: &[*mut u8]) {
+        let Some(head) = self.leak_table() else {
+            return;
+        };
+        // SAFETY: our table.
+        let recs = unsafe { self.leak_records(head) };
+        for &p in objs {
+            if let Some(r) = self
+                .index_in_pool(p as usize)
+                .and_then(|i| recs.get(i as usize))
+            {
+                r.seq.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Objects out with an owner record, oldest get first. Objects in
+    /// lcore caches are in the pool, not listed; objects taken while
+    /// tracking was off are not listed (see [`leak_report`](Self::leak_report)'s
+    /// `untracked`). Exact when no get or put runs meanwhile.
+    pub fn outstanding(&self) -> Result<Vec<Outstanding>, MempoolError> {
+        let head = self
+            .leak_table()
+            .ok_or_else(|| MempoolError::LeakTrackingOff {
+                name: self.name.clone(),
+            })?;
+        // SAFETY: our table.
+        let recs = unsafe { self.leak_records(head) };
+        let mut out: Vec<Outstanding> = self
+            .objects()
+            .zip(recs)
+            .enumerate()
+            .filter_map(|(i, (p, r))| {
+                let seq = r.seq.load(Ordering::Acquire);
+                (seq != 0).then(|| {
+                    let lcore = r.lcore.load(Ordering::Relaxed);
+                    Outstanding {
+                        addr: p as usize,
+                        index: i as u32,
+                        owner: Owner {
+                            pid: r.pid.load(Ordering::Relaxed),
+                            tid: r.tid.load(Ordering::Relaxed),
+                            lcore: (lcore != u32::MAX).then_some(lcore),
+                            tag: r.tag.load(Ordering::Relaxed),
+                            seq,
+                        },
+                    }
+                })
+            })
+            .collect();
+        out.sort_by_key(|o| o.owner.seq);
+        Ok(out)
+    }
+
+    /// What is out and who holds it, grouped by (process, lcore, tag);
+    /// print it (`Display`) or take [`LeakReport::to_json`].
+    pub fn leak_report(&self) -> Result<LeakReport, MempoolError> {
+        let out = self.outstanding()?;
+        Ok(LeakReport::new(
+            &self.name,
+            self.leak_tracking(),
+            self.in_use_count(),
+            &out,
+        ))
     }
 }
 
@@ -1478,14 +2108,67 @@ fn granules(ranges: &[(usize, usize, u32)]) -> (usize, Box<[u8]>) {
     (base, t.into_boxed_slice())
 }
 
-/// Copies `n` pointers: a plain loop for the small bulks of the hot path
-/// (a `memcpy` call costs more than the copy), `memcpy` above.
+/// The sequence stamp of a get: the table's counter (one atomic add per
+/// tracked get call; the TSC was tried and costs more here: rdtsc takes
+/// ~38 ns in this VM). Never 0 (the counter starts at 1; 0 marks a free
+/// record).
+#[inline]
+fn get_stamp(head: &LeakHead) -> u64 {
+    head.seq.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `off / d` with `recip = floor((2^64 - 1) / d) + 1`: exact for `off <
+/// 2^32` and `2 <= d <= 2^32` (the error of the multiply stays below `1 / d`),
+/// a plain division otherwise.
+#[inline]
+fn div_by_recip(off: usize, d: usize, recip: u64) -> usize {
+    if off >> 32 == 0 {
+        ((off as u128 * u128::from(recip)) >> 64) as usize
+    } else {
+        off / d
+    }
+}
+
+/// Granule (log2) of the "whole granule inside a zone's objects" table.
+const FULL_SHIFT: u32 = 12;
+/// Largest such table: zones spread over at most 1 GiB of address space
+/// (a 256 KiB table); pools spread wider use the exact check.
+const FULL_MAX: usize = 1 << 18;
+
+/// The "whole granule inside a zone's objects" table for `ranges` (zone
+/// start, end) whose objects start `header` bytes in: (base, table with a
+/// final 0); only the final 0 when the zones span too much address space.
+fn full_granules(ranges: &[(usize, usize, u32)], header: usize) -> (usize, Box<[u8]>) {
+    let (Some(lo), Some(hi)) = (
+        ranges.iter().map(|r| r.0).min(),
+        ranges.iter().map(|r| r.1).max(),
+    ) else {
+        return (0, Box::new([0]));
+    };
+    let base = lo >> FULL_SHIFT << FULL_SHIFT;
+    let n = ((hi - base) >> FULL_SHIFT) + 1;
+    if n > FULL_MAX {
+        return (0, Box::new([0]));
+    }
+    let mut t = vec![0u8; n + 1];
+    for &(s, e, _) in ranges {
+        let first = (s + header - base).div_ceil(1 << FULL_SHIFT);
+        let end = (e - base) >> FULL_SHIFT;
+        for slot in t.iter_mut().take(end).skip(first) {
+            *slot = 1;
+        }
+    }
+    (base, t.into_boxed_slice())
+}
+
+/// Copies `n` pointers: an inlined (vectorised) loop for the bulks of the
+/// hot path (a `memcpy` call costs more than the copy), `memcpy` above.
 ///
 /// # Safety
 /// `src` and `dst` valid for `n` pointers, not overlapping.
 #[inline(always)]
 unsafe fn copy_ptrs(src: *const *mut u8, dst: *mut *mut u8, n: usize) {
-    if n <= 16 {
+    if n <= 64 {
         for i in 0..n {
             // SAFETY: i < n, both valid for n elements.
             unsafe { dst.add(i).write(src.add(i).read()) };
@@ -1640,6 +2323,114 @@ pub fn mempools(mem: &Memory) -> Vec<MempoolInfo> {
         .collect()
 }
 
+/// The calling thread's per-lcore cache of a pool, looked up once (DPDK's
+/// `rte_mempool_default_cache(mp, rte_lcore_id())`): gets and puts through
+/// it skip the per-call lcore id lookup. Same objects, same policy and
+/// same checks as [`Mempool::get_bulk`] / [`Mempool::put_bulk`] on this
+/// thread. Not `Send`: it names this thread's lcore id, which cannot be
+/// unregistered while a handle lives ([`MempoolError::LcoreCacheHeld`]).
+pub struct LcoreCache<'p, 'm> {
+    pool: &'p Mempool<'m>,
+    slot: &'p CacheSlot,
+    objs: *mut *mut u8,
+    id: u32,
+}
+
+impl std::fmt::Debug for LcoreCache<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LcoreCache")
+            .field("pool", &self.pool.name)
+            .field("lcore", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> Mempool<'m> {
+    /// The calling thread's lcore cache of this pool; `None` when the
+    /// pool has no caches or the thread no lcore id
+    /// ([`register_thread`](crate::register_thread)).
+    pub fn lcore_cache(&self) -> Option<LcoreCache<'_, 'm>> {
+        if self.cache_size == 0 {
+            return None;
+        }
+        let id = self.reg.current()?;
+        let (slot, objs) = self.slot(id);
+        crate::lcore::cache_handle_made();
+        Some(LcoreCache {
+            pool: self,
+            slot,
+            objs,
+            id,
+        })
+    }
+}
+
+impl LcoreCache<'_, '_> {
+    /// The lcore id.
+    pub fn lcore_id(&self) -> u32 {
+        self.id
+    }
+
+    /// Objects in the cache.
+    pub fn len(&self) -> u32 {
+        self.slot.len.load(Ordering::Relaxed)
+    }
+
+    /// Holds no object.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [`Mempool::get_bulk`] through this cache.
+    #[inline(always)]
+    pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        let len = self.slot.len.load(Ordering::Relaxed);
+        if !cfg!(debug_assertions)
+            && out.len() <= len as usize
+            && self.slot.leak_on.load(Ordering::Relaxed) == 0
+        {
+            let len = len - out.len() as u32;
+            // SAFETY: [len, len + out.len()) are cached objects of our
+            // lcore (this thread's id, held while the handle lives).
+            unsafe { copy_ptrs(self.objs.add(len as usize), out.as_mut_ptr(), out.len()) };
+            self.slot.len.store(len, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.pool.get_impl(out, None)
+    }
+
+    /// [`Mempool::put_bulk`] through this cache.
+    #[inline(always)]
+    pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        let len = self.slot.len.load(Ordering::Relaxed);
+        if !cfg!(debug_assertions)
+            && len as usize + objs.len() <= self.pool.flush_thresh as usize
+            && self.slot.leak_on.load(Ordering::Relaxed) == 0
+            && self.pool.surely_ours(objs)
+        {
+            // SAFETY: len + objs.len() <= flush threshold < capacity.
+            unsafe { copy_ptrs(objs.as_ptr(), self.objs.add(len as usize), objs.len()) };
+            self.slot
+                .len
+                .store(len + objs.len() as u32, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.pool.put_slow(objs)
+    }
+
+    /// Returns the cached objects to the backend
+    /// ([`Mempool::cache_flush`]).
+    pub fn flush(&self) -> Result<(), MempoolError> {
+        self.pool.cache_flush()
+    }
+}
+
+impl Drop for LcoreCache<'_, '_> {
+    fn drop(&mut self) {
+        crate::lcore::cache_handle_dropped();
+    }
+}
+
 /// A user-owned cache (DPDK's `rte_mempool_cache_create`): process-local,
 /// used by one thread at a time (`&mut`), with the same policy as the
 /// per-lcore caches. Bound to the first pool it is used with; flush it
@@ -1693,24 +2484,31 @@ impl MempoolCache {
         self.len == 0
     }
 
+    #[inline(always)]
     fn bind(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
         if self.pool != pool.addr() {
-            if self.len != 0 {
-                return Err(MempoolError::ForeignObject {
-                    addr: self.objs[0] as usize,
-                    pool: pool.name.clone(),
-                    owner: None,
-                });
-            }
-            self.pool = pool.addr();
+            return self.rebind(pool);
         }
+        Ok(())
+    }
+
+    #[cold]
+    fn rebind(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
+        if self.len != 0 {
+            return Err(MempoolError::ForeignObject {
+                addr: self.objs[0] as usize,
+                pool: pool.name.clone(),
+                owner: None,
+            });
+        }
+        self.pool = pool.addr();
         Ok(())
     }
 
     /// Returns every object to `pool`'s backend.
     pub fn flush(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
         self.bind(pool)?;
-        pool.backend.enqueue(&self.objs[..self.len as usize])?;
+        pool.b_enqueue(&self.objs[..self.len as usize])?;
         self.len = 0;
         Ok(())
     }
@@ -1719,6 +2517,51 @@ impl MempoolCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn division_by_reciprocal_is_exact() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for d in [
+            2usize,
+            8,
+            40,
+            64,
+            128,
+            2112,
+            4160,
+            65_535,
+            1 << 20,
+            (1 << 31) - 8,
+        ] {
+            let recip = u64::MAX / d as u64 + 1;
+            for off in [0usize, 1, d - 1, d, d + 1, (1 << 32) - 1, 1 << 32, 1 << 40] {
+                assert_eq!(div_by_recip(off, d, recip), off / d, "{off} / {d}");
+            }
+            for _ in 0..20_000 {
+                let off = (next() >> 32) as usize;
+                assert_eq!(div_by_recip(off, d, recip), off / d, "{off} / {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn full_granule_table_marks_only_granules_wholly_inside_objects() {
+        let g = 1usize << 12;
+        // Zone A: objects from 10g + 64 to 13g; zone B: 20g .. 21g + 8.
+        let (base, t) = full_granules(&[(10 * g, 13 * g, 0), (20 * g - 64, 21 * g + 8, 9)], 64);
+        assert_eq!(base, 10 * g);
+        // 10g is partial (its first 64 bytes are a header), 11g and 12g
+        // are whole; 13g..19g outside; 20g whole; 21g partial; final 0.
+        assert_eq!(&t[..], &[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        let (_, t) = full_granules(&[(0, 4096, 0), (1 << 31, (1 << 31) + 4096, 1)], 0);
+        assert_eq!(&t[..], &[0], "zones spread too wide: exact check only");
+    }
 
     #[test]
     fn granule_table_names_the_only_chunk_or_says_several() {

@@ -652,3 +652,57 @@ fn single_producer_pools_refuse_concurrent_use_with_an_error() {
     pool.put(o).unwrap();
     pool.free().unwrap();
 }
+
+#[test]
+fn lcore_cache_handle_serves_the_threads_cache_and_pins_its_lcore_id() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("lcore_cache");
+    let mem = &inst.mem;
+    let pool = Mempool::create(mem, "lc", &MempoolConfig::new(1000, 64).cache_size(32)).unwrap();
+    let nocache = Mempool::create(mem, "lc0", &MempoolConfig::new(100, 64)).unwrap();
+    assert!(nocache.lcore_cache().is_none(), "no caches");
+    assert!(pool.lcore_cache().is_none(), "no lcore id yet");
+    let id = register_thread(mem).unwrap();
+    let lc = pool.lcore_cache().unwrap();
+    assert_eq!(lc.lcore_id(), id);
+    let mut objs = vec![std::ptr::null_mut(); 40];
+    for part in objs.chunks_mut(8) {
+        lc.get_bulk(part).unwrap();
+    }
+    let distinct: std::collections::BTreeSet<_> = objs.iter().collect();
+    assert_eq!(distinct.len(), 40);
+    // The handle's cache is the thread's: the pool sees the same count.
+    assert_eq!(lc.len(), pool.cache_count());
+    for part in objs.chunks(4) {
+        lc.put_bulk(part).unwrap();
+    }
+    // Policy as put_bulk: at most 1.5 x 32 after a put.
+    assert!(lc.len() <= 48, "{}", lc.len());
+    assert_eq!(pool.in_use_count(), 0);
+    // The same checks as put_bulk: a foreign pointer fails the whole call.
+    let mut two = [std::ptr::null_mut(); 2];
+    lc.get_bulk(&mut two).unwrap();
+    let before = lc.len();
+    assert!(matches!(
+        lc.put_bulk(&[two[0], 0x40 as *mut u8]),
+        Err(MempoolError::ForeignObject { addr: 0x40, .. })
+    ));
+    assert_eq!(lc.len(), before, "nothing returned");
+    // While the handle lives, the lcore id stays this thread's.
+    assert!(matches!(
+        unregister_thread(mem),
+        Err(MempoolError::LcoreCacheHeld { handles: 1, .. })
+    ));
+    // put_bulk_unchecked: for callers that know.
+    // SAFETY: both came from this pool and are out.
+    unsafe { pool.put_bulk_unchecked(&two) }.unwrap();
+    lc.flush().unwrap();
+    assert!(lc.is_empty());
+    drop(lc);
+    assert!(pool.is_full());
+    assert!(unregister_thread(mem).unwrap());
+    pool.free().unwrap();
+    nocache.free().unwrap();
+}

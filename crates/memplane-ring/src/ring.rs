@@ -683,6 +683,15 @@ impl<'r> Handle<'r> {
                 loop {
                     let (n, av) = self.fit(dir, head, want, bulk);
                     if n == 0 {
+                        // Our head may be stale: if others moved it on
+                        // while we were descheduled, (tail - head) left
+                        // the ring's range and read as 0. Fail only on a
+                        // head that is still current.
+                        let now = own.head.load(Acquire) as u32;
+                        if now != head {
+                            head = now;
+                            continue;
+                        }
                         return (head, 0, av);
                     }
                     // AcqRel: a later op that reads our new head also sees the
