@@ -34,6 +34,16 @@ use crate::leak::{
 use crate::{MempoolError, NodeFree};
 use memplane_ring::{Ring, ZoneRegion};
 
+/// The objects' span when they are all in one chunk (first element
+/// address, bytes up to the chunk's end), else (0, 0): the one-compare
+/// membership check.
+fn single_span(ranges: &[(usize, usize, u32)], header_size: usize) -> (usize, usize) {
+    match ranges {
+        [(start, end, _)] => (start + header_size, end.saturating_sub(start + header_size)),
+        _ => (0, 0),
+    }
+}
+
 /// Prefix of a pool's memzones (DPDK's `RTE_MEMPOOL_MZ_PREFIX`).
 pub const POOL_ZONE_PREFIX: &str = "MP_";
 
@@ -650,10 +660,16 @@ impl<'m> Mempool<'m> {
             .collect();
         ranges.sort_unstable_by_key(|r| r.0);
         let (gran_base, gran) = granules(&ranges);
+        let (obj_lo, obj_span) = single_span(&ranges, h.header_size as usize);
+        let (full_base, full_table) = full_granules(&ranges, h.header_size as usize);
         let full = h.populated == self.n;
         self.ranges = ranges;
         self.gran_base = gran_base;
         self.gran = gran;
+        self.obj_lo = obj_lo;
+        self.obj_span = obj_span;
+        self.full_base = full_base;
+        self.full = full_table;
         if full {
             self.header().magic.store(POOL_MAGIC, Ordering::Release);
         }
@@ -779,13 +795,7 @@ impl<'m> Mempool<'m> {
         ranges.sort_unstable_by_key(|r| r.0);
         let (gran_base, gran) = granules(&ranges);
         let name = name_str(&h.name);
-        let (obj_lo, obj_span) = match ranges[..] {
-            [(start, end, _)] => (
-                start + h.header_size as usize,
-                end.saturating_sub(start + h.header_size as usize),
-            ),
-            _ => (0, 0),
-        };
+        let (obj_lo, obj_span) = single_span(&ranges, h.header_size as usize);
         // Built-in ring handlers: a second handle on the same shared ring
         // for direct calls; without it (cannot happen unless the ring zone
         // is gone) the backend is used through the trait.
@@ -2517,6 +2527,40 @@ impl MempoolCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool made by `create` (create_empty + populate) must take the
+    /// cheap membership check on put, not the exact out-of-line one: the
+    /// handle's tables are rebuilt when chunks are added.
+    #[test]
+    fn a_populated_pool_takes_the_fast_membership_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("mpfast{}", std::process::id());
+        let opts = memplane::MemOptions::parse_args(&[
+            "--no-huge",
+            "-m",
+            "64",
+            "--file-prefix",
+            &prefix,
+            "--runtime-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let mem = Memory::init(&opts).unwrap();
+        let pool =
+            Mempool::create(&mem, "fast", &MempoolConfig::new(100, 64).cache_size(8)).unwrap();
+        let mut objs = [std::ptr::null_mut(); 8];
+        pool.get_bulk(&mut objs).unwrap();
+        assert_eq!(pool.chunks().len(), 1);
+        assert_ne!(pool.obj_span, 0, "one chunk: the one-compare check");
+        assert!(pool.surely_ours(&objs));
+        let mut outside = objs;
+        outside[3] = (pool.obj_lo + pool.obj_span) as *mut u8;
+        assert!(!pool.surely_ours(&outside));
+        pool.put_bulk(&objs).unwrap();
+        pool.cache_flush().unwrap();
+        assert!(pool.is_full());
+        pool.free().unwrap();
+    }
 
     #[test]
     fn division_by_reciprocal_is_exact() {
