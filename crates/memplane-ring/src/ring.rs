@@ -549,6 +549,7 @@ impl<M: RingMemory> RawRing<M> {
     /// A producer handle. For a [`SyncMode::Single`] producer side this
     /// claims the single-producer role (across processes) until the handle
     /// is dropped; otherwise any number may exist.
+    #[inline(always)]
     pub fn producer(&self) -> Result<RawProducer<'_>, RingError> {
         Ok(RawProducer {
             h: Handle::new(&self.core, Dir::Enq)?,
@@ -556,6 +557,7 @@ impl<M: RingMemory> RawRing<M> {
     }
 
     /// A consumer handle; see [`producer`](Self::producer).
+    #[inline(always)]
     pub fn consumer(&self) -> Result<RawConsumer<'_>, RingError> {
         Ok(RawConsumer {
             h: Handle::new(&self.core, Dir::Deq)?,
@@ -603,6 +605,9 @@ struct Handle<'r> {
 unsafe impl Send for Handle<'_> {}
 
 impl<'r> Handle<'r> {
+    // Inlined: pools and pipelines open a handle per call, and an
+    // out-of-line constructor returned the whole handle through memory.
+    #[inline(always)]
     fn new(core: &'r Core, dir: Dir) -> Result<Self, RingError> {
         let (own, opp) = core.sides(dir);
         let (mode, role) = match dir {
@@ -1111,6 +1116,7 @@ impl<'r> Handle<'r> {
 }
 
 impl Drop for Handle<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
         if self.claimed {
             self.own.owner.store(0, Release);
@@ -1280,6 +1286,7 @@ impl<T: Element, M: RingMemory> Ring<T, M> {
 
     /// A producer handle; claims the role if the producer side is
     /// [`SyncMode::Single`].
+    #[inline(always)]
     pub fn producer(&self) -> Result<Producer<'_, T>, RingError> {
         Ok(Producer {
             h: Handle::new(&self.raw.core, Dir::Enq)?,
@@ -1289,6 +1296,7 @@ impl<T: Element, M: RingMemory> Ring<T, M> {
 
     /// A consumer handle; claims the role if the consumer side is
     /// [`SyncMode::Single`].
+    #[inline(always)]
     pub fn consumer(&self) -> Result<Consumer<'_, T>, RingError> {
         Ok(Consumer {
             h: Handle::new(&self.raw.core, Dir::Deq)?,
