@@ -34,13 +34,37 @@ use crate::leak::{
 use crate::{MempoolError, NodeFree};
 use memplane_ring::{Ring, ZoneRegion};
 
-/// The objects' span when they are all in one chunk (first element
-/// address, bytes up to the chunk's end), else (0, 0): the one-compare
-/// membership check.
-fn single_span(ranges: &[(usize, usize, u32)], header_size: usize) -> (usize, usize) {
+/// The span of the pool's objects when they are all in one chunk, or all
+/// in the chunks of its one zone (first element address, bytes up to the
+/// last chunk's end), else (0, 0): the one-compare membership check. A
+/// pointer between two chunks of that zone passes it; it is still the
+/// pool's own memory (release builds check membership, not boundaries).
+fn object_span(
+    mem: &Memory,
+    name: &str,
+    h: &PoolHeader,
+    ranges: &[(usize, usize, u32)],
+) -> (usize, usize) {
+    let hs = h.header_size as usize;
     match ranges {
-        [(start, end, _)] => (start + header_size, end.saturating_sub(start + header_size)),
-        _ => (0, 0),
+        [] => (0, 0),
+        [(start, end, _)] => (start + hs, end.saturating_sub(start + hs)),
+        _ => {
+            if h.zone_chunks.count_ones() != 1 || h.local_chunks != 0 || h.anon_chunks != 0 {
+                return (0, 0);
+            }
+            let k = h.zone_chunks.trailing_zeros() as usize;
+            let Some(z) = mem.memzone_lookup(&chunk_zone_name(name, k)) else {
+                return (0, 0);
+            };
+            let (zs, ze) = (z.as_ptr() as usize, z.as_ptr() as usize + z.len());
+            if !ranges.iter().all(|&(s, e, _)| s >= zs && e <= ze) {
+                return (0, 0);
+            }
+            let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0) + hs;
+            let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+            (lo, hi.saturating_sub(lo))
+        }
     }
 }
 
@@ -660,7 +684,7 @@ impl<'m> Mempool<'m> {
             .collect();
         ranges.sort_unstable_by_key(|r| r.0);
         let (gran_base, gran) = granules(&ranges);
-        let (obj_lo, obj_span) = single_span(&ranges, h.header_size as usize);
+        let (obj_lo, obj_span) = object_span(self.mem, &self.name, h, &ranges);
         let (full_base, full_table) = full_granules(&ranges, h.header_size as usize);
         let full = h.populated == self.n;
         self.ranges = ranges;
@@ -795,7 +819,7 @@ impl<'m> Mempool<'m> {
         ranges.sort_unstable_by_key(|r| r.0);
         let (gran_base, gran) = granules(&ranges);
         let name = name_str(&h.name);
-        let (obj_lo, obj_span) = single_span(&ranges, h.header_size as usize);
+        let (obj_lo, obj_span) = object_span(mem, &name, h, &ranges);
         // Built-in ring handlers: a second handle on the same shared ring
         // for direct calls; without it (cannot happen unless the ring zone
         // is gone) the backend is used through the trait.
@@ -2227,12 +2251,13 @@ fn reserve_zones(
     flags: MempoolFlags,
 ) -> Result<(), MempoolError> {
     let total = h.total_size as usize;
+    let (total_size, socket) = (h.total_size, h.socket);
     let no_memory = || MempoolError::NoMemory {
         name: name.to_string(),
         need: (objects as usize * total).next_multiple_of(64),
         objects,
-        total_size: h.total_size,
-        socket: h.socket,
+        total_size,
+        socket,
         nodes: nodes_free(mem),
     };
     // More than every memseg list of the instance could ever map (external
@@ -2284,6 +2309,18 @@ fn reserve_zones(
                 first += cnt;
                 remaining -= cnt;
             }
+            // The whole rest is not IOVA-contiguous anywhere: as DPDK, take
+            // one VA-contiguous zone and cut it into chunks where the IOVA
+            // jumps (no object straddles a jump). One zone keeps the put
+            // membership check at one compare per object.
+            Err(Error::Memzone(MemzoneError::Alloc { .. }))
+                if contig
+                    && cnt == remaining
+                    && cnt > 1
+                    && reserve_split_zone(mem, name, h, remaining, first) =>
+            {
+                return Ok(());
+            }
             // Halve, as long as the remaining chunks can still hold the
             // remaining objects.
             Err(Error::Memzone(MemzoneError::Alloc { .. }))
@@ -2303,6 +2340,101 @@ fn reserve_zones(
         }
     }
     Ok(())
+}
+
+/// Places `objects` objects (numbered from `first`) in ONE new zone
+/// without IOVA contiguity, cut into chunks at the IOVA jumps between its
+/// pages so that no object straddles a jump (DPDK's
+/// `rte_mempool_populate_default` fallback). The zone is reserved with
+/// room for the objects lost at each jump. `false`: it did not work
+/// out (no such zone, or more pieces than the chunk list holds); nothing
+/// is left behind and the caller goes on with smaller contiguous zones.
+fn reserve_split_zone(
+    mem: &Memory,
+    name: &str,
+    h: &mut PoolHeader,
+    objects: u32,
+    first: u32,
+) -> bool {
+    let k0 = h.nb_chunks as usize;
+    let total = h.total_size as usize;
+    let need = objects as usize * total;
+    // Smallest page this instance maps: the most jumps the zone can have.
+    let Some(page) = mem
+        .lists()
+        .iter()
+        .map(|l| l.page_size.bytes() as usize)
+        .min()
+    else {
+        return false;
+    };
+    let slack = (need / page + 2) * total;
+    let Ok(z) = mem.memzone_reserve_aligned(
+        &chunk_zone_name(name, k0),
+        need + slack,
+        h.socket,
+        MemzoneFlags::NONE,
+        64,
+    ) else {
+        return false;
+    };
+    let (start, end) = (z.as_ptr() as usize, z.as_ptr() as usize + z.len());
+    let zpage = (z.page_size() as usize).max(4096);
+    // IOVA-contiguous runs of the zone, in VA order.
+    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+    let mut at = start;
+    while at < end {
+        let next = ((at / zpage) + 1) * zpage;
+        let piece_end = next.min(end);
+        let iova = mem.virt2iova(at).unwrap_or(BAD_IOVA);
+        match runs.last_mut() {
+            Some((s0, e0, i0))
+                if *i0 != BAD_IOVA && iova != BAD_IOVA && *i0 + (at - *s0) as u64 == iova =>
+            {
+                *e0 = piece_end;
+            }
+            _ => runs.push((at, piece_end, iova)),
+        }
+        at = piece_end;
+    }
+    let mut chunks = Vec::new();
+    let mut placed = 0u32;
+    for &(s0, e0, iova) in &runs {
+        if placed == objects {
+            break;
+        }
+        let fit = ((e0 - s0) / total) as u32;
+        let cnt = fit.min(objects - placed);
+        if cnt == 0 {
+            continue;
+        }
+        chunks.push(ChunkDesc {
+            va: s0 as u64,
+            iova,
+            len: (cnt as usize * total) as u64,
+            first: first + placed,
+            count: cnt,
+        });
+        placed += cnt;
+    }
+    if placed < objects || k0 + chunks.len() > MAX_CHUNKS {
+        let _ = z.free();
+        return false;
+    }
+    let pieces = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        h.chunks[k0 + i] = c;
+    }
+    // Only the first chunk owns (and frees) the zone.
+    h.zone_chunks |= 1 << k0;
+    h.nb_chunks += pieces as u32;
+    tracing::debug!(
+        name,
+        objects,
+        pieces,
+        "pool objects in one zone, cut at IOVA jumps"
+    );
+    true
 }
 
 /// Names of the pools in `mem` (zones `MP_<name>` holding a published pool

@@ -315,3 +315,80 @@ fn create_empty_refuses_bad_input_like_create_and_leaves_nothing() {
     p.free().unwrap();
     only_lcore_zone_left(mem);
 }
+
+/// A pool bigger than a 2 MiB page, in PA mode on 2 MiB pages only: its
+/// objects are either in one IOVA-contiguous zone or (when the pages are
+/// not physically contiguous) in ONE zone cut into chunks at the IOVA
+/// jumps. Either way every chunk is IOVA-contiguous page by page, no
+/// object crosses a chunk end, every object is handed out once, and a put
+/// of a pointer outside the pool is refused.
+#[test]
+fn objects_never_straddle_an_iova_jump() {
+    if !have_hugepages(64) {
+        return;
+    }
+    let _lock = pool_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("mpl_straddle_{}", std::process::id());
+    let mem = Memory::init(&opts(
+        &prefix,
+        dir.path().to_str().unwrap(),
+        &["--iova-mode", "pa", "--pagesz-mem", "1G:0"],
+    ))
+    .unwrap();
+    let n = 6000;
+    let pool = Mempool::create(
+        &mem,
+        "straddle",
+        &MempoolConfig::new(n, 2048).cache_size(64),
+    )
+    .unwrap();
+    let total = pool.obj_size().total_size as usize;
+    let chunks = pool.chunks();
+    let zones: Vec<_> = mem
+        .memzones()
+        .into_iter()
+        .filter(|z| z.name.starts_with("MP_straddle_"))
+        .collect();
+    eprintln!("{} chunk(s) in {} zone(s)", chunks.len(), zones.len());
+    assert_eq!(chunks.iter().map(|c| c.count).sum::<u32>(), n);
+    for c in &chunks {
+        assert_eq!(c.len, c.count as usize * total);
+        assert!(
+            zones
+                .iter()
+                .any(|z| c.va >= z.addr && c.va + c.len <= z.addr + z.len),
+            "each chunk lies in one of the pool's zones"
+        );
+        if c.iova == BAD_IOVA {
+            continue; // VA mode or no physical addresses: nothing to check
+        }
+        // Every 4 KiB step of the chunk is where the chunk's IOVA says.
+        let mut at = c.va;
+        while at < c.va + c.len {
+            assert_eq!(
+                mem.virt2iova(at),
+                Some(c.iova + (at - c.va) as u64),
+                "chunk at {:#x}: IOVA jumps inside it at {at:#x}",
+                c.va
+            );
+            at = (at / 4096 + 1) * 4096;
+        }
+    }
+    let mut all = vec![std::ptr::null_mut(); n as usize];
+    pool.get_bulk(&mut all).unwrap();
+    let mut seen = vec![false; n as usize];
+    for &o in &all {
+        let i = pool.index_of(o as usize).expect("an object of the pool") as usize;
+        assert!(!std::mem::replace(&mut seen[i], true), "object {i} twice");
+    }
+    pool.put_bulk(&all).unwrap();
+    let outside = (zones.iter().map(|z| z.addr + z.len).max().unwrap() + 4096) as *mut u8;
+    assert!(matches!(
+        pool.put_bulk(&[outside]),
+        Err(MempoolError::ForeignObject { .. })
+    ));
+    pool.cache_flush().unwrap();
+    assert!(pool.is_full());
+    pool.free().unwrap();
+}
