@@ -219,6 +219,38 @@ fn demo_without_hugepages_when_asked() {
 }
 
 #[test]
+fn demo_with_huge_dir_uses_one_file_per_memory_type_and_removes_it() {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            l.split_whitespace().nth(1) == Some("/dev/hugepages") && l.contains(" hugetlbfs ")
+        });
+    if !need_hugepages(24) {
+        return;
+    }
+    assert!(
+        mounted || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and no hugetlbfs is mounted at /dev/hugepages"
+    );
+    if !mounted {
+        eprintln!("SKIPPED: no hugetlbfs mounted at /dev/hugepages (memplane hugepages mount)");
+        return;
+    }
+    let _lock = pool_lock();
+    let before = free_counts();
+    let run = Run::new("hugedir");
+    let (o, text) = run.output(&["--duration", "0.3", "--huge-dir", "/dev/hugepages"]);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("adding --single-file-segments"), "{text}");
+    assert!(text.contains("hugetlbfs file per list"), "{text}");
+    assert!(text.contains("all packets intact:"), "{text}");
+    assert!(text.contains("its hugetlbfs files removed"), "{text}");
+    assert!(files_with_prefix(&run.prefix).is_empty());
+    assert_eq!(pages_come_back(before, Duration::from_secs(5)), before);
+}
+
+#[test]
 fn demo_falls_back_to_no_huge_with_one_line_when_hugepages_are_short() {
     // A sysfs tree where the hugepage pools are empty; the rest of the
     // machine (CPUs, nodes) as it is.

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use memplane::hugepages::{reserve, Discovery};
+use memplane::memseg::BackingKind;
 use memplane::memzone::Memzone;
 use memplane::units::format_size;
 use memplane::{Error, MemOptions, Memory, PageSize};
@@ -212,6 +213,15 @@ pub(crate) fn run(
             format!("demo{}", std::process::id()),
         ]);
     }
+    // Files in a hugetlbfs mount: one per page cannot be handed to the
+    // secondary (memplane passes one descriptor per memory type), so the
+    // demo asks for one file per memory type.
+    if plan.has("--huge-dir") && !plan.has("--single-file-segments") && !plan.has("--no-huge") {
+        println!(
+            "--huge-dir: adding --single-file-segments (the secondary attaches to one file per memory type, not one per page)"
+        );
+        eal.push("--single-file-segments".into());
+    }
     let mut choice = choose_memory(discovery, plan, &mut eal);
     let free_before = free_pages(&sys, PageSize::SIZE_2M);
     let t0 = Instant::now();
@@ -307,7 +317,14 @@ pub(crate) fn run(
         pool: &shared.pool,
     };
     let ok = report.print();
-    let mapped = mem.layout().total_mapped;
+    let layout = mem.layout();
+    let mapped = layout.total_mapped;
+    let files = layout.lists.iter().any(|l| {
+        matches!(
+            l.backing,
+            BackingKind::HugetlbfsFilePerList | BackingKind::HugetlbfsFilePerPage
+        )
+    });
     let t_down = Instant::now();
     drop(shared);
     drop(mem);
@@ -315,9 +332,14 @@ pub(crate) fn run(
     let free_after = free_pages(&sys, PageSize::SIZE_2M);
     if matches!(choice, MemoryChoice::Hugepages) {
         println!(
-            "teardown: {} unmapped in {:.1} ms; 2 MiB hugepages free {free_before} before start, {free_after} now (memfd backing: no files in hugetlbfs mounts)",
+            "teardown: {} unmapped in {:.1} ms; 2 MiB hugepages free {free_before} before start, {free_after} now ({})",
             format_size(mapped),
-            t_down.as_secs_f64() * 1e3
+            t_down.as_secs_f64() * 1e3,
+            if files {
+                "its hugetlbfs files removed"
+            } else {
+                "memfd backing: no files in hugetlbfs mounts"
+            }
         );
     }
     Ok(match (&ending, ok) {
