@@ -5,6 +5,8 @@
 //! clones' bytes and every pool's in-use count must match the model, and
 //! refused operations must change nothing.
 
+// The mempool crate's test support (hugepage check, instances, pool lock).
+#[path = "../../memplane-mempool/tests/common.rs"]
 mod common;
 
 use bytes::BufMut;

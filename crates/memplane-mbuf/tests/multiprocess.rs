@@ -7,6 +7,8 @@
 //! primary then finds its pools full again and sees the secondary's bytes
 //! in the buffers.
 
+// The mempool crate's test support (hugepage check, instances, pool lock).
+#[path = "../../memplane-mempool/tests/common.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

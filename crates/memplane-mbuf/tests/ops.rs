@@ -6,6 +6,8 @@
 // pool private area is 64-byte aligned.
 #![allow(clippy::many_single_char_names, clippy::cast_ptr_alignment)]
 
+// The mempool crate's test support (hugepage check, instances, pool lock).
+#[path = "../../memplane-mempool/tests/common.rs"]
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
