@@ -1231,12 +1231,7 @@ impl<'m> Mempool<'m> {
     #[inline(always)]
     fn surely_ours(&self, objs: &[*mut u8]) -> bool {
         if self.obj_span != 0 {
-            let (lo, span) = (self.obj_lo, self.obj_span);
-            let mut bad = false;
-            for &p in objs {
-                bad |= (p as usize).wrapping_sub(lo) >= span;
-            }
-            !bad
+            all_in_span(objs, self.obj_lo, self.obj_span)
         } else {
             let (base, table) = (self.full_base, &*self.full);
             let last = table.len() - 1;
@@ -2195,21 +2190,76 @@ fn full_granules(ranges: &[(usize, usize, u32)], header: usize) -> (usize, Box<[
     (base, t.into_boxed_slice())
 }
 
-/// Copies `n` pointers: an inlined (vectorised) loop for the bulks of the
-/// hot path (a `memcpy` call costs more than the copy), `memcpy` above.
+/// Whether every pointer of `objs` lies in `[lo, lo + span)`: one
+/// subtract and compare per object, no early exit.
+#[inline(always)]
+fn all_in_span(objs: &[*mut u8], lo: usize, span: usize) -> bool {
+    let outside = |p: *mut u8| (p as usize).wrapping_sub(lo) >= span;
+    let n = objs.len();
+    if n != 0 && n <= 4 {
+        // Small bulks: four clamped indices cover every object, with no
+        // loop and no branch per object.
+        let last = n - 1;
+        // SAFETY: every index is at most n - 1.
+        let at = |i: usize| unsafe { *objs.get_unchecked(i.min(last)) };
+        return !(outside(at(0)) | outside(at(1)) | outside(at(2)) | outside(at(3)));
+    }
+    let mut bad = false;
+    for &p in objs {
+        bad |= outside(p);
+    }
+    !bad
+}
+
+/// Copies `n` pointers. Small runtime sizes take a ladder of at most
+/// two overlapping fixed-size copies (as `rte_memcpy` does): a loop, or a
+/// vectorised loop with its size checks, costs more than the copy itself
+/// for 1 to 32 pointers (a bulk-1 get + put through a cache went from 80M
+/// to 280M per second in the benchmark harness). Constant sizes fold to
+/// one branch. Above 64: `memcpy`.
 ///
 /// # Safety
 /// `src` and `dst` valid for `n` pointers, not overlapping.
 #[inline(always)]
 unsafe fn copy_ptrs(src: *const *mut u8, dst: *mut *mut u8, n: usize) {
-    if n <= 64 {
-        for i in 0..n {
-            // SAFETY: i < n, both valid for n elements.
-            unsafe { dst.add(i).write(src.add(i).read()) };
+    /// Copies `K` pointers at `off` (unaligned).
+    ///
+    /// # Safety
+    /// `[off, off + K)` valid in both.
+    #[inline(always)]
+    unsafe fn block<const K: usize>(src: *const *mut u8, dst: *mut *mut u8, off: usize) {
+        // SAFETY: the caller's range is valid in both; unaligned access.
+        unsafe {
+            let v = src.add(off).cast::<[*mut u8; K]>().read_unaligned();
+            dst.add(off).cast::<[*mut u8; K]>().write_unaligned(v);
         }
-    } else {
-        // SAFETY: the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+    }
+    // SAFETY: in every arm, the two blocks are [0, K) and [n - K, n) with
+    // K <= n, inside the caller's valid ranges; they may overlap each
+    // other (same values written twice), never src with dst.
+    unsafe {
+        if n <= 1 {
+            if n == 1 {
+                dst.write(src.read());
+            }
+        } else if n <= 4 {
+            block::<2>(src, dst, 0);
+            block::<2>(src, dst, n - 2);
+        } else if n <= 8 {
+            block::<4>(src, dst, 0);
+            block::<4>(src, dst, n - 4);
+        } else if n <= 16 {
+            block::<8>(src, dst, 0);
+            block::<8>(src, dst, n - 8);
+        } else if n <= 32 {
+            block::<16>(src, dst, 0);
+            block::<16>(src, dst, n - 16);
+        } else if n <= 64 {
+            block::<32>(src, dst, 0);
+            block::<32>(src, dst, n - 32);
+        } else {
+            std::ptr::copy_nonoverlapping(src, dst, n);
+        }
     }
 }
 
@@ -2476,6 +2526,12 @@ pub struct LcoreCache<'p, 'm> {
     slot: &'p CacheSlot,
     objs: *mut *mut u8,
     id: u32,
+    /// Copies of the pool's flush threshold and object span (fixed while
+    /// the pool is borrowed): held in the handle, the hot path reads
+    /// them from registers rather than through the pool.
+    flush_thresh: u32,
+    obj_lo: usize,
+    obj_span: usize,
 }
 
 impl std::fmt::Debug for LcoreCache<'_, '_> {
@@ -2503,6 +2559,9 @@ impl<'m> Mempool<'m> {
             slot,
             objs,
             id,
+            flush_thresh: self.flush_thresh,
+            obj_lo: self.obj_lo,
+            obj_span: self.obj_span,
         })
     }
 }
@@ -2546,9 +2605,13 @@ impl LcoreCache<'_, '_> {
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         let len = self.slot.len.load(Ordering::Relaxed);
         if !cfg!(debug_assertions)
-            && len as usize + objs.len() <= self.pool.flush_thresh as usize
+            && len as usize + objs.len() <= self.flush_thresh as usize
             && self.slot.leak_on.load(Ordering::Relaxed) == 0
-            && self.pool.surely_ours(objs)
+            && if self.obj_span != 0 {
+                all_in_span(objs, self.obj_lo, self.obj_span)
+            } else {
+                self.pool.surely_ours(objs)
+            }
         {
             // SAFETY: len + objs.len() <= flush threshold < capacity.
             unsafe { copy_ptrs(objs.as_ptr(), self.objs.add(len as usize), objs.len()) };
@@ -2659,6 +2722,27 @@ impl MempoolCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every size copies exactly `n` pointers in order, and writes
+    /// nothing before or after them.
+    #[test]
+    fn copy_ptrs_copies_exactly_n_for_every_size() {
+        for n in 0..=200usize {
+            for off in [0usize, 1, 3] {
+                let src: Vec<*mut u8> = (0..n + off).map(|i| (0x1000 + i) as *mut u8).collect();
+                let guard = 0xdead as *mut u8;
+                let mut dst = vec![guard; n + off + 8];
+                // SAFETY: both hold n pointers from off (src) and 4 (dst).
+                unsafe { copy_ptrs(src.as_ptr().add(off), dst.as_mut_ptr().add(4), n) };
+                assert!(dst[..4].iter().all(|&p| p == guard), "n={n}: wrote before");
+                assert_eq!(&dst[4..4 + n], &src[off..off + n], "n={n} off={off}");
+                assert!(
+                    dst[4 + n..].iter().all(|&p| p == guard),
+                    "n={n}: wrote after"
+                );
+            }
+        }
+    }
 
     /// A pool made by `create` (create_empty + populate) must take the
     /// cheap membership check on put, not the exact out-of-line one: the
