@@ -1584,7 +1584,7 @@ impl<'m> Mempool<'m> {
         // threshold, tracking off.
         if !cfg!(debug_assertions)
             && cache.pool == self.addr()
-            && cache.len as usize + objs.len() <= (cache.size * 3 / 2) as usize
+            && cache.len as usize + objs.len() <= cache.thresh as usize
             && self.surely_ours(objs)
             && self.header().leak_on.load(Ordering::Relaxed) == 0
         {
@@ -2644,6 +2644,8 @@ impl Drop for LcoreCache<'_, '_> {
 pub struct MempoolCache {
     size: u32,
     len: u32,
+    /// Flush threshold: 1.5 x size.
+    thresh: u32,
     pool: usize,
     objs: Box<[*mut u8]>,
 }
@@ -2674,6 +2676,7 @@ impl MempoolCache {
         Ok(Self {
             size,
             len: 0,
+            thresh: size * 3 / 2,
             pool: 0,
             objs: vec![std::ptr::null_mut(); size as usize * 3].into_boxed_slice(),
         })
