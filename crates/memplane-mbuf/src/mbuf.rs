@@ -281,51 +281,66 @@ unsafe fn free_chain(m: *mut MbufHeader) {
     }
 }
 
-/// Batched returns, one pool at a time (`rte_pktmbuf_free_bulk`).
-struct Pending {
-    objs: [MaybeUninit<*mut u8>; 64],
-    len: usize,
-    pool: usize,
+/// Segments gathered per pool before one bulk put.
+const PENDING: usize = 64;
+
+/// Frees the chains at `heads`, returning segments to their pools in
+/// batches, one pool at a time (`rte_pktmbuf_free_bulk`). The batch's
+/// length and pool are plain locals, apart from the array the put
+/// reads: kept in one struct with it, they lived in memory and every
+/// segment paid a store-to-load round trip on the length.
+///
+/// # Safety
+/// Each head is an allocated mbuf chain the caller owns (one reference)
+/// or null, freed exactly once, and the pool of every segment is open
+/// in this process.
+#[inline(always)]
+unsafe fn free_chains(heads: impl Iterator<Item = *mut MbufHeader>) {
+    let mut objs = [const { MaybeUninit::<*mut u8>::uninit() }; PENDING];
+    let mut len = 0usize;
+    let mut pool = 0usize;
+    for m in heads {
+        let mut s = m;
+        while !s.is_null() {
+            // SAFETY: segments of a live chain the caller owns.
+            let (next, seg_pool) = unsafe { ((*s).next, (*s).pool) };
+            // SAFETY: as above.
+            if unsafe { prefree_seg(s) } {
+                if len == PENDING || (len != 0 && seg_pool != pool) {
+                    // SAFETY: the first `len` slots were written below.
+                    unsafe { put_pending(&objs, len, pool) };
+                    len = 0;
+                }
+                pool = seg_pool;
+                objs[len].write(s.cast());
+                len += 1;
+            }
+            s = next;
+        }
+    }
+    if len != 0 {
+        // SAFETY: as above.
+        unsafe { put_pending(&objs, len, pool) };
+    }
 }
 
-impl Pending {
-    #[inline(always)]
-    fn new() -> Self {
-        Self {
-            objs: [const { MaybeUninit::uninit() }; 64],
-            len: 0,
-            pool: 0,
+/// Puts the first `len` gathered segments into their pool (header at
+/// `pool`).
+///
+/// # Safety
+/// `objs[..len]` are written: free mbufs (refcount 0) of that pool.
+#[inline(always)]
+unsafe fn put_pending(objs: &[MaybeUninit<*mut u8>; PENDING], len: usize, pool: usize) {
+    // SAFETY: the first `len` slots are written (the caller).
+    let objs = unsafe { std::slice::from_raw_parts(objs.as_ptr().cast::<*mut u8>(), len) };
+    if let Some(e) = find_pool(pool) {
+        // SAFETY: the pool is open while its mbufs' handle lives.
+        let e = unsafe { &*e };
+        if let Err(err) = e.mp.put_bulk(objs) {
+            put_failed(&err, objs.len());
         }
-    }
-
-    #[inline(always)]
-    fn push(&mut self, m: *mut MbufHeader, pool: usize) {
-        if self.len == self.objs.len() || (self.len != 0 && pool != self.pool) {
-            self.flush();
-        }
-        self.pool = pool;
-        self.objs[self.len].write(m.cast());
-        self.len += 1;
-    }
-
-    #[inline(always)]
-    fn flush(&mut self) {
-        if self.len == 0 {
-            return;
-        }
-        // SAFETY: the first `len` slots were written by push.
-        let objs =
-            unsafe { std::slice::from_raw_parts(self.objs.as_ptr().cast::<*mut u8>(), self.len) };
-        self.len = 0;
-        if let Some(e) = find_pool(self.pool) {
-            // SAFETY: the pool is open while its mbufs' handle lives.
-            let e = unsafe { &*e };
-            if let Err(err) = e.mp.put_bulk(objs) {
-                put_failed(&err, objs.len());
-            }
-        } else {
-            pool_not_open(self.pool, objs.len());
-        }
+    } else {
+        pool_not_open(pool, objs.len());
     }
 }
 
@@ -355,20 +370,8 @@ fn pool_not_open(pool: usize, n: usize) {
 /// process.
 #[inline]
 pub unsafe fn free_bulk_raw(mbufs: &[*mut MbufHeader]) {
-    let mut p = Pending::new();
-    for &m in mbufs {
-        let mut s = m;
-        while !s.is_null() {
-            // SAFETY: segments of a live chain the caller owns.
-            let (next, pool) = unsafe { ((*s).next, (*s).pool) };
-            // SAFETY: as above.
-            if unsafe { prefree_seg(s) } {
-                p.push(s, pool);
-            }
-            s = next;
-        }
-    }
-    p.flush();
+    // SAFETY: the caller's contract.
+    unsafe { free_chains(mbufs.iter().copied()) };
 }
 
 /// Adds `delta` to a refcount, refusing a result outside 1..=u16::MAX.
@@ -619,20 +622,9 @@ impl<'p> Mbuf<'p> {
     /// (`rte_pktmbuf_free_bulk`).
     #[inline]
     pub fn free_bulk<'a>(mbufs: impl IntoIterator<Item = Mbuf<'a>>) {
-        let mut p = Pending::new();
-        for m in mbufs {
-            let mut s = m.into_raw();
-            while !s.is_null() {
-                // SAFETY: segments of a chain we owned.
-                let (next, pool) = unsafe { ((*s).next, (*s).pool) };
-                // SAFETY: as above.
-                if unsafe { prefree_seg(s) } {
-                    p.push(s, pool);
-                }
-                s = next;
-            }
-        }
-        p.flush();
+        // SAFETY: each chain was owned by its `Mbuf`, given up here once;
+        // the pools are open (the mbufs borrow their handles).
+        unsafe { free_chains(mbufs.into_iter().map(Mbuf::into_raw)) };
     }
 
     /// Bytes of the whole chain.
