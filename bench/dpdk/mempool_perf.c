@@ -193,7 +193,7 @@ static int do_one(struct rte_mempool *mp, unsigned cores, int all)
 int main(int argc, char **argv)
 {
 	struct rte_mempool *nocache, *cache;
-	int ret, s, all = 0;
+	int ret, s, all = 0, only_s = -1, only_c = -1;
 	unsigned cores;
 
 	ret = rte_eal_init(argc, argv);
@@ -205,6 +205,12 @@ int main(int argc, char **argv)
 		secs = atof(argv[ret + 1]);
 	if (ret + 2 < argc && strcmp(argv[ret + 2], "all") == 0)
 		all = 1;
+	/* One block only: "S,C" = section S (0 no cache, 1 cache, 2 user-owned
+	 * cache) on C cores (bench/compare interleaves blocks of both sides). */
+	if (ret + 3 < argc && sscanf(argv[ret + 3], "%d,%d", &only_s, &only_c) != 2) {
+		fprintf(stderr, "bad block %s (want S,C)\n", argv[ret + 3]);
+		return 1;
+	}
 	nocache = rte_mempool_create("perf_test_nocache", MEMPOOL_SIZE, ELT, 0, 0, NULL, NULL,
 				     my_obj_init, NULL, SOCKET_ID_ANY, 0);
 	cache = rte_mempool_create("perf_test_cache", MEMPOOL_SIZE, ELT, CACHE, 0, NULL, NULL,
@@ -216,11 +222,13 @@ int main(int argc, char **argv)
 	for (s = 0; s < 3; s++) {
 		struct rte_mempool *mp = s == 1 ? cache : nocache;
 
+		if (only_s >= 0 && s != only_s)
+			continue;
 		use_external_cache = s == 2;
 		printf("start performance test (%s)\n",
 		       s == 0 ? "without cache" : s == 1 ? "with cache" : "with user-owned cache");
 		for (cores = 1; cores <= 2 && cores <= rte_lcore_count(); cores++)
-			if (do_one(mp, cores, all) < 0)
+			if ((only_c < 0 || (int)cores == only_c) && do_one(mp, cores, all) < 0)
 				return 1;
 	}
 	rte_mempool_free(nocache);

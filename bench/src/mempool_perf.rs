@@ -360,7 +360,18 @@ fn parse(out: &str) -> Vec<(String, f64)> {
     v
 }
 
-fn run_dpdk(bin: &str, secs: f64, all_bulks: bool) -> Result<String, String> {
+/// The `--only` filter of our side for block (section, cores), as the C
+/// program's `S,C` argument selects it.
+fn block_filter((section, cores): (u32, u32)) -> String {
+    let (title, cache) = match section {
+        0 => ("without cache", 0),
+        1 => ("with cache", CACHE),
+        _ => ("with user-owned cache", CACHE),
+    };
+    format!("({title}) mempool_autotest cache={cache} cores={cores} ")
+}
+
+fn run_dpdk(bin: &str, secs: f64, all_bulks: bool, block: (u32, u32)) -> Result<String, String> {
     let prefix = format!("mpmempool{}", std::process::id());
     let mut cmd = Command::new(bin);
     cmd.args([
@@ -374,10 +385,9 @@ fn run_dpdk(bin: &str, secs: f64, all_bulks: bool) -> Result<String, String> {
         &prefix,
         "--",
     ])
-    .arg(secs.to_string());
-    if all_bulks {
-        cmd.arg("all");
-    }
+    .arg(secs.to_string())
+    .arg(if all_bulks { "all" } else { "-" })
+    .arg(format!("{},{}", block.0, block.1));
     let out = cmd.output().map_err(|e| format!("cannot run {bin}: {e}"));
     crate::compare_mem::remove_dpdk_runtime_dir(&prefix);
     let out = out?;
@@ -391,10 +401,16 @@ fn run_dpdk(bin: &str, secs: f64, all_bulks: bool) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_ours(secs: f64, all_bulks: bool, tracking: bool) -> Result<String, String> {
+fn run_ours(
+    secs: f64,
+    all_bulks: bool,
+    tracking: bool,
+    block: (u32, u32),
+) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.args(["mempool-perf", "--secs", &secs.to_string()]);
+    cmd.args(["--only", &block_filter(block)]);
     if all_bulks {
         cmd.arg("--all-bulks");
     }
@@ -437,9 +453,14 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
     let mut ours: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut tracked: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    for run in 1..=runs {
-        eprintln!("run {run}/{runs}: {} ...", opts.bin);
-        let d = match run_dpdk(opts.bin, secs, opts.all_bulks) {
+    // The machine's speed drifts over minutes (a shared VM): each run
+    // alternates the two sides block by block (one section on one core
+    // count, 24 rows, a few seconds), so the rows compared are measured
+    // seconds apart, not minutes.
+    let blocks: Vec<(u32, u32)> = (0..3).flat_map(|s| [(s, 1), (s, 2)]).collect();
+    for (run, &block) in (1..=runs).flat_map(|r| blocks.iter().map(move |b| (r, b))) {
+        eprintln!("run {run}/{runs}, block {block:?}: {} ...", opts.bin);
+        let d = match run_dpdk(opts.bin, secs, opts.all_bulks, block) {
             Ok(t) => parse(&t),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -455,7 +476,7 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
                 "run {run}/{runs}: memplane mempool-perf{} ...",
                 if tracking { " --leak-tracking" } else { "" }
             );
-            match run_ours(secs, opts.all_bulks, tracking) {
+            match run_ours(secs, opts.all_bulks, tracking, block) {
                 Ok(t) => {
                     for (k, v) in parse(&t) {
                         into.entry(k).or_default().push(v);
@@ -480,7 +501,7 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
         .map(|t| parse(&t).into_iter().collect())
         .unwrap_or_default();
     println!(
-        "\nmempool_perf_autotest rows (1 and 2 cores): DPDK 22.11 (bench/dpdk/mempool_perf.c) vs memplane mirror, medians of {runs} alternating runs, {secs} s per row"
+        "\nmempool_perf_autotest rows (1 and 2 cores): DPDK 22.11 (bench/dpdk/mempool_perf.c) vs memplane mirror, medians of {runs} runs alternating the two sides block by block (section x cores), {secs} s per row"
     );
     println!("rate = objects got and put back per second (2 cores: sum of both); ratio = memplane / DPDK (> 1.00: memplane faster); target: ratio >= {TARGET:.2}");
     if opts.tracking {
