@@ -28,13 +28,16 @@
 # every 64 empty polls, the secondary's liveness checks).
 #
 # What differs:
-# - buffers: DPDK uses rte_mbuf (rte_pktmbuf_alloc_bulk, which resets
-#   each mbuf, rte_pktmbuf_append, rte_pktmbuf_free_bulk); memplane's
-#   demo still uses its interim buffers over the mempool (a 64-byte header
-#   holding the length; get_bulk/put_bulk), until the mbuf crate lands.
-# - pool element: DPDK 2368 bytes (pool header + 128-byte mbuf + 2176
-#   data room), memplane 2112 (64-byte header + 2048 data room); both
-#   pools use the ring_mp_mc handler.
+# - buffers: both use mbufs of DPDK 22.11's layout: DPDK rte_mbuf
+#   (rte_pktmbuf_alloc_bulk, which resets each mbuf, rte_pktmbuf_append,
+#   rte_pktmbuf_free_bulk), memplane the memplane-mbuf crate
+#   (alloc_bulk_raw, which resets each mbuf, the append's two stores,
+#   free_bulk_raw). One difference: a free memplane mbuf has refcount 0
+#   (DPDK keeps 1), so free writes the refcount and a double free is
+#   caught.
+# - pool element: both 8191 mbufs of 2176 bytes of data room, cache 256,
+#   handler ring_mp_mc (element sizes differ by the pools' own object
+#   headers).
 # - memory: both on 2 MiB hugepages mapped as needed; DPDK with hugetlbfs
 #   files in /dev/hugepages (secondaries need the files; the primary removes
 #   what is left of its prefix after rte_eal_cleanup), memplane with a
@@ -283,7 +286,7 @@ done
 first_size="${sizes[0]}"
 mem_line="$(grep -m1 '^memory: ' "$logs/memplane-$first_size-1.log" 2>/dev/null || true)"
 dpdk_line="$(grep -m1 '^pool ' "$logs/dpdk-$first_size-1.log" 2>/dev/null || true)"
-pool_line="$(grep -m1 '^pool ' "$logs/memplane-$first_size-1.log" 2>/dev/null || true)"
+pool_line="$(grep -m1 '^mbuf pool ' "$logs/memplane-$first_size-1.log" 2>/dev/null || true)"
 # The packet work alone (no pool, no ring, one core, one buffer): how much
 # of a ratio is the compilation of the per-packet code. Best of 5.
 echo
