@@ -217,9 +217,10 @@ unsafe fn detach_raw(m: *mut MbufHeader) {
 
 /// `rte_pktmbuf_prefree_seg`: drops one reference to segment `m`; true
 /// when `m` is now free and must go back to its pool (refcount 0, single
-/// segment, own buffer).
+/// segment, own buffer). `lone`: `m` is known to have no next segment (a
+/// chain head with `nb_segs` 1), so its second cache line is not read.
 #[inline(always)]
-unsafe fn prefree_seg(m: *mut MbufHeader) -> bool {
+unsafe fn prefree_seg(m: *mut MbufHeader, lone: bool) -> bool {
     // SAFETY: live header.
     let h = unsafe { hdr(m) };
     let r = h.refcnt.load(Ordering::Acquire);
@@ -255,25 +256,52 @@ unsafe fn prefree_seg(m: *mut MbufHeader) -> bool {
         }
     }
     // As DPDK: write only what differs (the common single-segment mbuf
-    // keeps its second cache line clean here).
-    if !h.next.is_null() {
-        h.next = std::ptr::null_mut();
-    }
-    if h.nb_segs != 1 {
-        h.nb_segs = 1;
+    // keeps its second cache line clean here); a lone head has nothing
+    // to reset and its second line is not even read.
+    if !lone {
+        if !h.next.is_null() {
+            h.next = std::ptr::null_mut();
+        }
+        if h.nb_segs != 1 {
+            h.nb_segs = 1;
+        }
     }
     h.refcnt.store(0, Ordering::Relaxed);
     true
 }
 
+/// The next segment of `s` and whether `s` is a lone segment: a chain
+/// head whose `nb_segs` is 1 has no next segment (the chain invariant
+/// every operation keeps), so the common single-segment free reads only
+/// the mbuf's first cache line, where DPDK also reads `next` in the
+/// second.
+///
+/// # Safety
+/// `s` is a live segment; `head`: it is the head of its chain.
+#[inline(always)]
+unsafe fn next_of(s: *mut MbufHeader, head: bool) -> (*mut MbufHeader, bool) {
+    // SAFETY: live header.
+    let h = unsafe { &*s };
+    if head && h.nb_segs == 1 {
+        debug_assert!(h.next.is_null(), "a head with nb_segs 1 has a next segment");
+        (std::ptr::null_mut(), true)
+    } else {
+        (h.next, false)
+    }
+}
+
 /// Frees every segment of the chain at `m` (`rte_pktmbuf_free`).
-unsafe fn free_chain(m: *mut MbufHeader) {
+/// `head`: `m` heads its chain (its `nb_segs` counts the chain); false
+/// for the rest of a chain cut after its first segment.
+unsafe fn free_chain(m: *mut MbufHeader, head: bool) {
     let mut s = m;
+    let mut head = head;
     while !s.is_null() {
-        // SAFETY: segments of a live chain.
-        let next = unsafe { (*s).next };
+        // SAFETY: segments of a live chain; `m` is its head.
+        let (next, lone) = unsafe { next_of(s, head) };
+        head = false;
         // SAFETY: as above.
-        if unsafe { prefree_seg(s) } {
+        if unsafe { prefree_seg(s, lone) } {
             // SAFETY: free now.
             unsafe { put_one(s) };
         }
@@ -301,11 +329,14 @@ unsafe fn free_chains(heads: impl Iterator<Item = *mut MbufHeader>) {
     let mut pool = 0usize;
     for m in heads {
         let mut s = m;
+        let mut head = true;
         while !s.is_null() {
-            // SAFETY: segments of a live chain the caller owns.
-            let (next, seg_pool) = unsafe { ((*s).next, (*s).pool) };
+            // SAFETY: segments of a live chain the caller owns; `m` is
+            // its head.
+            let ((next, lone), seg_pool) = unsafe { (next_of(s, head), (*s).pool) };
+            head = false;
             // SAFETY: as above.
-            if unsafe { prefree_seg(s) } {
+            if unsafe { prefree_seg(s, lone) } {
                 if len == PENDING || (len != 0 && seg_pool != pool) {
                     // SAFETY: the first `len` slots were written below.
                     unsafe { put_pending(&objs, len, pool) };
@@ -365,7 +396,8 @@ fn pool_not_open(pool: usize, n: usize) {
 /// pointers are skipped.
 ///
 /// # Safety
-/// Each pointer is an allocated mbuf the caller owns (one reference),
+/// Each pointer is an allocated mbuf (the head of its chain, whose
+/// `nb_segs` counts the chain) the caller owns (one reference),
 /// freed exactly once, and the pool of every segment is open in this
 /// process.
 #[inline]
@@ -1036,7 +1068,7 @@ impl<'p> Mbuf<'p> {
             (*first).next = std::ptr::null_mut();
             (*first).data_len = (*first).pkt_len as u16;
             (*first).nb_segs = 1;
-            free_chain(rest);
+            free_chain(rest, false);
         }
         Ok(())
     }
@@ -1110,7 +1142,7 @@ impl<'p> Mbuf<'p> {
         unsafe {
             let rest = (*m).next;
             (*m).next = std::ptr::null_mut();
-            free_chain(rest);
+            free_chain(rest, false);
             detach_raw(m);
             let r = (*m).refcnt.load(Ordering::Relaxed);
             crate::pool::reset_fresh(m);
@@ -1314,6 +1346,6 @@ impl Drop for Mbuf<'_> {
     fn drop(&mut self) {
         // SAFETY: we own one reference to the chain; the pools are open
         // (the handle we borrow).
-        unsafe { free_chain(self.ptr.as_ptr()) };
+        unsafe { free_chain(self.ptr.as_ptr(), true) };
     }
 }
