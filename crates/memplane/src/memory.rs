@@ -1479,24 +1479,49 @@ impl Instance {
         let first = (addr - list.base_va) / psz;
         let last = (end - 1 - list.base_va) / psz;
         Ok(self.read_locked(|| {
-            let mut prev: Option<u64> = None;
-            for slot in first..=last {
-                let slot = slot as u32;
-                if !list.segs.is_used(slot).unwrap_or(false) {
-                    return false;
-                }
-                let iova = list.seg(slot).iova;
-                if iova == BAD_IOVA {
-                    return false;
-                }
-                if let Some(p) = prev {
-                    if iova != p + psz as u64 {
-                        return false;
-                    }
-                }
-                prev = Some(iova);
+            contig_break(first as u32, last as u32, psz as u64, |slot| {
+                list.segs
+                    .is_used(slot)
+                    .unwrap_or(false)
+                    .then(|| list.seg(slot).iova)
+            })
+            .is_none()
+        }))
+    }
+
+    /// Where `[addr, addr + len)` stops being IOVA-contiguous: `None` when
+    /// it is contiguous, else the address of the page a contiguous run
+    /// could start at (the page after an unmapped one or one without an
+    /// IOVA, or the page whose IOVA does not follow its predecessor's).
+    /// Lets a search for a contiguous block jump past a break instead of
+    /// trying every aligned start before it.
+    pub(crate) fn iova_break(&self, addr: usize, len: usize) -> Result<Option<usize>> {
+        let list = self
+            .list_of_addr(addr)
+            .ok_or(MemsegError::NotInAnyList { addr })?;
+        let psz = list.page_size.bytes() as usize;
+        let end = addr
+            .checked_add(len)
+            .filter(|&e| len > 0 && e <= list.base_va + list.capacity as usize * psz);
+        let Some(end) = end else {
+            return Err(MemsegError::BadRange {
+                addr,
+                len,
+                list: list.name.clone(),
+                page_size: psz as u64,
             }
-            true
+            .into());
+        };
+        let first = (addr - list.base_va) / psz;
+        let last = (end - 1 - list.base_va) / psz;
+        Ok(self.read_locked(|| {
+            contig_break(first as u32, last as u32, psz as u64, |slot| {
+                list.segs
+                    .is_used(slot)
+                    .unwrap_or(false)
+                    .then(|| list.seg(slot).iova)
+            })
+            .map(|slot| list.base_va + slot as usize * psz)
         }))
     }
 
@@ -1883,8 +1908,51 @@ fn merge_runs(mut runs: Vec<(u32, u32, Freshness)>) -> Vec<(u32, u32, Freshness)
     out
 }
 
+/// The first page slot in `first..=last` at which a contiguous run could
+/// restart, or `None` when the pages are all mapped with IOVAs following
+/// each other (`psz` apart). `iova(slot)` is `None` for an unmapped page.
+/// An unmapped page or one without an IOVA breaks before the next slot; an
+/// IOVA that does not follow its predecessor's breaks at its own slot.
+fn contig_break(first: u32, last: u32, psz: u64, iova: impl Fn(u32) -> Option<u64>) -> Option<u32> {
+    let mut prev: Option<u64> = None;
+    for slot in first..=last {
+        match iova(slot) {
+            None | Some(BAD_IOVA) => return Some(slot + 1),
+            Some(i) => {
+                if prev.is_some_and(|p| i != p + psz) {
+                    return Some(slot);
+                }
+                prev = Some(i);
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// Where a run of pages stops being IOVA-contiguous, and where a
+    /// contiguous run may start again.
+    #[test]
+    fn contig_break_names_the_page_a_contiguous_run_can_restart_at() {
+        const P: u64 = 2 << 20;
+        let pages = |v: Vec<Option<u64>>| move |s: u32| v[s as usize];
+        // All following each other: no break.
+        let f = pages(vec![Some(10 * P), Some(11 * P), Some(12 * P)]);
+        assert_eq!(super::contig_break(0, 2, P, &f), None);
+        // A jump at slot 2: a run can start at slot 2 itself.
+        let f = pages(vec![Some(10 * P), Some(11 * P), Some(40 * P), Some(41 * P)]);
+        assert_eq!(super::contig_break(0, 3, P, &f), Some(2));
+        assert_eq!(super::contig_break(2, 3, P, &f), None);
+        // An unmapped page or one without an IOVA: after it.
+        let f = pages(vec![Some(10 * P), None, Some(12 * P)]);
+        assert_eq!(super::contig_break(0, 2, P, &f), Some(2));
+        let f = pages(vec![Some(BAD_IOVA), Some(11 * P)]);
+        assert_eq!(super::contig_break(0, 1, P, &f), Some(1));
+        // One page is always contiguous.
+        assert_eq!(super::contig_break(1, 1, P, &f), None);
+    }
     use super::*;
 
     /// What a secondary will do: map the config memfd (here at an address

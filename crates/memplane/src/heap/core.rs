@@ -169,8 +169,11 @@ pub(crate) struct Want<'a> {
     pub bound: u64,
     /// Segment filter (page size), if any.
     pub seg_ok: Option<&'a dyn Fn(u32) -> bool>,
-    /// IOVA contiguity check of `(data, len)`, if asked for.
-    pub contig_ok: Option<&'a dyn Fn(u64, u64) -> bool>,
+    /// IOVA contiguity check of `(data, len)`, if asked for: `Ok` when
+    /// contiguous, else `Err(next)`, the lowest address at which a block
+    /// could be contiguous (the page after the first break), so the
+    /// search jumps there instead of stepping by the alignment.
+    pub contig_ok: Option<&'a dyn Fn(u64, u64) -> Result<(), u64>>,
 }
 
 impl Want<'_> {
@@ -553,8 +556,12 @@ impl<'a> Locked<'a> {
             if data.checked_add(want.size)? > end {
                 return None;
             }
-            match want.contig_ok {
-                Some(ok) if !ok(data, want.size) => data += want.align,
+            match want.contig_ok.map(|ok| ok(data, want.size)) {
+                Some(Err(next)) => {
+                    data = next
+                        .max(data.checked_add(want.align)?)
+                        .checked_next_multiple_of(want.align)?;
+                }
                 _ => return Some(data),
             }
         }
@@ -1446,6 +1453,49 @@ mod tests {
             // both buffers live as long as the guard borrows `self`.
             unsafe { Locked::lock_robust(self.head.as_mut_ptr(), 0).0 }
         }
+    }
+
+    /// A contiguity check that fails names where the next candidate may
+    /// start, and the search jumps there: over a 1 MiB element with a
+    /// "page" break every 64 KiB, finding a 96 KiB block that must sit
+    /// in... nowhere (every 64 KiB run is too short) takes one check per
+    /// run, not one per aligned start (16384 of them at 64-byte steps).
+    #[test]
+    fn a_contiguous_search_jumps_to_the_next_break_instead_of_stepping() {
+        const RUN: u64 = 64 << 10;
+        let mut t = TestHeap::new();
+        let base = t.base();
+        let calls = std::cell::Cell::new(0u32);
+        let contig = |data: u64, len: u64| {
+            calls.set(calls.get() + 1);
+            // "Pages" of RUN bytes, each its own contiguous run.
+            let page_end = (data - base) / RUN * RUN + RUN + base;
+            if data + len <= page_end {
+                Ok(())
+            } else {
+                Err(page_end)
+            }
+        };
+        let mut want = Want {
+            size: 96 << 10,
+            align: UNIT,
+            bound: 0,
+            seg_ok: None,
+            contig_ok: Some(&contig),
+        };
+        let mut l = t.lock();
+        assert!(l.alloc(&want, 96 << 10).is_none(), "no run holds 96 KiB");
+        assert!(
+            calls.get() <= 2 * (1 << 20) / RUN as u32,
+            "{} checks: the search stepped instead of jumping",
+            calls.get()
+        );
+        // A block that fits a run is found, inside one run.
+        calls.set(0);
+        want.size = 48 << 10;
+        let (data, _) = l.alloc(&want, 48 << 10).expect("a 48 KiB block fits a run");
+        assert!(contig(data, 48 << 10).is_ok());
+        assert!(calls.get() <= 4, "{} checks for the first fit", calls.get());
     }
 
     #[test]

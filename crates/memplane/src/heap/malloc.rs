@@ -967,7 +967,7 @@ impl Instance {
     ) -> Result<(NonNull<u8>, usize)> {
         let (_, align) = check_size(1, align, 0)?;
         let seg_ok = |seg: u32| self.seg_page_size(seg).is_some_and(|p| sizes.accepts(p));
-        let contig_ok = |data: u64, len: u64| self.block_contiguous(data as usize, len as usize);
+        let contig_ok = |data: u64, len: u64| self.block_contig_break(data as usize, len as usize);
         let iova_of = |addr: usize| {
             if self.list_at(addr).is_some() {
                 self.virt2iova(addr)
@@ -1038,7 +1038,7 @@ impl Instance {
             align,
             bound: 0,
             seg_ok: Some(&seg_ok),
-            contig_ok: needs_check.then_some(&contig_ok as &dyn Fn(u64, u64) -> bool),
+            contig_ok: needs_check.then_some(&contig_ok as &dyn Fn(u64, u64) -> Result<(), u64>),
         };
         let (data, _) = l
             .alloc(&want, len)
@@ -1312,7 +1312,7 @@ impl Instance {
         why: &mut String,
     ) -> Option<(u64, bool)> {
         let seg_ok = |seg: u32| self.seg_page_size(seg).is_some_and(|p| sizes.accepts(p));
-        let contig_ok = |data: u64, len: u64| self.block_contiguous(data as usize, len as usize);
+        let contig_ok = |data: u64, len: u64| self.block_contig_break(data as usize, len as usize);
         let contig_needed = req.contig
             && (self.iova_mode() == crate::options::IovaMode::Pa
                 || self.heap.kind(idx) == HEAP_KIND_EXTERNAL);
@@ -1321,7 +1321,7 @@ impl Instance {
             align,
             bound: req.bound as u64,
             seg_ok: (!sizes.is_any()).then_some(&seg_ok as &dyn Fn(u32) -> bool),
-            contig_ok: contig_needed.then_some(&contig_ok as &dyn Fn(u64, u64) -> bool),
+            contig_ok: contig_needed.then_some(&contig_ok as &dyn Fn(u64, u64) -> Result<(), u64>),
         };
         let mut l = self.heap.lock(idx);
         if let Some(r) = l.alloc(&want, req.size as u64) {
@@ -1573,11 +1573,21 @@ impl Instance {
         true
     }
 
-    fn block_contiguous(&self, addr: usize, len: usize) -> bool {
+    /// `Ok` when `[addr, addr + len)` is IOVA-contiguous, else
+    /// `Err(next)`: the lowest address a contiguous block could start at
+    /// (memseg memory: the page where the first break is; external
+    /// memory: the next byte).
+    fn block_contig_break(&self, addr: usize, len: usize) -> std::result::Result<(), u64> {
         if self.list_at(addr).is_some() {
-            self.is_iova_contiguous(addr, len).unwrap_or(false)
+            match self.iova_break(addr, len) {
+                Ok(None) => Ok(()),
+                Ok(Some(next)) => Err(next as u64),
+                Err(_) => Err(addr as u64 + 1),
+            }
+        } else if self.heap.ext_contiguous(addr, len) {
+            Ok(())
         } else {
-            self.heap.ext_contiguous(addr, len)
+            Err(addr as u64 + 1)
         }
     }
 
