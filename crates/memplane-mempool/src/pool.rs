@@ -1551,26 +1551,43 @@ impl<'m> Mempool<'m> {
             cache.len = len;
             return Ok(());
         }
-        self.get_with_slow(cache, out)
+        let (r, bound, len) = self.get_with_slow(
+            cache.pool,
+            cache.len,
+            cache.objs.as_mut_ptr(),
+            cache.size,
+            out,
+        );
+        cache.pool = bound;
+        cache.len = len;
+        r
     }
 
     #[inline(never)]
     fn get_with_slow(
         &self,
-        cache: &mut MempoolCache,
+        bound: usize,
+        len: u32,
+        cobjs: *mut *mut u8,
+        size: u32,
         out: &mut [*mut u8],
-    ) -> Result<(), MempoolError> {
-        cache.bind(self)?;
-        if out.is_empty() {
-            return Ok(());
+    ) -> (Result<(), MempoolError>, usize, u32) {
+        // The cache's state comes by value and goes back by value: the
+        // cache itself never reaches this out-of-line call, so the
+        // compiler keeps its length in a register across a loop of hot
+        // calls (as C does with type-based alias analysis).
+        if let Err(e) = self.bind_check(bound, len, cobjs) {
+            return (Err(e), bound, len);
         }
-        let mut len = cache.len;
-        let r = self.cache_get(cache.objs.as_mut_ptr(), &mut len, cache.size, out);
-        cache.len = len;
+        if out.is_empty() {
+            return (Ok(()), self.addr(), len);
+        }
+        let mut len = len;
+        let r = self.cache_get(cobjs, &mut len, size, out);
         if self.header().leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
             self.record_get(out, None, self.reg.current());
         }
-        r
+        (r, self.addr(), len)
     }
 
     /// Returns objects through a user-owned cache.
@@ -1599,24 +1616,54 @@ impl<'m> Mempool<'m> {
             cache.len += objs.len() as u32;
             return Ok(());
         }
-        self.put_with_slow(cache, objs)
+        let (r, bound, len) = self.put_with_slow(
+            cache.pool,
+            cache.len,
+            cache.objs.as_mut_ptr(),
+            cache.size,
+            objs,
+        );
+        cache.pool = bound;
+        cache.len = len;
+        r
     }
 
     #[inline(never)]
     fn put_with_slow(
         &self,
-        cache: &mut MempoolCache,
+        bound: usize,
+        len: u32,
+        cobjs: *mut *mut u8,
+        size: u32,
         objs: &[*mut u8],
-    ) -> Result<(), MempoolError> {
-        cache.bind(self)?;
-        self.check_put(objs)?;
+    ) -> (Result<(), MempoolError>, usize, u32) {
+        // State by value, as in get_with_slow.
+        if let Err(e) = self.bind_check(bound, len, cobjs) {
+            return (Err(e), bound, len);
+        }
+        if let Err(e) = self.check_put(objs) {
+            return (Err(e), self.addr(), len);
+        }
         if self.header().leak_on.load(Ordering::Relaxed) != 0 {
             self.record_put(objs);
         }
-        let mut len = cache.len;
-        let r = self.cache_put(cache.objs.as_mut_ptr(), &mut len, cache.size, objs);
-        cache.len = len;
-        r
+        let mut len = len;
+        let r = self.cache_put(cobjs, &mut len, size, objs);
+        (r, self.addr(), len)
+    }
+
+    /// A user cache bound to pool `bound` (0: none yet) may be used with
+    /// this pool: it is this pool's, or it holds nothing.
+    fn bind_check(&self, bound: usize, len: u32, cobjs: *mut *mut u8) -> Result<(), MempoolError> {
+        if bound == self.addr() || len == 0 {
+            return Ok(());
+        }
+        Err(MempoolError::ForeignObject {
+            // SAFETY: len > 0: the first slot holds an object.
+            addr: unsafe { cobjs.read() } as usize,
+            pool: self.name.clone(),
+            owner: None,
+        })
     }
 
     /// A snapshot for reports.

@@ -706,3 +706,53 @@ fn lcore_cache_handle_serves_the_threads_cache_and_pins_its_lcore_id() {
     pool.free().unwrap();
     nocache.free().unwrap();
 }
+
+/// A user-owned cache belongs to one pool while it holds objects: used
+/// with another pool it is refused and nothing moves; empty, it moves to
+/// the other pool; a pointer that is not the pool's is refused through it.
+#[test]
+fn a_user_cache_holding_objects_stays_with_its_pool() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("ucbind");
+    let mem = &inst.mem;
+    let a = Mempool::create(mem, "uc_a", &MempoolConfig::new(256, 64)).unwrap();
+    let b = Mempool::create(mem, "uc_b", &MempoolConfig::new(256, 64)).unwrap();
+    let mut uc = MempoolCache::new(8).unwrap();
+    let mut objs = vec![std::ptr::null_mut(); 3];
+    a.get_bulk_with(&mut uc, &mut objs).unwrap();
+    let held = uc.len();
+    assert!(held > 0);
+    // Holding a's objects: b refuses the cache, for a get and a put.
+    let mut other = vec![std::ptr::null_mut(); 2];
+    assert!(matches!(
+        b.get_bulk_with(&mut uc, &mut other),
+        Err(MempoolError::ForeignObject { .. })
+    ));
+    let mut bobj = vec![std::ptr::null_mut(); 1];
+    b.get_bulk(&mut bobj).unwrap();
+    assert!(matches!(
+        b.put_bulk_with(&mut uc, &bobj),
+        Err(MempoolError::ForeignObject { .. })
+    ));
+    assert_eq!(uc.len(), held, "a refused call moves nothing");
+    assert_eq!(b.avail_count(), 255);
+    // b's object through a's cache: not a's, refused.
+    assert!(matches!(
+        a.put_bulk_with(&mut uc, &bobj),
+        Err(MempoolError::ForeignObject { .. })
+    ));
+    assert_eq!(uc.len(), held);
+    // Back home, then empty: the cache can serve b.
+    a.put_bulk_with(&mut uc, &objs).unwrap();
+    uc.flush(&a).unwrap();
+    assert!(a.is_full());
+    b.get_bulk_with(&mut uc, &mut other).unwrap();
+    b.put_bulk_with(&mut uc, &other).unwrap();
+    b.put_bulk_with(&mut uc, &bobj).unwrap();
+    uc.flush(&b).unwrap();
+    assert!(b.is_full());
+    a.free().unwrap();
+    b.free().unwrap();
+}
