@@ -547,26 +547,37 @@ impl<'m> Memzone<'m> {
     /// used afterwards.
     pub fn free(self) -> Result<()> {
         self.mem.zones_not_in_callback("memzone free")?;
-        let t = &self.mem.zones.t;
+        let ticket = self.unlink_for_free()?;
+        self.finish_free(ticket)
+    }
+
+    /// First half of [`free`](Self::free): takes the zone out of the
+    /// table (its name is free again), unless it is stale. Returns the
+    /// ticket [`finish_free`](Self::finish_free) needs.
+    fn unlink_for_free(&self) -> std::result::Result<u32, MemzoneError> {
+        let mut w = self.mem.zones.t.write();
+        let e = w.entry(self.index);
+        if e.generation.load(Ordering::Acquire) != self.generation
+            || e.state.load(Ordering::Acquire) != STATE_READY
         {
-            let mut w = t.write();
-            let e = w.entry(self.index);
-            if e.generation.load(Ordering::Acquire) != self.generation
-                || e.state.load(Ordering::Acquire) != STATE_READY
-            {
-                return Err(MemzoneError::Stale {
-                    name: self.name().to_string(),
-                }
-                .into());
-            }
-            w.unlink(self.index);
+            return Err(MemzoneError::Stale {
+                name: self.name().to_string(),
+            });
         }
+        Ok(w.unlink(self.index, crate::shm::lock::cached_pid()))
+    }
+
+    /// Second half of [`free`](Self::free): gives the memory back and
+    /// recycles the entry.
+    fn finish_free(self, ticket: u32) -> Result<()> {
         // The memory goes back outside the table lock: a free may unmap
         // pages and fire memory events, whose callbacks may look zones up.
+        // The entry stays FREEING, in our name, meanwhile: a table rebuilt
+        // by a writer that took over a dead one's lock leaves it to us.
         // SAFETY: the block is the zone's, unlinked above, so no new
         // handle can reach it; the caller gives up its pointers.
         let r = unsafe { self.mem.free_uncached(self.addr()) };
-        t.write().release(self.index, true);
+        self.mem.zones.t.write().release(self.index, ticket, true);
         tracing::debug!(name = self.name(), len = self.len, "memzone freed");
         r
     }
@@ -693,8 +704,8 @@ impl Instance {
             Ok((ptr, got)) => Ok(self.publish_zone(&req, index, ptr, got)),
             Err(e) => {
                 let mut w = self.zones.t.write();
-                w.unlink(index);
-                w.release(index, false);
+                let ticket = w.unlink(index, crate::shm::lock::cached_pid());
+                w.release(index, ticket, false);
                 Err(MemzoneError::Alloc {
                     name: name.to_string(),
                     what: req.describe(),
@@ -937,8 +948,8 @@ impl Instance {
                         && e.owner_pid == owner
                     {
                         tracing::warn!(name = %name(), pid = owner, "dropping the memzone claim of a dead process");
-                        w.unlink(i);
-                        w.release(i, false);
+                        let ticket = w.unlink(i, pid);
+                        w.release(i, ticket, false);
                     }
                 }
                 continue;
@@ -1031,6 +1042,90 @@ impl Memzone<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{MemOptions, Memory};
+
+    /// A process that takes the memzone table's write lock and dies
+    /// holding it (a secondary SIGKILLed inside a table update). Returns
+    /// once it is dead and reaped.
+    fn die_holding_the_table_lock(mem: &Memory) {
+        let lock = mem.zones.t.lock();
+        // SAFETY: the child only does a compare-exchange on shared memory
+        // and `_exit`s (async-signal-safe; nothing of the parent's other
+        // threads is touched); the parent only waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = lock.try_write().map(std::mem::forget).is_some();
+            // SAFETY: ends the forked child at once, without running the
+            // parent's atexit handlers or destructors.
+            unsafe { libc::_exit(i32::from(!ok)) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        assert_eq!(r, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child could not take the lock ({status:#x})"
+        );
+        assert_eq!(lock.writer_pid(), Some(pid as u32));
+    }
+
+    #[test]
+    fn a_free_in_progress_survives_a_dead_lock_holder_and_the_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("mzdead{}", std::process::id());
+        let mem = Memory::init(
+            &MemOptions::parse_args(&[
+                "--no-huge",
+                "-m",
+                "16",
+                "--file-prefix",
+                &prefix,
+                "--runtime-dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let reserve = |name: &str| {
+            mem.memzone_reserve(name, 4096, SOCKET_ID_ANY, MemzoneFlags::NONE)
+                .unwrap()
+        };
+        let freeing = reserve("freeing");
+        let kept = reserve("kept");
+        let freeing_index = freeing.index();
+        // We are freeing a zone: unlinked, its memory on the way back.
+        let ticket = freeing.unlink_for_free().unwrap();
+        // Another process dies inside a table update meanwhile; the next
+        // writer takes the lock over and rebuilds the table.
+        die_holding_the_table_lock(&mem);
+        let after = reserve("after");
+        assert_ne!(
+            after.index(),
+            freeing_index,
+            "the entry being freed was handed out"
+        );
+        // Our free completes; the entry is recycled once.
+        freeing.finish_free(ticket).unwrap();
+        let more = [reserve("more1"), reserve("more2")];
+        let mut idx: Vec<u32> = [&kept, &after, &more[0], &more[1]]
+            .iter()
+            .map(|m| m.index())
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        assert_eq!(idx.len(), 4, "an entry was handed out twice");
+        let [more1, more2] = more;
+        for zone in [kept, after, more1, more2] {
+            let name = zone.name().to_string();
+            assert!(zone.is_live(), "{name}");
+            zone.free()
+                .unwrap_or_else(|err| panic!("freeing our own {name}: {err}"));
+        }
+        assert_eq!(mem.memzone_count(), 0);
+        assert_eq!(mem.memzone_stats().frees, 5);
+    }
 
     #[test]
     fn names_are_checked() {

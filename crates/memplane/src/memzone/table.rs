@@ -13,6 +13,15 @@
 //! Every field except an entry's `state` and `generation` is read and
 //! written under the table lock; those two are atomics so a stale handle
 //! can be told apart cheaply.
+//!
+//! An entry moves FREE -> RESERVING -> READY -> FREEING -> FREE. The two
+//! transitional states belong to a process that finishes them outside the
+//! lock (the reserver allocates, the freer gives the memory back) and
+//! names itself in the entry (`owner_pid`, `freer_pid`). A writer that dies
+//! holding the lock makes the next one [`rebuild`](Writing::rebuild) the
+//! index and free stack from the entries: it drops the transitional entries
+//! of dead processes and leaves those of live ones to them, so a live
+//! process never finds its entry recycled (or handed out twice) under it.
 
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -87,8 +96,11 @@ pub(crate) struct ZoneEntry {
     pub hash: u32,
     /// Next entry on the free stack (index + 1, or 0).
     pub next_free: u32,
+    /// FREEING: pid of the process freeing the zone (it recycles the
+    /// entry once the memory is back; not always the reserver).
+    pub freer_pid: u32,
     /// Room to grow.
-    pub reserved: [u32; 5],
+    pub reserved: [u32; 4],
 }
 
 #[cfg(not(loom))]
@@ -96,6 +108,7 @@ const _: () = {
     assert!(size_of::<TableHeader>() == 64);
     assert!(size_of::<ZoneEntry>() == 128);
     assert!(std::mem::offset_of!(ZoneEntry, state) == 88);
+    assert!(std::mem::offset_of!(ZoneEntry, freer_pid) == 108);
 };
 
 /// Index slots for `capacity` entries: a load factor of at most 1/2.
@@ -178,7 +191,7 @@ impl Table {
         }
     }
 
-    fn lock(&self) -> &RwLock {
+    pub(crate) fn lock(&self) -> &RwLock {
         // SAFETY: the header lives in the config mapping; the lock is its
         // own synchronisation.
         unsafe { &(*self.header).lock }
@@ -355,6 +368,7 @@ impl Writing<'_> {
         e.hash = hash;
         e.owner_pid = pid;
         e.next_free = 0;
+        e.freer_pid = 0;
         e.addr = 0;
         e.len = 0;
         e.state.store(STATE_RESERVING, Ordering::Release);
@@ -385,14 +399,25 @@ impl Writing<'_> {
     }
 
     /// Takes entry `i` out of the index (its name is free again) and
-    /// marks it FREEING; the entry itself is recycled by [`release`].
+    /// marks it FREEING on behalf of process `pid`, who must recycle it
+    /// with [`release`] and the returned ticket (the entry's new
+    /// generation).
     ///
     /// [`release`]: Self::release
-    pub(crate) fn unlink(&mut self, entry: u32) {
+    pub(crate) fn unlink(&mut self, entry: u32, pid: u32) -> u32 {
         let table = self.t;
+        table.entry_mut(entry).freer_pid = pid;
         let gone = table.entry(entry);
-        gone.generation.fetch_add(1, Ordering::AcqRel);
+        // State first: a writer that dies between the two stores leaves a
+        // FREEING entry (its free is dropped by the rebuild, which bumps
+        // the generation) or a READY one with its old generation (the zone
+        // stays, and so do its handles); never a READY zone whose handles
+        // are all stale.
         gone.state.store(STATE_FREEING, Ordering::Release);
+        let ticket = gone
+            .generation
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
         let head = table.header_mut();
         head.count -= 1;
         let mask = head.buckets - 1;
@@ -422,22 +447,38 @@ impl Writing<'_> {
             }
         }
         table.set_bucket(hole, 0);
+        ticket
     }
 
-    /// Puts an unlinked entry back on the free stack.
-    pub(crate) fn release(&mut self, i: u32, freed: bool) {
+    /// Puts an entry that [`unlink`](Self::unlink) gave `ticket` for back
+    /// on the free stack. Returns false, changing nothing, if the entry is
+    /// no longer that FREEING entry (it cannot be, unless the table was
+    /// recovered wrongly: pushing it again would hand it out twice).
+    pub(crate) fn release(&mut self, i: u32, ticket: u32, freed: bool) -> bool {
         let t = self.t;
+        let e = t.entry_mut(i);
+        if e.state.load(Ordering::Acquire) != STATE_FREEING
+            || e.generation.load(Ordering::Acquire) != ticket
+        {
+            tracing::error!(
+                entry = i,
+                state = e.state.load(Ordering::Acquire),
+                "a memzone entry being freed was recycled by someone else; leaving it alone"
+            );
+            return false;
+        }
         let h = t.header_mut();
         if freed {
             h.frees += 1;
         }
-        let e = t.entry_mut(i);
         e.state.store(STATE_FREE, Ordering::Release);
         e.name = [0; NAME_BYTES];
         e.addr = 0;
         e.len = 0;
+        e.freer_pid = 0;
         e.next_free = h.free_head;
         h.free_head = i + 1;
+        true
     }
 
     /// Index of the entry named `name`, any state.
@@ -448,7 +489,10 @@ impl Writing<'_> {
     /// Rebuilds the index, the free stack and the count from the entries,
     /// after a writer died mid-update. Claims and frees of dead processes
     /// are dropped (a zone whose free was cut short is gone; its memory
-    /// may stay allocated in the heap).
+    /// may stay allocated in the heap). Claims and frees of live
+    /// processes are kept: a claim stays in the index, an entry being
+    /// freed stays out of the index and off the free stack until its freer
+    /// releases it.
     pub(crate) fn rebuild(&mut self) {
         let t = self.t;
         let h = t.header_mut();
@@ -461,10 +505,20 @@ impl Writing<'_> {
         for i in (0..h.high_water.min(h.capacity)).rev() {
             let e = t.entry_mut(i);
             let state = e.state.load(Ordering::Acquire);
-            let dead = crate::shm::lock::pid_is_dead(e.owner_pid);
+            let pid = if state == STATE_FREEING {
+                e.freer_pid
+            } else {
+                e.owner_pid
+            };
+            let alive = || !crate::shm::lock::pid_is_dead(pid);
             let keep = match state {
                 STATE_READY => true,
-                STATE_RESERVING => !dead,
+                STATE_RESERVING => alive(),
+                STATE_FREEING if alive() => {
+                    // Its freer is giving the memory back and will
+                    // release the entry: not free yet, not in the index.
+                    continue;
+                }
                 _ => false,
             };
             if !keep {
@@ -472,13 +526,14 @@ impl Writing<'_> {
                     tracing::warn!(
                         entry = i,
                         state,
-                        pid = e.owner_pid,
+                        pid,
                         "dropping a memzone entry a dead process left half done"
                     );
                     e.generation.fetch_add(1, Ordering::AcqRel);
                 }
                 e.state.store(STATE_FREE, Ordering::Release);
                 e.name = [0; NAME_BYTES];
+                e.freer_pid = 0;
                 e.next_free = h.free_head;
                 h.free_head = i + 1;
                 continue;
@@ -503,6 +558,9 @@ mod tests {
         n[..s.len()].copy_from_slice(s.as_bytes());
         n
     }
+
+    /// A pid no process has (above any `pid_max`).
+    const DEAD_PID: u32 = 0x3fff_fff0;
 
     struct Buf(Vec<u64>);
 
@@ -539,8 +597,8 @@ mod tests {
         assert!(matches!(claim(&t, "e"), Claim::Full));
         {
             let mut w = t.write();
-            w.unlink(a);
-            w.release(a, true);
+            let ticket = w.unlink(a, 1);
+            assert!(w.release(a, ticket, true));
         }
         assert_eq!(find(&t, "a"), None);
         assert!(matches!(claim(&t, "e"), Claim::Claimed(i) if i == a));
@@ -573,8 +631,8 @@ mod tests {
                 let pick = (seed >> 8) as usize % live.len();
                 let (s, i) = live.swap_remove(pick);
                 let mut w = tab.write();
-                w.unlink(i);
-                w.release(i, true);
+                let ticket = w.unlink(i, 1);
+                assert!(w.release(i, ticket, true));
                 drop(w);
                 assert_eq!(find(&tab, &s), None, "{s} still found");
             }
@@ -601,7 +659,7 @@ mod tests {
             tab.write().publish(i);
         }
         // "d" stays RESERVING by a pid that does not exist.
-        tab.write().entry_mut(ids[3]).owner_pid = 0x3fff_fff0;
+        tab.write().entry_mut(ids[3]).owner_pid = DEAD_PID;
         // A writer died mid-update: the index is wiped.
         {
             let w = tab.write();
@@ -617,6 +675,84 @@ mod tests {
         assert_eq!(find(&tab, "d"), None, "a dead claim is dropped");
         assert_eq!(tab.read().count(), 3);
         assert!(matches!(claim(&tab, "d"), Claim::Claimed(_)));
+    }
+
+    /// Every entry the free stack hands out, until the table is full:
+    /// none twice.
+    fn drain_free_stack(t: &Table, tag: &str) -> Vec<u32> {
+        let mut got = Vec::new();
+        for k in 0.. {
+            match claim(t, &format!("{tag}{k}")) {
+                Claim::Claimed(i) => {
+                    assert!(!got.contains(&i), "entry {i} handed out twice: {got:?}");
+                    got.push(i);
+                }
+                Claim::Full => break,
+                _ => panic!("unexpected claim result"),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn rebuild_leaves_an_entry_being_freed_by_a_live_process_to_it() {
+        // A zone reserved by a process that died since; a live process
+        // (us) frees it and is between the two halves of the free (entry
+        // unlinked, memory going back to the heap) when another writer
+        // dies holding the lock and the table is rebuilt.
+        let (_buf, tab) = table(8);
+        let Claim::Claimed(a) = claim(&tab, "a") else {
+            panic!()
+        };
+        let Claim::Claimed(b) = claim(&tab, "b") else {
+            panic!()
+        };
+        tab.write().publish(a);
+        tab.write().publish(b);
+        tab.write().entry_mut(a).owner_pid = DEAD_PID;
+        let ticket = tab.write().unlink(a, std::process::id());
+        tab.write().rebuild();
+        // Until its freer recycles it, the entry is nobody else's.
+        let Claim::Claimed(c) = claim(&tab, "c") else {
+            panic!()
+        };
+        assert_ne!(c, a, "an entry still being freed was handed out");
+        tab.write().publish(c);
+        let gen_c = tab.read().entry(c).generation.load(Ordering::Acquire);
+        // The freer finishes: the entry goes back once.
+        assert!(tab.write().release(a, ticket, true));
+        assert!(!tab.write().release(a, ticket, true), "released twice");
+        let more = drain_free_stack(&tab, "x");
+        assert!(!more.contains(&b) && !more.contains(&c), "{more:?}");
+        assert_eq!(more.len(), 8 - 2, "every other entry is free exactly once");
+        // The zones that lived through it are untouched.
+        assert_eq!(find(&tab, "b"), Some(b));
+        assert_eq!(find(&tab, "c"), Some(c));
+        let e = tab.read().entry(c).generation.load(Ordering::Acquire);
+        assert_eq!(e, gen_c);
+        assert_eq!(
+            tab.read().entry(c).state.load(Ordering::Acquire),
+            STATE_READY
+        );
+    }
+
+    #[test]
+    fn rebuild_drops_a_free_its_dead_freer_left_half_done() {
+        // Reserved by a live process, freed by one that died before
+        // recycling the entry: the rebuild recycles it.
+        let (_buf, tab) = table(4);
+        let Claim::Claimed(a) = claim(&tab, "a") else {
+            panic!()
+        };
+        tab.write().publish(a);
+        let ticket = tab.write().unlink(a, DEAD_PID);
+        tab.write().rebuild();
+        let got = drain_free_stack(&tab, "x");
+        assert!(got.contains(&a), "{got:?}");
+        assert_eq!(got.len(), 4);
+        // Had the freer not died after all, its release changes nothing.
+        assert!(!tab.write().release(a, ticket, true));
+        assert_eq!(tab.read().count(), 4);
     }
 
     #[test]
