@@ -379,14 +379,34 @@ impl<'a> Locked<'a> {
         hset!(self, free_bytes, 0);
         let mut prev = 0;
         let mut busy = 0;
+        // A free element waiting to be listed: the next one may be free
+        // and adjacent (a free whose merge a dead holder cut short), and
+        // is then merged into it here.
+        let mut pending: Option<(u64, Elem)> = None;
         for &(addr, e) in &elems {
+            if let Some((pa, mut pe)) = pending {
+                if e.state == STATE_FREE && self.adjacent(pa, &pe, addr, &e) {
+                    pe.size += e.size;
+                    pe.next = e.next;
+                    // The absorbed header stays in the data: not zero.
+                    pe.flags |= ELEM_DIRTY;
+                    self.put(pa, pe);
+                    pending = Some((pa, pe));
+                    continue;
+                }
+                self.free_insert(pa);
+                pending = None;
+            }
             self.set_link(addr, Link::Prev, prev);
             if e.state == STATE_FREE {
-                self.free_insert(addr);
+                pending = Some((addr, e));
             } else {
                 busy += 1;
             }
             prev = addr;
+        }
+        if let Some((pa, _)) = pending {
+            self.free_insert(pa);
         }
         hset!(self, last, prev);
         hset!(self, busy_count, busy);
@@ -660,23 +680,22 @@ impl<'a> Locked<'a> {
         let e = self.get(addr);
         let end = addr + e.size;
         let busy = data - HDR;
-        let mut prev = e.prev;
-        if busy > addr {
-            // The alignment gap (a whole number of units) stays free.
-            self.put(
-                addr,
-                Elem {
-                    size: busy - addr,
-                    next: busy,
-                    ..e
-                },
-            );
-            self.free_insert(addr);
-            prev = addr;
-        }
+        let gap = busy > addr;
+        let prev = if gap { addr } else { e.prev };
         let mut busy_end = data + size;
-        let next = if end - busy_end >= MIN_TAIL {
-            let tail = busy_end;
+        let tail = if end - busy_end >= MIN_TAIL {
+            Some(busy_end)
+        } else {
+            busy_end = end;
+            None
+        };
+        let next = tail.unwrap_or(e.next);
+        // New headers first, the write that links them in last: a holder
+        // killed in between leaves the old element whole, the new headers
+        // unreachable inside it, so the chain still walks and `rebuild`
+        // repairs lists and counters. (Linking first would leave a link to
+        // a header not yet written.)
+        if let Some(tail) = tail {
             let flags = if inside(tail + HDR, end) {
                 e.flags & !ELEM_DIRTY
             } else {
@@ -691,31 +710,44 @@ impl<'a> Locked<'a> {
                     ..e
                 },
             );
+        }
+        let busy_elem = Elem {
+            state: STATE_BUSY,
+            size: busy_end - busy,
+            prev,
+            next,
+            link_a: asked,
+            link_b: 0,
+            heap: self.idx,
+            ..e
+        };
+        if gap {
+            self.put(busy, busy_elem);
+            // The linking write: the old element becomes the free gap.
+            self.put(
+                addr,
+                Elem {
+                    size: busy - addr,
+                    next: busy,
+                    ..e
+                },
+            );
+            self.free_insert(addr);
+        } else {
+            // The busy header replaces the old one: one write links it.
+            self.put(busy, busy_elem);
+        }
+        if let Some(tail) = tail {
             self.free_insert(tail);
+        }
+        self.relink(prev, busy, next);
+        if let Some(tail) = tail {
             if e.next == 0 {
                 hset!(self, last, tail);
             } else {
                 self.set_link(e.next, Link::Prev, tail);
             }
-            tail
-        } else {
-            busy_end = end;
-            e.next
-        };
-        self.put(
-            busy,
-            Elem {
-                state: STATE_BUSY,
-                size: busy_end - busy,
-                prev,
-                next,
-                link_a: asked,
-                link_b: 0,
-                heap: self.idx,
-                ..e
-            },
-        );
-        self.relink(prev, busy, next);
+        }
         hset!(self, busy_count, hf!(self, busy_count) + 1);
         e.flags & ELEM_DIRTY != 0 && !inside(data, data + size)
     }
@@ -876,13 +908,18 @@ impl<'a> Locked<'a> {
     /// `a` (at `a_addr`) takes over its adjacent successor `b`.
     fn absorb(&mut self, a_addr: u64, a: &mut Elem, b_addr: u64, b: &Elem) {
         let dirty = (a.flags | b.flags) & ELEM_DIRTY;
-        if dirty == 0 {
-            // Keep the merged data all-zero: wipe the absorbed header.
-            // SAFETY: the header belongs to the heap.
-            unsafe { std::ptr::write_bytes(b_addr as *mut u8, 0, HDR as usize) };
-        }
         a.size += b.size;
         a.next = b.next;
+        if dirty == 0 {
+            // Keep the merged data all-zero: wipe the absorbed header, but
+            // only once `a` links past it (a holder killed before would
+            // leave a link to a wiped header), and with `a` marked dirty
+            // until it is wiped (killed in between, `a` is dirty: safe).
+            a.flags |= ELEM_DIRTY;
+            self.put(a_addr, *a);
+            // SAFETY: the header belongs to the heap, unlinked above.
+            unsafe { std::ptr::write_bytes(b_addr as *mut u8, 0, HDR as usize) };
+        }
         a.flags = (a.flags & !ELEM_DIRTY) | dirty;
         self.put(a_addr, *a);
         if b.next == 0 {
@@ -1496,6 +1533,55 @@ mod tests {
         let (data, _) = l.alloc(&want, 48 << 10).expect("a 48 KiB block fits a run");
         assert!(contig(data, 48 << 10).is_ok());
         assert!(calls.get() <= 4, "{} checks for the first fit", calls.get());
+    }
+
+    /// A free cut short by a dead lock holder (the element marked free,
+    /// not yet merged with its free neighbour nor listed): the rebuild
+    /// finishes the merge, and the heap validates.
+    #[test]
+    fn rebuild_finishes_a_merge_a_dead_holder_cut_short() {
+        let mut t = TestHeap::new();
+        let (base, end) = (t.base(), t.base() + (1 << 20));
+        let inside = move |a: u64, n: u64| a >= base && a + n <= end;
+        let want = Want {
+            size: 1024,
+            align: UNIT,
+            bound: 0,
+            seg_ok: None,
+            contig_ok: None,
+        };
+        let mut l = t.lock();
+        let b: Vec<u64> = (0..4)
+            .map(|_| l.alloc(&want, 1000).unwrap().0 - HDR)
+            .collect();
+        l.free(b[2], false);
+        l.validate(&inside, false).unwrap();
+        let before = hf!(l, free_count);
+        // b[1] freed by a process killed right after its header write.
+        let e = l.get(b[1]);
+        l.put(
+            b[1],
+            Elem {
+                state: STATE_FREE,
+                flags: e.flags | ELEM_DIRTY,
+                link_a: 0,
+                link_b: 0,
+                ..e
+            },
+        );
+        assert!(
+            l.validate(&inside, false).is_err(),
+            "unmerged free neighbours"
+        );
+        l.rebuild(&inside).unwrap();
+        l.validate(&inside, false).unwrap();
+        assert_eq!(hf!(l, free_count), before, "b[1] and b[2] are one element");
+        assert_eq!(l.get(b[1]).size, 2 * l.get(b[0]).size);
+        // And the heap works on: everything frees into one element.
+        l.free(b[0], false);
+        l.free(b[3], false);
+        l.validate(&inside, false).unwrap();
+        assert_eq!(hf!(l, busy_count), 0);
     }
 
     #[test]
