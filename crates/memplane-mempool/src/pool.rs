@@ -1180,7 +1180,7 @@ impl<'m> Mempool<'m> {
     /// Get from a pool without caches: the backend, nothing else (a small
     /// function of its own, so the ring call is not weighed down by the
     /// general path's cache code).
-    #[inline(always)]
+    #[inline(never)]
     fn get_uncached(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
         self.b_dequeue(out)?;
         if self.header().leak_on.load(Ordering::Relaxed) != 0 {
@@ -1190,7 +1190,7 @@ impl<'m> Mempool<'m> {
     }
 
     /// Put into a pool without caches: the checks and the backend.
-    #[inline(always)]
+    #[inline(never)]
     fn put_uncached(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;
         if self.header().leak_on.load(Ordering::Relaxed) != 0 {
