@@ -1460,33 +1460,7 @@ impl Instance {
     /// Whether `[addr, addr + len)` lies in used pages whose IOVAs are
     /// contiguous (always, in VA mode, when the pages are used).
     pub fn is_iova_contiguous(&self, addr: usize, len: usize) -> Result<bool> {
-        let list = self
-            .list_of_addr(addr)
-            .ok_or(MemsegError::NotInAnyList { addr })?;
-        let psz = list.page_size.bytes() as usize;
-        let end = addr
-            .checked_add(len)
-            .filter(|&e| len > 0 && e <= list.base_va + list.capacity as usize * psz);
-        let Some(end) = end else {
-            return Err(MemsegError::BadRange {
-                addr,
-                len,
-                list: list.name.clone(),
-                page_size: psz as u64,
-            }
-            .into());
-        };
-        let first = (addr - list.base_va) / psz;
-        let last = (end - 1 - list.base_va) / psz;
-        Ok(self.read_locked(|| {
-            contig_break(first as u32, last as u32, psz as u64, |slot| {
-                list.segs
-                    .is_used(slot)
-                    .unwrap_or(false)
-                    .then(|| list.seg(slot).iova)
-            })
-            .is_none()
-        }))
+        Ok(self.iova_break(addr, len)?.is_none())
     }
 
     /// Where `[addr, addr + len)` stops being IOVA-contiguous: `None` when
