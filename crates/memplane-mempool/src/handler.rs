@@ -247,9 +247,23 @@ fn refused(name: &str, e: &BulkError) -> MempoolError {
     }
 }
 
-/// A built-in ring handler's enqueue (pool `name`).
+/// A built-in ring handler's enqueue (pool `name`): the handle-less
+/// `Multi` path first (the default handler's), the producer handle for the
+/// other modes and to name what went wrong.
 #[inline(always)]
 pub(crate) fn ring_enqueue(
+    ring: &Ring<u64, ZoneRegion<'_>>,
+    name: &str,
+    objs: &[*mut u8],
+) -> Result<(), MempoolError> {
+    if ring.enqueue_bulk_multi(as_words(objs)) {
+        return Ok(());
+    }
+    ring_enqueue_handle(ring, name, objs)
+}
+
+#[inline(never)]
+fn ring_enqueue_handle(
     ring: &Ring<u64, ZoneRegion<'_>>,
     name: &str,
     objs: &[*mut u8],
@@ -261,9 +275,21 @@ pub(crate) fn ring_enqueue(
     }
 }
 
-/// A built-in ring handler's dequeue (pool `name`).
+/// A built-in ring handler's dequeue (pool `name`); see [`ring_enqueue`].
 #[inline(always)]
 pub(crate) fn ring_dequeue(
+    ring: &Ring<u64, ZoneRegion<'_>>,
+    name: &str,
+    out: &mut [*mut u8],
+) -> Result<(), MempoolError> {
+    if ring.dequeue_bulk_multi(as_words_mut(out)) {
+        return Ok(());
+    }
+    ring_dequeue_handle(ring, name, out)
+}
+
+#[inline(never)]
+fn ring_dequeue_handle(
     ring: &Ring<u64, ZoneRegion<'_>>,
     name: &str,
     out: &mut [*mut u8],

@@ -217,6 +217,74 @@ impl Core {
         }
     }
 
+    /// loom: records accesses to the slots of `[head, head + n)`.
+    #[cfg(loom)]
+    fn track(&self, head: u32, n: u32, write: bool) {
+        for i in 0..n {
+            let cell = &self.cells[(head.wrapping_add(i) & self.mask) as usize];
+            if write {
+                cell.with_mut(|_| ());
+            } else {
+                cell.with(|_| ());
+            }
+        }
+    }
+
+    /// The whole `Multi`-protocol bulk operation on one side, without a
+    /// handle: move our head by `want` with a CAS (if that many fit), copy,
+    /// wait for the ops reserved before ours, publish our tail. Pools call
+    /// one operation per handle, and a handle built per call was spilled
+    /// to the stack and reloaded across the CAS loop. `false`: nothing
+    /// moved.
+    ///
+    /// # Safety
+    ///
+    /// The side `dir` is in [`SyncMode::Multi`]; `size_of::<T>() ==
+    /// esize`; `want <= capacity`; `buf` is valid for `want` reads
+    /// (enqueue) or writes (dequeue) of `T`.
+    #[inline(always)]
+    unsafe fn bulk_multi<T: Copy>(&self, dir: Dir, buf: *mut T, want: u32) -> bool {
+        let (own, opp) = self.sides(dir);
+        let mut head = own.head.load(Acquire) as u32;
+        loop {
+            let opp_tail = opp.tail.load(Acquire) as u32;
+            if avail(dir, self.capacity, head, opp_tail) < want {
+                // A stale head (others moved on while we were descheduled)
+                // can read as "no room": fail only on a current one.
+                let now = own.head.load(Acquire) as u32;
+                if now == head {
+                    return false;
+                }
+                head = now;
+                continue;
+            }
+            // AcqRel: as in `Handle::reserve_multi`.
+            match own.head.compare_exchange(
+                u64::from(head),
+                u64::from(head.wrapping_add(want)),
+                AcqRel,
+                Acquire,
+            ) {
+                Ok(_) => break,
+                Err(cur) => head = cur as u32,
+            }
+        }
+        #[cfg(loom)]
+        self.track(head, want, dir == Dir::Enq);
+        // SAFETY: [head, head + want) is ours (reserved above; for a
+        // dequeue, published by producers); want <= capacity <= size; buf
+        // per our caller.
+        unsafe { slots_copy(self.slots, self.mask, head, buf, want, 1, dir == Dir::Enq) };
+        // Wait for the ops reserved before ours (Acquire: their slot
+        // accesses happen-before our Release).
+        let mut rounds = 0;
+        while own.tail.load(Acquire) as u32 != head {
+            wait_round(&mut rounds);
+        }
+        own.tail.store(u64::from(head.wrapping_add(want)), Release);
+        true
+    }
+
     fn count(&self) -> u32 {
         let h = self.hdr();
         let p = h.prod.tail.load(Acquire) as u32;
@@ -257,6 +325,76 @@ unsafe fn move_one<T: Copy>(src: *const T, dst: *mut T) {
                 .cast::<u128>()
                 .write_unaligned(src.cast::<u128>().read_unaligned()),
             _ => dst.write(src.read()),
+        }
+    }
+}
+
+/// Free slots (Enq) or entries (Deq) of a ring of `cap` given our head
+/// and the other side's tail. A value that does not fit the ring (a stale
+/// tail that other consumers/producers have overtaken, a corrupt header)
+/// counts as 0, which makes the caller reload, then give up safely.
+#[inline(always)]
+fn avail(dir: Dir, cap: u32, head: u32, opp: u32) -> u32 {
+    match dir {
+        Dir::Enq => cap.saturating_sub(head.wrapping_sub(opp)),
+        Dir::Deq => {
+            let ent = opp.wrapping_sub(head);
+            if ent > cap {
+                0
+            } else {
+                ent
+            }
+        }
+    }
+}
+
+/// Copies `n` elements of `unit` `U`s each between `buf` and the slots
+/// from position `head` on (`into_ring`: from `buf` into the slots), in
+/// one piece or, where the positions wrap, two.
+///
+/// # Safety
+///
+/// `slots` is the slot array of a ring with `mask + 1` slots of
+/// `size_of::<U>() * unit` bytes; `[head, head + n)` is reserved by the
+/// caller (into the ring) or published and reserved (out of it), `n <=
+/// mask + 1`; `buf` is valid for `n * unit` reads (into the ring) or
+/// writes (out of it).
+#[inline(always)]
+unsafe fn slots_copy<U: Copy>(
+    slots: NonNull<u8>,
+    mask: u32,
+    head: u32,
+    buf: *mut U,
+    n: u32,
+    unit: usize,
+    into_ring: bool,
+) {
+    let base = slots.as_ptr().cast::<U>();
+    let idx = (head & mask) as usize;
+    let size = mask as usize + 1;
+    let n = n as usize;
+    // SAFETY: [idx, idx + n), or its two wrapped pieces, lie inside the
+    // slot array (n <= size); the reservation gives us exclusive access to
+    // them; buf per the caller. The unwrapped case copies `n` (constant at
+    // constant-size call sites) in one piece.
+    unsafe {
+        let (ring_part, buf_part) = (base.add(idx * unit), buf);
+        if idx + n <= size {
+            if into_ring {
+                copy_units(ring_part, buf_part, n * unit, unit);
+            } else {
+                copy_units(buf_part, ring_part, n * unit, unit);
+            }
+        } else {
+            let first = size - idx;
+            let rest = buf.add(first * unit);
+            if into_ring {
+                copy_units(ring_part, buf_part, first * unit, unit);
+                copy_units(base, rest, (n - first) * unit, unit);
+            } else {
+                copy_units(buf_part, ring_part, first * unit, unit);
+                copy_units(rest, base, (n - first) * unit, unit);
+            }
         }
     }
 }
@@ -679,24 +817,10 @@ impl<'r> Handle<'r> {
         })
     }
 
-    /// Free slots (Enq) or entries (Deq) given our head and the other side's
-    /// tail. A value that does not fit the ring (a stale cached tail that
-    /// other consumers/producers have overtaken, a corrupt header) counts as
-    /// 0, which makes the caller reload, then give up safely.
+    /// See the free function [`avail`].
     #[inline(always)]
     fn avail(&self, dir: Dir, head: u32, opp: u32) -> u32 {
-        let cap = self.capacity;
-        match dir {
-            Dir::Enq => cap.saturating_sub(head.wrapping_sub(opp)),
-            Dir::Deq => {
-                let ent = opp.wrapping_sub(head);
-                if ent > cap {
-                    0
-                } else {
-                    ent
-                }
-            }
-        }
+        avail(dir, self.capacity, head, opp)
     }
 
     /// How many of `want` fit, using the cached opposite tail first and
@@ -869,25 +993,9 @@ impl<'r> Handle<'r> {
     #[inline(always)]
     unsafe fn copy_in<U: Copy>(&self, head: u32, src: *const U, n: u32, unit: usize) {
         #[cfg(loom)]
-        for i in 0..n {
-            self.core.cells[(head.wrapping_add(i) & self.mask) as usize].with_mut(|_| ());
-        }
-        let base = self.slots.as_ptr().cast::<U>();
-        let idx = (head & self.mask) as usize;
-        let size = self.mask as usize + 1;
-        let n = n as usize;
-        // SAFETY: [idx, idx + n) or its two wrapped pieces lie inside the
-        // slot array (caller: n <= size); the reservation gives us exclusive
-        // access to them; src is valid per the caller.
-        unsafe {
-            if idx + n <= size {
-                copy_units(base.add(idx * unit), src, n * unit, unit);
-            } else {
-                let first = size - idx;
-                copy_units(base.add(idx * unit), src, first * unit, unit);
-                copy_units(base, src.add(first * unit), (n - first) * unit, unit);
-            }
-        }
+        self.core.track(head, n, true);
+        // SAFETY: per our caller.
+        unsafe { slots_copy(self.slots, self.mask, head, src.cast_mut(), n, unit, true) }
     }
 
     /// Copies `n` elements out of the slots starting at `head` into `dst`.
@@ -898,25 +1006,9 @@ impl<'r> Handle<'r> {
     #[inline(always)]
     unsafe fn copy_out<U: Copy>(&self, head: u32, dst: *mut U, n: u32, unit: usize) {
         #[cfg(loom)]
-        for i in 0..n {
-            self.core.cells[(head.wrapping_add(i) & self.mask) as usize].with(|_| ());
-        }
-        let base = self.slots.as_ptr().cast::<U>();
-        let idx = (head & self.mask) as usize;
-        let size = self.mask as usize + 1;
-        let n = n as usize;
-        // SAFETY: as in copy_in; the entries were published by producers
-        // (acquired through the producer tail) and are ours until we
-        // publish our consumer tail.
-        unsafe {
-            if idx + n <= size {
-                copy_units(dst, base.add(idx * unit), n * unit, unit);
-            } else {
-                let first = size - idx;
-                copy_units(dst, base.add(idx * unit), first * unit, unit);
-                copy_units(dst.add(first * unit), base, (n - first) * unit, unit);
-            }
-        }
+        self.core.track(head, n, false);
+        // SAFETY: per our caller.
+        unsafe { slots_copy(self.slots, self.mask, head, dst, n, unit, false) }
     }
 
     /// True for the modes whose whole operation is inlined at the call
@@ -1327,6 +1419,53 @@ impl<T: Element, M: RingMemory> Ring<T, M> {
     /// Gives the memory back.
     pub fn into_memory(self) -> M {
         self.raw.into_memory()
+    }
+
+    /// Enqueues all of `items` or none, without a handle, on a ring whose
+    /// producer side is [`SyncMode::Multi`]: the shortest path (one CAS, the
+    /// copy, the tail), for callers that make one call per operation (a
+    /// pool's backend). `false`: nothing enqueued, because there was not
+    /// room for all, `items` is longer than the capacity, or the producer
+    /// side is not `Multi` (use [`producer`](Self::producer) then, which
+    /// also says why).
+    ///
+    /// ```
+    /// # use memplane_ring::{HeapRegion, Ring, RingConfig};
+    /// let bytes = Ring::<u64, HeapRegion>::memsize(4, false)?;
+    /// let ring = Ring::<u64, _>::init(HeapRegion::new(bytes)?, "r", 4, RingConfig::MPMC)?;
+    /// assert!(ring.enqueue_bulk_multi(&[1, 2, 3]));
+    /// assert!(!ring.enqueue_bulk_multi(&[4, 5])); // one free slot
+    /// let mut out = [0; 3];
+    /// assert!(ring.dequeue_bulk_multi(&mut out));
+    /// assert_eq!(out, [1, 2, 3]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[inline(always)]
+    pub fn enqueue_bulk_multi(&self, items: &[T]) -> bool {
+        let core = &self.raw.core;
+        if core.prod_mode != SyncMode::Multi || items.len() > core.capacity as usize {
+            return false;
+        }
+        // SAFETY: Multi producer side (checked); T is the element type
+        // (size checked at open); len <= capacity; items holds len Ts,
+        // only read (enqueue).
+        unsafe { core.bulk_multi(Dir::Enq, items.as_ptr().cast_mut(), items.len() as u32) }
+    }
+
+    /// Fills all of `out` or takes nothing, without a handle, on a ring
+    /// whose consumer side is [`SyncMode::Multi`]; see
+    /// [`enqueue_bulk_multi`](Self::enqueue_bulk_multi). `false`: nothing
+    /// taken (not enough entries, `out` longer than the capacity, or the
+    /// consumer side is not `Multi`).
+    #[inline(always)]
+    pub fn dequeue_bulk_multi(&self, out: &mut [T]) -> bool {
+        let core = &self.raw.core;
+        if core.cons_mode != SyncMode::Multi || out.len() > core.capacity as usize {
+            return false;
+        }
+        // SAFETY: Multi consumer side (checked); T is the element type;
+        // len <= capacity; out has room for len Ts.
+        unsafe { core.bulk_multi(Dir::Deq, out.as_mut_ptr(), out.len() as u32) }
     }
 
     /// A producer handle; claims the role if the producer side is

@@ -422,3 +422,58 @@ fn init_failure_leaves_existing_ring_intact() {
     let r = Ring::<u64, _>::attach(fresh).unwrap();
     assert_eq!(r.count(), 2);
 }
+
+/// The handle-less `Multi` bulk calls: all or nothing, FIFO across the
+/// wrap, interchangeable with the handles, and `false` with nothing moved
+/// when the side is not `Multi` or the request exceeds the capacity.
+#[test]
+fn handleless_multi_bulk() {
+    let r = ring::<u64>(8, RingConfig::MPMC);
+    let mut out = [0u64; 8];
+    let mut next = 0u64;
+    let mut expect = 0u64;
+    // Sizes that walk the positions across the wrap many times.
+    for round in 0..200u64 {
+        let n = (round % 8 + 1) as usize;
+        let items: Vec<u64> = (next..next + n as u64).collect();
+        assert!(
+            r.enqueue_bulk_multi(&items),
+            "round {round}: {n} into an empty ring"
+        );
+        next += n as u64;
+        // Too many for the room left: refused whole.
+        let room = 8 - n;
+        assert!(!r.enqueue_bulk_multi(&vec![u64::MAX; room + 1]));
+        assert_eq!(r.count(), n as u32);
+        // More than there is: refused, nothing taken.
+        if n < 8 {
+            assert!(!r.dequeue_bulk_multi(&mut out[..=n]));
+            assert_eq!(r.count(), n as u32);
+        }
+        // Half through the handle-less call, the rest through a consumer.
+        let half = n / 2;
+        assert!(r.dequeue_bulk_multi(&mut out[..half]));
+        r.consumer()
+            .unwrap()
+            .dequeue_bulk(&mut out[half..n])
+            .unwrap();
+        for (i, &v) in out[..n].iter().enumerate() {
+            assert_eq!(v, expect + i as u64, "round {round}");
+        }
+        expect += n as u64;
+        assert!(r.is_empty());
+    }
+    // Longer than the capacity: false, not a wrapped-around length.
+    assert!(!r.enqueue_bulk_multi(&[0; 9]));
+    assert!(!r.dequeue_bulk_multi(&mut [0; 9]));
+    assert!(r.is_empty());
+    // Other modes: false, nothing moved; the handles still work.
+    for cfg in [RingConfig::SPSC, RingConfig::RTS, RingConfig::HTS] {
+        let r = ring::<u64>(8, cfg);
+        assert!(!r.enqueue_bulk_multi(&[1, 2]), "{cfg:?}");
+        assert!(r.is_empty());
+        r.producer().unwrap().enqueue_bulk(&[1, 2]).unwrap();
+        assert!(!r.dequeue_bulk_multi(&mut out[..2]), "{cfg:?}");
+        assert_eq!(r.count(), 2);
+    }
+}

@@ -105,6 +105,35 @@ fn two_consumers(cfg: RingConfig) {
     });
 }
 
+/// The handle-less `Multi` bulk calls: two producers race a two-element
+/// bulk each into a ring of 4, so both reserve concurrently and the second
+/// must wait for the first to publish, while a consumer tries a
+/// two-element bulk dequeue. Everything comes out once, each bulk whole
+/// and in order (and loom sees every slot access ordered).
+#[test]
+fn handleless_multi_bulk() {
+    model(|| {
+        let r = ring(4, RingConfig::MPMC);
+        let ts: Vec<_> = [[11u64, 12], [21, 22]]
+            .into_iter()
+            .map(|v| {
+                let r = r.clone();
+                thread::spawn(move || r.enqueue_bulk_multi(&v).then_some(v))
+            })
+            .collect();
+        let mut early = [0u64; 2];
+        let took = r.dequeue_bulk_multi(&mut early);
+        let sent: Vec<[u64; 2]> = ts.into_iter().filter_map(|t| t.join().unwrap()).collect();
+        assert_eq!(sent.len(), 2, "a ring of 4 takes both bulks");
+        let mut got: Vec<u64> = if took { early.to_vec() } else { Vec::new() };
+        got.extend(drain(&r));
+        let flat: Vec<u64> = sent.concat();
+        let swapped: Vec<u64> = sent.iter().rev().flatten().copied().collect();
+        assert!(got == flat || got == swapped, "got {got:?} from {sent:?}");
+        assert!(r.is_empty());
+    });
+}
+
 #[test]
 fn mp_two_producers() {
     two_producers(

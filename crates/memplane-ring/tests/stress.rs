@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use memplane_ring::{HeapRegion, Ring, RingConfig};
+use memplane_ring::{HeapRegion, Ring, RingConfig, SyncMode};
 
 const BURST: usize = 32;
 
@@ -29,6 +29,8 @@ fn run(cfg: RingConfig, producers: u64, consumers: u64, total: u64) {
         .map(|_| (0..per.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
         .collect();
     let received = AtomicU64::new(0);
+    let multi_prod = cfg.producer == SyncMode::Multi;
+    let multi_cons = cfg.consumer == SyncMode::Multi;
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for p in 0..producers {
@@ -42,11 +44,13 @@ fn run(cfg: RingConfig, producers: u64, consumers: u64, total: u64) {
                     for (i, b) in buf[..n].iter_mut().enumerate() {
                         *b = (p << 48) | (seq + i as u64);
                     }
-                    // Mix APIs: bulk, burst and single.
-                    let moved = match seq % 3 {
-                        0 => prod.enqueue_bulk(&buf[..n]).map_or(0, |_| n),
+                    // Mix APIs: bulk, burst, single and (Multi
+                    // producers) the handle-less bulk.
+                    let moved = match seq % 4 {
                         1 => prod.enqueue_burst(&buf[..n]).count as usize,
-                        _ => usize::from(prod.try_enqueue(buf[0]).is_ok()),
+                        2 => usize::from(prod.try_enqueue(buf[0]).is_ok()),
+                        3 if multi_prod => usize::from(ring.enqueue_bulk_multi(&buf[..n])) * n,
+                        _ => prod.enqueue_bulk(&buf[..n]).map_or(0, |_| n),
                     };
                     if moved == 0 {
                         std::thread::yield_now();
@@ -64,9 +68,10 @@ fn run(cfg: RingConfig, producers: u64, consumers: u64, total: u64) {
                 let mut k = 0u64;
                 while received.load(Ordering::Relaxed) < per * producers {
                     k += 1;
-                    let n = match k % 3 {
+                    let n = match k % 4 {
                         0 => cons.dequeue_bulk(&mut buf[..8]).map_or(0, |_| 8),
                         1 => cons.dequeue_burst(&mut buf).count as usize,
+                        2 if multi_cons => usize::from(ring.dequeue_bulk_multi(&mut buf[..4])) * 4,
                         _ => cons.dequeue().map_or(0, |v| {
                             buf[0] = v;
                             1
@@ -136,7 +141,7 @@ fn spsc_1e7() {
 #[test]
 fn mp_sc_1e7() {
     let cfg = RingConfig {
-        consumer: memplane_ring::SyncMode::Single,
+        consumer: SyncMode::Single,
         ..RingConfig::MPMC
     };
     run(cfg, 3, 1, scaled(10_000_000));
