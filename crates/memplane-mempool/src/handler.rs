@@ -196,14 +196,14 @@ impl Handler for RingHandler {
     }
 }
 
-fn as_words(objs: &[*mut u8]) -> &[u64] {
+pub(crate) fn as_words(objs: &[*mut u8]) -> &[u64] {
     // SAFETY: pointers and u64 have the same size and alignment on the
     // 64-bit targets memplane supports; reading a pointer's bits as an
     // integer is always valid.
     unsafe { std::slice::from_raw_parts(objs.as_ptr().cast::<u64>(), objs.len()) }
 }
 
-fn as_words_mut(objs: &mut [*mut u8]) -> &mut [u64] {
+pub(crate) fn as_words_mut(objs: &mut [*mut u8]) -> &mut [u64] {
     // SAFETY: as `as_words`; any u64 written is a valid (raw) pointer.
     unsafe { std::slice::from_raw_parts_mut(objs.as_mut_ptr().cast::<u64>(), objs.len()) }
 }

@@ -17,8 +17,8 @@ use memplane::{Error, Memory};
 use serde::Serialize;
 
 use crate::handler::{
-    default_handler, find_handler, is_builtin_ring, pool_ring, ring_dequeue, ring_enqueue, Backend,
-    BackendParams, Handler,
+    as_words, as_words_mut, default_handler, find_handler, is_builtin_ring, pool_ring,
+    ring_dequeue, ring_enqueue, Backend, BackendParams, Handler,
 };
 use crate::layout::{
     calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
@@ -1177,11 +1177,25 @@ impl<'m> Mempool<'m> {
         self.get_impl(out, None)
     }
 
-    /// Get from a pool without caches: the backend, nothing else (a small
-    /// function of its own, so the ring call is not weighed down by the
-    /// general path's cache code).
+    /// Get from a pool without caches: the handle-less ring call when the
+    /// handler is a built-in `Multi` ring and leak tracking is off (all
+    /// DPDK's `rte_mempool_get_bulk` does here), else the general path.
+    /// Small and out of line: the ring call is not weighed down by the
+    /// general path's registers and error plumbing.
     #[inline(never)]
     fn get_uncached(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
+        if let Some(r) = &self.ring {
+            if self.header().leak_on.load(Ordering::Relaxed) == 0
+                && r.dequeue_bulk_multi(as_words_mut(out))
+            {
+                return Ok(());
+            }
+        }
+        self.get_uncached_general(out)
+    }
+
+    #[inline(never)]
+    fn get_uncached_general(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
         self.b_dequeue(out)?;
         if self.header().leak_on.load(Ordering::Relaxed) != 0 {
             self.record_get(out, None, None);
@@ -1189,9 +1203,25 @@ impl<'m> Mempool<'m> {
         Ok(())
     }
 
-    /// Put into a pool without caches: the checks and the backend.
+    /// Put into a pool without caches: the handle-less ring call when the
+    /// objects are surely ours, the handler is a built-in `Multi` ring and
+    /// leak tracking is off; else the general path (the exact checks and
+    /// their errors).
     #[inline(never)]
     fn put_uncached(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        if let Some(r) = &self.ring {
+            if self.surely_ours(objs)
+                && self.header().leak_on.load(Ordering::Relaxed) == 0
+                && r.enqueue_bulk_multi(as_words(objs))
+            {
+                return Ok(());
+            }
+        }
+        self.put_uncached_general(objs)
+    }
+
+    #[inline(never)]
+    fn put_uncached_general(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;
         if self.header().leak_on.load(Ordering::Relaxed) != 0 {
             self.record_put(objs);
@@ -2243,13 +2273,17 @@ fn full_granules(ranges: &[(usize, usize, u32)], header: usize) -> (usize, Box<[
 fn all_in_span(objs: &[*mut u8], lo: usize, span: usize) -> bool {
     let outside = |p: *mut u8| (p as usize).wrapping_sub(lo) >= span;
     let n = objs.len();
-    if n != 0 && n <= 4 {
-        // Small bulks: four clamped indices cover every object, with no
-        // loop and no branch per object.
+    if n != 0 && n <= 8 {
+        // Small bulks: four (or eight) clamped indices cover every object,
+        // with no loop and no branch per object.
         let last = n - 1;
         // SAFETY: every index is at most n - 1.
         let at = |i: usize| unsafe { *objs.get_unchecked(i.min(last)) };
-        return !(outside(at(0)) | outside(at(1)) | outside(at(2)) | outside(at(3)));
+        let low = outside(at(0)) | outside(at(1)) | outside(at(2)) | outside(at(3));
+        if n <= 4 {
+            return !low;
+        }
+        return !(low | outside(at(4)) | outside(at(5)) | outside(at(6)) | outside(at(7)));
     }
     let mut bad = false;
     for &p in objs {
