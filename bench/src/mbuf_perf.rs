@@ -3,7 +3,7 @@
 //! (`MbufPool::pktmbuf_pool_create(name, 8191, cache, 0, 2176, ANY)`),
 //! cache 256 and 0; for bulk in {1, 8, 32, 64}: repeat until `--secs`
 //! elapsed: N/bulk rounds of [`MbufPool::alloc_bulk` (owned `Mbuf`s into a
-//! reused `Vec`); `Mbuf::free_bulk` of them], N = 65536; rate_persec =
+//! reused `Vec`); `Mbuf::free_vec` of them], N = 65536; rate_persec =
 //! mbufs allocated and freed per second. The `raw` rows do the same with
 //! `alloc_bulk_raw` / `free_bulk_raw` (raw pointers, DPDK's calling
 //! convention; memplane only); the `mempool_only` rows get and put the
@@ -44,7 +44,7 @@ fn one(pool: &MbufPool<'_>, bulk: usize, secs: f64) -> u64 {
                 eprintln!("alloc failed: {e}");
                 std::process::exit(1);
             }
-            Mbuf::free_bulk(v.drain(..));
+            Mbuf::free_vec(&mut v);
         }
         count += N as u64;
         if start.elapsed() >= limit {
@@ -234,7 +234,7 @@ pub fn compare(bin: &str, runs: usize, secs: f64) -> i32 {
         "\nmbuf alloc_bulk + free_bulk, one core, 8191 mbufs of 2176 bytes: DPDK 22.11 (bench/dpdk/mbuf_perf.c) vs memplane, medians of {runs} alternating runs, {secs} s per row"
     );
     println!("rate = mbufs allocated and freed per second; ratio = memplane / DPDK (> 1.00: memplane faster); target >= 1.00");
-    println!("mbuf_perf rows: owned Mbufs (Vec + Mbuf::free_bulk); mbuf_perf_raw rows: raw pointers; mempool_only rows: the mbuf pool's Mempool::get_bulk + put_bulk alone (no mbuf work); all compared with DPDK's mbuf row");
+    println!("mbuf_perf rows: owned Mbufs (Vec + Mbuf::free_vec); mbuf_perf_raw rows: raw pointers; mempool_only rows: the mbuf pool's Mempool::get_bulk + put_bulk alone (no mbuf work); all compared with DPDK's mbuf row");
     println!();
     println!(
         "{:<36} {:>11} {:>11} {:>9} {:>9} {:>6}",

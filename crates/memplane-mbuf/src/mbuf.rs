@@ -659,6 +659,37 @@ impl<'p> Mbuf<'p> {
         unsafe { free_chains(mbufs.into_iter().map(Mbuf::into_raw)) };
     }
 
+    /// Frees every mbuf of `mbufs` (chains included, in batches per pool,
+    /// as [`free_bulk`](Self::free_bulk)) and leaves the vector empty with
+    /// its capacity: the companion of
+    /// [`MbufPool::alloc_bulk`](crate::MbufPool::alloc_bulk) for a burst
+    /// loop, without an iterator adapter between the vector and the free.
+    ///
+    /// ```no_run
+    /// # fn burst(pool: &memplane_mbuf::MbufPool<'_>) -> Result<(), memplane_mbuf::MbufError> {
+    /// use memplane_mbuf::Mbuf;
+    /// let mut burst = Vec::with_capacity(32);
+    /// pool.alloc_bulk(&mut burst, 32)?;
+    /// // ... fill and send, or drop ...
+    /// Mbuf::free_vec(&mut burst);
+    /// assert!(burst.is_empty());
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn free_vec(mbufs: &mut Vec<Mbuf<'_>>) {
+        let n = mbufs.len();
+        // SAFETY: the vector forgets its n mbufs before they are freed
+        // (set_len(0) first, so a panic cannot free them twice); `Mbuf`
+        // is a transparent non-null `*mut MbufHeader`, so the n slots read
+        // as n raw heads, each owned (one reference) and freed once here;
+        // their pools are open (the mbufs borrow their handles).
+        unsafe {
+            mbufs.set_len(0);
+            let heads = std::slice::from_raw_parts(mbufs.as_ptr().cast::<*mut MbufHeader>(), n);
+            free_chains(heads.iter().copied());
+        }
+    }
+
     /// Bytes of the whole chain.
     pub fn pkt_len(&self) -> u32 {
         self.h().pkt_len

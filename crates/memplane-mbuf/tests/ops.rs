@@ -396,6 +396,32 @@ fn bulk_alloc_is_all_or_nothing_and_free_bulk_returns_chains_to_their_pools() {
     unsafe { memplane_mbuf::free_bulk_raw(&raw) };
     a.cache_flush().unwrap();
     assert!(a.is_full());
+    // free_vec: chains across pools and a clone's shared segment; the
+    // vector is left empty with its capacity, the clone keeps its data.
+    let mut burst = Vec::with_capacity(64);
+    a.alloc_bulk(&mut burst, 30).unwrap();
+    let mut tail = Vec::new();
+    b.alloc_bulk(&mut tail, 3).unwrap();
+    let mut head = burst.pop().unwrap();
+    head.append(4).unwrap().copy_from_slice(b"keep");
+    let head = head.chain(tail.pop().unwrap()).unwrap();
+    let clone = head.clone_in(&a).unwrap();
+    burst.push(head);
+    burst.append(&mut tail);
+    a.cache_flush().unwrap();
+    // a: 30 in the burst (one the chain's head) + 2 indirect clone
+    // segments; b: the chain's tail + 2 in the burst.
+    assert_eq!((a.in_use_count(), b.in_use_count()), (32, 3));
+    Mbuf::free_vec(&mut burst);
+    assert!(burst.is_empty() && burst.capacity() >= 64);
+    a.cache_flush().unwrap();
+    // The clone still holds both data segments (refcount 2 -> 1).
+    assert_eq!((a.in_use_count(), b.in_use_count()), (3, 1));
+    let mut copy = [0u8; 4];
+    assert_eq!(clone.read(0, 4, &mut copy).unwrap(), b"keep");
+    drop((clone, burst, tail));
+    a.cache_flush().unwrap();
+    assert!(a.is_full() && b.is_full());
     a.free().unwrap();
     b.free().unwrap();
 }

@@ -2273,6 +2273,9 @@ fn full_granules(ranges: &[(usize, usize, u32)], header: usize) -> (usize, Box<[
 fn all_in_span(objs: &[*mut u8], lo: usize, span: usize) -> bool {
     let outside = |p: *mut u8| (p as usize).wrapping_sub(lo) >= span;
     let n = objs.len();
+    if n == 1 {
+        return !outside(objs[0]);
+    }
     if n != 0 && n <= 8 {
         // Small bulks: four (or eight) clamped indices cover every object,
         // with no loop and no branch per object.
