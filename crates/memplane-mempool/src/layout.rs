@@ -21,7 +21,7 @@ pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MPLPOOL1");
 pub const POOL_MAGIC_BUILDING: u64 = u64::from_le_bytes(*b"MPLPOOL0");
 /// Layout version of the header (2: chunk ownership masks; 3: leak
 /// tracking fields).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Longest pool name (DPDK's `RTE_MEMPOOL_NAMESIZE - 1`): `MP_<name>`
 /// must leave room for a chunk suffix and the ring's `RG_` prefix.
 pub const NAME_MAX: usize = 25;
@@ -332,7 +332,19 @@ pub struct CacheSlot {
     pub len: AtomicU32,
     /// Copy of [`PoolHeader::leak_on`], in the line `len` is in.
     pub leak_on: AtomicU32,
+    /// The hot put's bound: it takes `n` objects while `len + n <=
+    /// put_limit`. The flush threshold while leak tracking is off, 0 while
+    /// it is on, so the hot path needs no separate check of the switch
+    /// (one compare instead of a compare, a load and a branch).
+    pub put_limit: AtomicU32,
+    /// The hot get's floor: it serves `n` objects while `n + get_floor <=
+    /// len`. 0 while leak tracking is off, [`GET_FLOOR_TRACKING`] while
+    /// it is on (no cache holds that many).
+    pub get_floor: AtomicU32,
 }
+
+/// [`CacheSlot::get_floor`] while leak tracking is on.
+pub const GET_FLOOR_TRACKING: u32 = 1 << 30;
 
 /// Geometry of the header zone.
 #[derive(Debug, Clone, Copy)]

@@ -23,8 +23,8 @@ use crate::handler::{
 use crate::layout::{
     calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
     ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
-    HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS, MAX_PRIVATE_SIZE,
-    NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING,
+    GET_FLOOR_TRACKING, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS,
+    MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING,
 };
 use crate::lcore::RegistryRef;
 use crate::leak::{
@@ -481,7 +481,14 @@ impl<'m> Mempool<'m> {
             }
         };
         h.magic.store(POOL_MAGIC_BUILDING, Ordering::Release);
-        Ok(Self::from_parts(mem, zone, hdr, backend, reg, hname))
+        let pool = Self::from_parts(mem, zone, hdr, backend, reg, hname);
+        if pool.cache_size != 0 {
+            // Tracking starts off: open every cache's hot paths.
+            for id in 0..MAX_LCORES as u32 {
+                pool.set_gates(id, false);
+            }
+        }
+        Ok(pool)
     }
 
     /// Objects placed so far (DPDK's `populated_size`).
@@ -1244,7 +1251,8 @@ impl<'m> Mempool<'m> {
         };
         let (slot, objs) = self.slot(id);
         let len = slot.len.load(Ordering::Relaxed);
-        if out.len() > len as usize || slot.leak_on.load(Ordering::Relaxed) != 0 {
+        // The floor is 0 unless leak tracking closed the hot path.
+        if out.len() + slot.get_floor.load(Ordering::Relaxed) as usize > len as usize {
             return false;
         }
         let len = len - out.len() as u32;
@@ -1288,9 +1296,8 @@ impl<'m> Mempool<'m> {
         };
         let (slot, cobjs) = self.slot(id);
         let len = slot.len.load(Ordering::Relaxed);
-        if len as usize + objs.len() > self.flush_thresh as usize
-            || slot.leak_on.load(Ordering::Relaxed) != 0
-        {
+        // The limit is the flush threshold, 0 while leak tracking is on.
+        if len as usize + objs.len() > slot.put_limit.load(Ordering::Relaxed) as usize {
             return false;
         }
         // SAFETY: len + objs.len() <= flush threshold < capacity.
@@ -1965,6 +1972,7 @@ impl Mempool<'_> {
         if self.cache_size != 0 {
             for id in 0..MAX_LCORES as u32 {
                 self.slot(id).0.leak_on.store(v, Ordering::Release);
+                self.set_gates(id, on);
             }
         }
         tracing::debug!(pool = self.name, on, "leak tracking switched");
@@ -1974,6 +1982,19 @@ impl Mempool<'_> {
     /// Whether leak tracking is on.
     pub fn leak_tracking(&self) -> bool {
         self.header().leak_on.load(Ordering::Acquire) != 0
+    }
+
+    /// Opens (tracking off) or closes (on) lcore cache `id`'s hot paths:
+    /// closed, every get and put takes the general path, which records.
+    fn set_gates(&self, id: u32, tracking: bool) {
+        let slot = self.slot(id).0;
+        let (limit, floor) = if tracking {
+            (0, GET_FLOOR_TRACKING)
+        } else {
+            (self.flush_thresh, 0)
+        };
+        slot.put_limit.store(limit, Ordering::Release);
+        slot.get_floor.store(floor, Ordering::Release);
     }
 
     /// The owner table, created (or found, when another process created
@@ -2610,10 +2631,9 @@ pub struct LcoreCache<'p, 'm> {
     slot: &'p CacheSlot,
     objs: *mut *mut u8,
     id: u32,
-    /// Copies of the pool's flush threshold and object span (fixed while
-    /// the pool is borrowed): held in the handle, the hot path reads
-    /// them from registers rather than through the pool.
-    flush_thresh: u32,
+    /// Copies of the pool's object span (fixed while the pool is
+    /// borrowed): held in the handle, the hot path reads them from
+    /// registers rather than through the pool.
     obj_lo: usize,
     obj_span: usize,
 }
@@ -2643,7 +2663,6 @@ impl<'m> Mempool<'m> {
             slot,
             objs,
             id,
-            flush_thresh: self.flush_thresh,
             obj_lo: self.obj_lo,
             obj_span: self.obj_span,
         })
@@ -2670,9 +2689,9 @@ impl LcoreCache<'_, '_> {
     #[inline(always)]
     pub fn get_bulk(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
         let len = self.slot.len.load(Ordering::Relaxed);
+        // The floor is 0 unless leak tracking closed the hot path.
         if !cfg!(debug_assertions)
-            && out.len() <= len as usize
-            && self.slot.leak_on.load(Ordering::Relaxed) == 0
+            && out.len() + self.slot.get_floor.load(Ordering::Relaxed) as usize <= len as usize
         {
             let len = len - out.len() as u32;
             // SAFETY: [len, len + out.len()) are cached objects of our
@@ -2688,9 +2707,9 @@ impl LcoreCache<'_, '_> {
     #[inline(always)]
     pub fn put_bulk(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         let len = self.slot.len.load(Ordering::Relaxed);
+        // The limit is the flush threshold, 0 while leak tracking is on.
         if !cfg!(debug_assertions)
-            && len as usize + objs.len() <= self.flush_thresh as usize
-            && self.slot.leak_on.load(Ordering::Relaxed) == 0
+            && len as usize + objs.len() <= self.slot.put_limit.load(Ordering::Relaxed) as usize
             && if self.obj_span != 0 {
                 all_in_span(objs, self.obj_lo, self.obj_span)
             } else {

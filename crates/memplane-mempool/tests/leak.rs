@@ -421,3 +421,47 @@ fn a_secondarys_gets_show_in_the_primarys_report() {
     pool.cache_flush().unwrap();
     pool.free().unwrap();
 }
+
+/// Switching tracking on closes the lcore caches' hot paths (gets served
+/// from a full cache, puts under the threshold, through the pool and
+/// through an `LcoreCache` handle): every object out is recorded with its
+/// lcore. Off reopens them, and what was out while off is untracked.
+#[test]
+fn tracking_on_records_gets_served_from_a_warm_lcore_cache() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("leak_warm");
+    let mem = &inst.mem;
+    let id = register_thread(mem).unwrap();
+    let pool = Mempool::create(mem, "warm", &MempoolConfig::new(500, 64).cache_size(64)).unwrap();
+    // Warm the cache: 32 objects out and back, all now cached.
+    let mut warm = vec![std::ptr::null_mut(); 32];
+    pool.get_bulk(&mut warm).unwrap();
+    pool.put_bulk(&warm).unwrap();
+    assert!(pool.cache_count() >= 32);
+    pool.set_leak_tracking(true).unwrap();
+    let lc = pool.lcore_cache().unwrap();
+    let mut a = vec![std::ptr::null_mut(); 3];
+    let mut b = vec![std::ptr::null_mut(); 2];
+    pool.get_bulk(&mut a).unwrap();
+    lc.get_bulk(&mut b).unwrap();
+    let out = pool.outstanding().unwrap();
+    let want: BTreeSet<usize> = addrs(&a).union(&addrs(&b)).copied().collect();
+    assert_eq!(out.iter().map(|o| o.addr).collect::<BTreeSet<_>>(), want);
+    assert!(out.iter().all(|o| o.owner.lcore == Some(id)), "{out:?}");
+    // Puts under the threshold are recorded too: nothing outstanding.
+    lc.put_bulk(&b).unwrap();
+    pool.put_bulk(&a).unwrap();
+    assert!(pool.outstanding().unwrap().is_empty());
+    assert_eq!(pool.leak_report().unwrap().untracked, 0);
+    // Off: the hot paths serve again; objects taken are untracked.
+    pool.set_leak_tracking(false).unwrap();
+    lc.get_bulk(&mut b).unwrap();
+    pool.set_leak_tracking(true).unwrap();
+    assert_eq!(pool.leak_report().unwrap().untracked, 2);
+    lc.put_bulk(&b).unwrap();
+    drop(lc);
+    pool.cache_flush().unwrap();
+    pool.free().unwrap();
+}
