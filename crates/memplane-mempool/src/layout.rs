@@ -322,6 +322,11 @@ pub struct PoolHeader {
     /// Address of the leak tracking table (zone `MT_<name>`), 0 until
     /// tracking is first switched on.
     pub leak_table: AtomicU64,
+    /// What a user-owned cache bound to this pool must hold as its pool
+    /// key for its hot path: the header's address while leak tracking is
+    /// off, the address + 1 while it is on. One compare then checks the
+    /// binding and the switch; the general path binds by the address.
+    pub user_key: AtomicU64,
 }
 
 /// The head of one per-lcore cache; `cache_cap` object slots follow it.

@@ -482,6 +482,10 @@ impl<'m> Mempool<'m> {
         };
         h.magic.store(POOL_MAGIC_BUILDING, Ordering::Release);
         let pool = Self::from_parts(mem, zone, hdr, backend, reg, hname);
+        // Tracking starts off: user-owned caches' hot paths open.
+        pool.header()
+            .user_key
+            .store(pool.addr() as u64, Ordering::Release);
         if pool.cache_size != 0 {
             // Tracking starts off: open every cache's hot paths.
             for id in 0..MAX_LCORES as u32 {
@@ -1570,11 +1574,11 @@ impl<'m> Mempool<'m> {
         cache: &mut MempoolCache,
         out: &mut [*mut u8],
     ) -> Result<(), MempoolError> {
-        // Hot: bound to this pool, holds enough, tracking off.
+        // Hot: bound to this pool with tracking off (one compare: the key
+        // is the pool's address + 1 while tracking is on), holds enough.
         if !cfg!(debug_assertions)
-            && cache.pool == self.addr()
+            && cache.pool as u64 == self.header().user_key.load(Ordering::Relaxed)
             && out.len() <= cache.len as usize
-            && self.header().leak_on.load(Ordering::Relaxed) == 0
         {
             let len = cache.len - out.len() as u32;
             // SAFETY: [len, len + out.len()) are cached objects.
@@ -1634,13 +1638,12 @@ impl<'m> Mempool<'m> {
         cache: &mut MempoolCache,
         objs: &[*mut u8],
     ) -> Result<(), MempoolError> {
-        // Hot: bound to this pool, surely ours, fits under the flush
-        // threshold, tracking off.
+        // Hot: bound to this pool with tracking off (see get_bulk_with),
+        // fits under the flush threshold, surely ours.
         if !cfg!(debug_assertions)
-            && cache.pool == self.addr()
+            && cache.pool as u64 == self.header().user_key.load(Ordering::Relaxed)
             && cache.len as usize + objs.len() <= cache.thresh as usize
             && self.surely_ours(objs)
-            && self.header().leak_on.load(Ordering::Relaxed) == 0
         {
             // SAFETY: len + objs.len() <= 1.5 x size < capacity (3 x size).
             unsafe {
@@ -1969,6 +1972,8 @@ impl Mempool<'_> {
         }
         let v = u32::from(on);
         h.leak_on.store(v, Ordering::Release);
+        h.user_key
+            .store(self.addr() as u64 + u64::from(on), Ordering::Release);
         if self.cache_size != 0 {
             for id in 0..MAX_LCORES as u32 {
                 self.slot(id).0.leak_on.store(v, Ordering::Release);

@@ -465,3 +465,41 @@ fn tracking_on_records_gets_served_from_a_warm_lcore_cache() {
     pool.cache_flush().unwrap();
     pool.free().unwrap();
 }
+
+/// The same through a user-owned cache: while tracking is on its hot path
+/// is closed (the pool's key no longer matches), so gets served from the
+/// warm cache are recorded, and puts clear the records.
+#[test]
+fn tracking_on_records_gets_served_from_a_warm_user_cache() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("leak_user");
+    let mem = &inst.mem;
+    let pool = Mempool::create(mem, "user", &MempoolConfig::new(500, 64)).unwrap();
+    let mut cache = memplane_mempool::MempoolCache::new(64).unwrap();
+    let mut warm = vec![std::ptr::null_mut(); 32];
+    pool.get_bulk_with(&mut cache, &mut warm).unwrap();
+    pool.put_bulk_with(&mut cache, &warm).unwrap();
+    assert!(cache.len() >= 32);
+    pool.set_leak_tracking(true).unwrap();
+    let mut a = vec![std::ptr::null_mut(); 3];
+    pool.get_bulk_with(&mut cache, &mut a).unwrap();
+    let out = pool.outstanding().unwrap();
+    assert_eq!(
+        out.iter().map(|o| o.addr).collect::<BTreeSet<_>>(),
+        addrs(&a)
+    );
+    pool.put_bulk_with(&mut cache, &a).unwrap();
+    assert!(pool.outstanding().unwrap().is_empty());
+    // Off: served by the hot path again, untracked (as is everything in
+    // the user cache, which counts as out of the pool).
+    pool.set_leak_tracking(false).unwrap();
+    pool.get_bulk_with(&mut cache, &mut a).unwrap();
+    pool.set_leak_tracking(true).unwrap();
+    assert_eq!(pool.leak_report().unwrap().untracked, cache.len() + 3);
+    pool.put_bulk_with(&mut cache, &a).unwrap();
+    cache.flush(&pool).unwrap();
+    assert!(pool.is_full());
+    pool.free().unwrap();
+}
