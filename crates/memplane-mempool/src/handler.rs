@@ -1,7 +1,8 @@
 //! Backends ("handlers", DPDK's mempool ops), resolved by NAME in every
 //! process: the pool header stores the handler's name, and each process
 //! maps it to code through its own registry. Built in: `ring_mp_mc`
-//! (default), `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc` (a memplane ring
+//! (default), `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `ring_mt_rts`,
+//! `ring_mt_hts` (a memplane ring
 //! named `MP_<name>`, in zone `RG_MP_<name>`) and `stack` (a spinlock-guarded
 //! LIFO in zone `MS_<name>`) and `lf_stack` (DPDK's lock-free stack in
 //! zone `ML_<name>`, see [`crate::lf_stack`]). Users add handlers with
@@ -81,6 +82,11 @@ fn builtins() -> Registry {
         ("ring_sp_sc", SyncMode::Single, SyncMode::Single),
         ("ring_mp_sc", SyncMode::Multi, SyncMode::Single),
         ("ring_sp_mc", SyncMode::Single, SyncMode::Multi),
+        // DPDK's names for the relaxed-tail-sync and head-tail-sync
+        // rings (for more threads than CPUs: a preempted producer or
+        // consumer does not stall the others behind it).
+        ("ring_mt_rts", SyncMode::MultiRts, SyncMode::MultiRts),
+        ("ring_mt_hts", SyncMode::MultiHts, SyncMode::MultiHts),
     ] {
         m.insert(
             name.to_string(),
@@ -216,7 +222,7 @@ const _: () = assert!(std::mem::size_of::<*mut u8>() == 8);
 pub(crate) fn is_builtin_ring(name: &str) -> bool {
     matches!(
         name,
-        "ring_mp_mc" | "ring_sp_sc" | "ring_mp_sc" | "ring_sp_mc"
+        "ring_mp_mc" | "ring_sp_sc" | "ring_mp_sc" | "ring_sp_mc" | "ring_mt_rts" | "ring_mt_hts"
     )
 }
 

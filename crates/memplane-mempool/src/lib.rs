@@ -10,8 +10,9 @@
 //!   `NO_SPREAD`) to an object size in lines coprime to DPDK's default 4
 //!   memory channels x 1 rank ([`layout::spread_object_size`]).
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
-//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `stack`, `lf_stack`
-//!   (lock-free, [`lf_stack`]), or user handlers registered with
+//!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `ring_mt_rts`, `ring_mt_hts`
+//!   (DPDK's names), `stack`, `lf_stack` (lock-free, [`lf_stack`]), or
+//!   user handlers registered with
 //!   [`register_handler`].
 //! - Creation in one step ([`Mempool::create`]) or two, as DPDK:
 //!   [`Mempool::create_empty`], then [`Mempool::populate_default`],

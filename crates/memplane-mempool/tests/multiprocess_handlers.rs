@@ -32,7 +32,14 @@ const PREFIX: &str = "MPL_MPH_PREFIX";
 const RUNDIR: &str = "MPL_MPH_RUNDIR";
 const N: u32 = 2048;
 const USER: &str = "user_counting";
-const SHARED: [&str; 4] = ["ring_mp_mc", "stack", "lf_stack", USER];
+const SHARED: [&str; 6] = [
+    "ring_mp_mc",
+    "ring_mt_rts",
+    "ring_mt_hts",
+    "stack",
+    "lf_stack",
+    USER,
+];
 const SINGLE: [&str; 3] = ["ring_sp_sc", "ring_mp_sc", "ring_sp_mc"];
 
 /// Puts through this process's user-handler backends.

@@ -113,6 +113,8 @@ fn every_handler_gets_all_or_nothing_and_takes_everything_back() {
         "ring_sp_sc",
         "ring_mp_sc",
         "ring_sp_mc",
+        "ring_mt_rts",
+        "ring_mt_hts",
         "stack",
         "lf_stack",
     ] {
@@ -269,6 +271,8 @@ fn many_threads_never_lose_or_duplicate_objects() {
     for (h, cache) in [
         ("ring_mp_mc", 64),
         ("ring_mp_mc", 0),
+        ("ring_mt_rts", 0),
+        ("ring_mt_hts", 16),
         ("stack", 16),
         ("lf_stack", 0),
         ("lf_stack", 32),
