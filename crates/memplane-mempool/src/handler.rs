@@ -182,7 +182,18 @@ impl Handler for RingHandler {
         mem: &'m Memory,
         p: &BackendParams,
     ) -> Result<Box<dyn Backend + 'm>, MempoolError> {
-        let ring = Ring::create(mem, &ring_name(&p.name), p.n as usize, p.socket, self.cfg)?;
+        // An RTS consumer side moves its tail only when the last consumer
+        // in flight finishes, so a consumer that got its objects can put
+        // them back while their old slots still count as taken: the ring
+        // must hold up to twice the pool (each object at most once in a
+        // released slot and once in an unreleased one). The other modes
+        // release in order before returning: the pool's size is enough.
+        let cap = if self.cfg.consumer == SyncMode::MultiRts {
+            2 * p.n as usize
+        } else {
+            p.n as usize
+        };
+        let ring = Ring::create(mem, &ring_name(&p.name), cap, p.socket, self.cfg)?;
         Ok(Box::new(RingBackend {
             ring,
             name: p.name.clone(),
