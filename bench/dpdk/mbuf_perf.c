@@ -12,7 +12,9 @@
  *   rate_persec = mbufs allocated and freed * hz / cycles.
  *
  * Prints "mbuf_perf cache=<c> bulk=<b> rate_persec=<r>" lines.
- * Argument after `--`: seconds per row (default 1).
+ * Arguments after `--`: seconds per row (default 1), then optionally
+ * "C,B" to run the one row cache=C bulk=B (bench/compare interleaves the
+ * two sides row by row).
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -51,7 +53,7 @@ int main(int argc, char **argv)
 {
 	static const unsigned bulks[] = {1, 8, 32, 64}, caches[] = {256, 0};
 	double secs = 1.0;
-	int ret;
+	int ret, only_c = -1, only_b = -1;
 	unsigned c, b;
 
 	ret = rte_eal_init(argc, argv);
@@ -61,9 +63,16 @@ int main(int argc, char **argv)
 	}
 	if (ret + 1 < argc)
 		secs = atof(argv[ret + 1]);
+	if (ret + 2 < argc && sscanf(argv[ret + 2], "%d,%d", &only_c, &only_b) != 2) {
+		fprintf(stderr, "bad row %s (want CACHE,BULK)\n", argv[ret + 2]);
+		return 1;
+	}
 	for (c = 0; c < 2; c++) {
 		char name[32];
 		struct rte_mempool *mp;
+
+		if (only_c >= 0 && (unsigned)only_c != caches[c])
+			continue;
 
 		snprintf(name, sizeof(name), "mbuf_perf_c%u", caches[c]);
 		mp = rte_pktmbuf_pool_create(name, NB_MBUF, caches[c], 0, RTE_MBUF_DEFAULT_BUF_SIZE,
@@ -75,6 +84,8 @@ int main(int argc, char **argv)
 		for (b = 0; b < 4; b++) {
 			uint64_t rate;
 
+			if (only_b >= 0 && (unsigned)only_b != bulks[b])
+				continue;
 			if (one(mp, bulks[b], secs, &rate) < 0) {
 				printf("alloc failed\n");
 				return 1;

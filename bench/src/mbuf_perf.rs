@@ -9,12 +9,16 @@
 //! convention; memplane only); the `mempool_only` rows get and put the
 //! pool's objects with the mempool alone (no mbuf work), for scale.
 //! `MBUF_PERF_ROWS=mbuf_perf_raw,...` runs only the named kinds and
-//! `MBUF_PERF_BULKS=1,32` only those bulk sizes (for profiling).
+//! `MBUF_PERF_BULKS=1,32` only those bulk sizes, `MBUF_PERF_CACHES=0` only
+//! those cache sizes (for profiling, and `compare mbuf`'s rows).
 //!
 //! `compare mbuf` runs DPDK's side, `bench/dpdk/mbuf_perf.c`
 //! (`rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_free_bulk`, same pools and
-//! loop, hugepages, `--in-memory`), and this alternately `--runs` times and
-//! prints medians side by side with the ratio.
+//! loop, hugepages, `--in-memory`), and this alternately, row by row (one
+//! cache size and bulk: DPDK's row, then ours, the order swapped every
+//! other row), `--runs` times, and prints medians side by side with the
+//! ratio: the two sides of a row are measured seconds apart, not a whole
+//! run apart (this VM's speed drifts by up to 1.5x over minutes).
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -26,9 +30,16 @@ use memplane_mempool::register_thread;
 const N: usize = 65536;
 const NB_MBUF: u32 = 8191;
 const BULKS: [usize; 4] = [1, 8, 32, 64];
+const CACHES: [u32; 2] = [256, 0];
 fn bulks() -> Vec<usize> {
     std::env::var("MBUF_PERF_BULKS").map_or_else(
         |_| BULKS.to_vec(),
+        |v| v.split(',').filter_map(|x| x.parse().ok()).collect(),
+    )
+}
+fn caches() -> Vec<u32> {
+    std::env::var("MBUF_PERF_CACHES").map_or_else(
+        |_| CACHES.to_vec(),
         |v| v.split(',').filter_map(|x| x.parse().ok()).collect(),
     )
 }
@@ -111,7 +122,7 @@ pub fn run(prefix: &str, secs: f64) -> i32 {
         }
     };
     register_thread(&mem).expect("lcore id");
-    for cache in [256u32, 0] {
+    for cache in caches() {
         let pool = MbufPool::pktmbuf_pool_create(
             &mem,
             &format!("mbuf_perf_c{cache}"),
@@ -152,7 +163,7 @@ fn parse(out: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn run_dpdk(bin: &str, secs: f64) -> Result<String, String> {
+fn run_dpdk(bin: &str, secs: f64, (cache, bulk): (u32, usize)) -> Result<String, String> {
     let prefix = format!("mpmbuf{}", std::process::id());
     let out = Command::new(bin)
         .args([
@@ -169,6 +180,7 @@ fn run_dpdk(bin: &str, secs: f64) -> Result<String, String> {
             "--",
         ])
         .arg(secs.to_string())
+        .arg(format!("{cache},{bulk}"))
         .output()
         .map_err(|e| format!("cannot run {bin}: {e}"));
     crate::compare_mem::remove_dpdk_runtime_dir(&prefix);
@@ -183,10 +195,12 @@ fn run_dpdk(bin: &str, secs: f64) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_ours(secs: f64) -> Result<String, String> {
+fn run_ours(secs: f64, (cache, bulk): (u32, usize)) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let o = Command::new(exe)
         .args(["mbuf-perf", "--secs", &secs.to_string()])
+        .env("MBUF_PERF_CACHES", cache.to_string())
+        .env("MBUF_PERF_BULKS", bulk.to_string())
         .output()
         .map_err(|e| format!("cannot run mbuf-perf: {e}"))?;
     if !o.status.success() {
@@ -203,35 +217,55 @@ pub fn compare(bin: &str, runs: usize, secs: f64) -> i32 {
     let mut dpdk: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut ours: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
+    let rows: Vec<(u32, usize)> = CACHES
+        .iter()
+        .flat_map(|&c| BULKS.iter().map(move |&b| (c, b)))
+        .collect();
     for run in 1..=runs {
-        eprintln!("run {run}/{runs}: {bin} ...");
-        let d = match run_dpdk(bin, secs) {
-            Ok(t) => parse(&t),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return 1;
+        for (i, &row) in rows.iter().enumerate() {
+            eprintln!("run {run}/{runs}, row cache={} bulk={} ...", row.0, row.1);
+            // Swap the order every other row: neither side always runs
+            // right after the other's process start.
+            let dpdk_first = (run + i) % 2 == 0;
+            let mut d = None;
+            let mut m = None;
+            for side in [dpdk_first, !dpdk_first] {
+                let r = if side {
+                    run_dpdk(bin, secs, row).map(|t| d = Some(parse(&t)))
+                } else {
+                    run_ours(secs, row).map(|t| m = Some(parse(&t)))
+                };
+                if let Err(e) = r {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
             }
-        };
-        eprintln!("run {run}/{runs}: memplane mbuf-perf ...");
-        let m = match run_ours(secs) {
-            Ok(t) => parse(&t),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return 1;
+            for (k, v) in d.unwrap_or_default() {
+                dpdk.entry(k).or_default().push(v);
             }
-        };
-        for (k, v) in d {
-            dpdk.entry(k).or_default().push(v);
-        }
-        for (k, v) in m {
-            if !order.contains(&k) {
-                order.push(k.clone());
+            for (k, v) in m.unwrap_or_default() {
+                if !order.contains(&k) {
+                    order.push(k.clone());
+                }
+                ours.entry(k).or_default().push(v);
             }
-            ours.entry(k).or_default().push(v);
         }
     }
+    // Rows in the usual order: kind, then cache, then bulk.
+    let kind_rank = |k: &str| {
+        ["mbuf_perf ", "mbuf_perf_raw ", "mempool_only "]
+            .iter()
+            .position(|p| k.starts_with(p))
+            .unwrap_or(3)
+    };
+    order.sort_by_key(|k| {
+        let row = rows
+            .iter()
+            .position(|&(c, b)| k.ends_with(&format!("cache={c} bulk={b}")));
+        (kind_rank(k), row)
+    });
     println!(
-        "\nmbuf alloc_bulk + free_bulk, one core, 8191 mbufs of 2176 bytes: DPDK 22.11 (bench/dpdk/mbuf_perf.c) vs memplane, medians of {runs} alternating runs, {secs} s per row"
+        "\nmbuf alloc_bulk + free_bulk, one core, 8191 mbufs of 2176 bytes: DPDK 22.11 (bench/dpdk/mbuf_perf.c) vs memplane, medians of {runs} runs alternating row by row, {secs} s per row"
     );
     println!("rate = mbufs allocated and freed per second; ratio = memplane / DPDK (> 1.00: memplane faster); target >= 1.00");
     println!("mbuf_perf rows: owned Mbufs (Vec + Mbuf::free_vec); mbuf_perf_raw rows: raw pointers; mempool_only rows: the mbuf pool's Mempool::get_bulk + put_bulk alone (no mbuf work); all compared with DPDK's mbuf row");

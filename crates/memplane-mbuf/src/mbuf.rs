@@ -215,6 +215,13 @@ unsafe fn detach_raw(m: *mut MbufHeader) {
     unsafe { restore_own_buffer(m) };
 }
 
+/// Out of line: the log macro's code stays out of the free loops.
+#[cold]
+#[inline(never)]
+fn freed_twice(m: *mut MbufHeader) {
+    tracing::error!(mbuf = ?m, "free of an mbuf with refcount 0 (freed twice?): ignored");
+}
+
 /// `rte_pktmbuf_prefree_seg`: drops one reference to segment `m`; true
 /// when `m` is now free and must go back to its pool (refcount 0, single
 /// segment, own buffer). `lone`: `m` is known to have no next segment (a
@@ -227,7 +234,7 @@ unsafe fn prefree_seg(m: *mut MbufHeader, lone: bool) -> bool {
     let last = match r {
         1 => true,
         0 => {
-            tracing::error!(mbuf = ?m, "free of an mbuf with refcount 0 (freed twice?): ignored");
+            freed_twice(m);
             return false;
         }
         _ => h.refcnt.fetch_sub(1, Ordering::AcqRel) == 1,
