@@ -757,24 +757,53 @@ fn init_header(pool: usize, priv_size: u16) -> MbufHeader {
     }
 }
 
-/// `rte_pktmbuf_reset` of an mbuf just taken from its pool, refcount 1.
+/// `rte_pktmbuf_reset` of an mbuf just taken from its pool, refcount 1,
+/// in four wide stores and one read-modify-write where field-by-field
+/// code made ten: stores were what an alloc cost (without the reset a
+/// bulk alloc + free ran 1.2-1.5x faster). The stores cover, by offset:
+///
+/// - `[16, 32)`: data_off (headroom, or the buffer length if shorter),
+///   refcnt 1, nb_segs 1, port invalid, ol_flags (only `EXTERNAL` kept);
+/// - `[32, 54)`: packet_type, pkt_len, data_len, vlan_tci, hash and
+///   vlan_tci_outer, all 0 (DPDK leaves the last user's hash; a fresh
+///   mbuf reads 0 here);
+/// - `[64, 80)`: next null, tx_offload 0.
+///
+/// buf_len, pool and the rest keep their values.
 ///
 /// # Safety
 /// `m` is a free mbuf (refcount 0) the caller now owns.
 #[inline(always)]
 pub(crate) unsafe fn reset_fresh(m: *mut MbufHeader) {
-    // SAFETY: the caller owns the mbuf.
-    let h = unsafe { &mut *m };
-    h.next = std::ptr::null_mut();
-    h.pkt_len = 0;
-    h.tx_offload = 0;
-    h.vlan_tci = 0;
-    h.vlan_tci_outer = 0;
-    h.nb_segs = 1;
-    h.port = PORT_INVALID;
-    h.ol_flags &= ol_flags::EXTERNAL;
-    h.packet_type = 0;
-    h.data_off = HEADROOM.min(h.buf_len);
-    h.data_len = 0;
-    *h.refcnt.get_mut() = 1;
+    use std::mem::offset_of;
+    const DATA_OFF: usize = offset_of!(MbufHeader, data_off);
+    const { assert!(cfg!(target_endian = "little")) };
+    const {
+        assert!(DATA_OFF == 16);
+        assert!(offset_of!(MbufHeader, refcnt) == DATA_OFF + 2);
+        assert!(offset_of!(MbufHeader, nb_segs) == DATA_OFF + 4);
+        assert!(offset_of!(MbufHeader, port) == DATA_OFF + 6);
+        assert!(offset_of!(MbufHeader, ol_flags) == DATA_OFF + 8);
+        assert!(offset_of!(MbufHeader, packet_type) == 32);
+        assert!(offset_of!(MbufHeader, vlan_tci_outer) == 52);
+        assert!(offset_of!(MbufHeader, buf_len) == 54);
+        assert!(offset_of!(MbufHeader, next) == 64);
+        assert!(offset_of!(MbufHeader, tx_offload) == 72);
+    };
+    // SAFETY: the caller owns the mbuf; reading two plain fields.
+    let (buf_len, flags) = unsafe { ((*m).buf_len, (*m).ol_flags) };
+    let head = u64::from(HEADROOM.min(buf_len)) | 1 << 16 | 1 << 32 | u64::from(PORT_INVALID) << 48;
+    let base = m.cast::<u8>();
+    // SAFETY: the caller owns the mbuf exclusively (nobody reads or writes
+    // it concurrently, the refcount included), and the ranges lie inside
+    // its 128-byte header (offsets asserted above); every field written
+    // gets a valid value of its type.
+    unsafe {
+        base.add(DATA_OFF)
+            .cast::<[u64; 2]>()
+            .write_unaligned([head, flags & ol_flags::EXTERNAL]);
+        base.add(32).cast::<[u64; 2]>().write_unaligned([0, 0]);
+        base.add(46).cast::<u64>().write_unaligned(0);
+        base.add(64).cast::<[u64; 2]>().write_unaligned([0, 0]);
+    }
 }

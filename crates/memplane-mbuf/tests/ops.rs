@@ -106,14 +106,74 @@ fn pool_layout_footprint_and_fresh_mbufs_follow_dpdk() {
     drop(m);
     pool.cache_flush().unwrap();
     assert!(pool.is_full());
-    // The next alloc is reset.
-    let m = pool.alloc().unwrap();
-    assert_eq!(
-        (m.port(), m.ol_flags(), m.pkt_len(), m.vlan_tci()),
-        (PORT_INVALID, 0, 0, 0)
-    );
-    drop(m);
+    // Every alloc is reset, every field, through alloc and alloc_bulk:
+    // dirty all 1000 mbufs, free them, take them all again.
+    let check_fresh = |m: &memplane_mbuf::Mbuf<'_>, what: &str| {
+        let h = m.header();
+        assert_eq!(
+            (
+                h.data_off,
+                h.refcnt.load(std::sync::atomic::Ordering::Relaxed)
+            ),
+            (HEADROOM, 1),
+            "{what}"
+        );
+        assert_eq!(
+            (h.nb_segs, h.port, h.ol_flags),
+            (1, PORT_INVALID, 0),
+            "{what}"
+        );
+        assert_eq!((h.packet_type, h.pkt_len, h.data_len), (0, 0, 0), "{what}");
+        assert_eq!(
+            (h.vlan_tci, h.hash, h.vlan_tci_outer),
+            (0, [0, 0], 0),
+            "{what}"
+        );
+        assert!(h.next.is_null() && h.tx_offload == 0, "{what}");
+        // What the reset leaves alone.
+        assert_eq!(
+            (h.buf_len, h.pool, h.priv_size),
+            (2176, pool.addr(), 64),
+            "{what}"
+        );
+        assert_eq!(
+            h.buf_addr as usize,
+            m.as_ptr() as usize + 128 + 64,
+            "{what}"
+        );
+        assert!(h.shinfo.is_null(), "{what}");
+    };
+    let mut all = Vec::new();
+    pool.alloc_bulk(&mut all, 1000).unwrap();
+    for m in &mut all {
+        check_fresh(m, "first alloc");
+        m.append(100).unwrap();
+        m.prepend(10).unwrap();
+        m.set_port(3);
+        m.set_rss_hash(0xdead_beef);
+        m.set_vlan_tci(42);
+        m.set_packet_type(0x11);
+        m.set_tx_offload(99);
+        m.set_ol_flags(u64::MAX);
+        // SAFETY: a plain field, not part of the chain or buffer state.
+        unsafe { m.header_mut().vlan_tci_outer = 7 };
+    }
+    Mbuf::free_vec(&mut all);
+    for _ in 0..500 {
+        all.push(pool.alloc().unwrap());
+    }
+    pool.alloc_bulk(&mut all, 500).unwrap();
+    for (i, m) in all.iter().enumerate() {
+        check_fresh(m, if i < 500 { "alloc" } else { "alloc_bulk" });
+    }
+    drop(all);
     pool.free().unwrap();
+    // A data room shorter than the headroom: data_off is the whole room.
+    let small = MbufPool::pktmbuf_pool_create(mem, "small", 10, 0, 0, 64, -1).unwrap();
+    let m = small.alloc().unwrap();
+    assert_eq!((m.headroom(), m.tailroom()), (64, 0));
+    drop(m);
+    small.free().unwrap();
 }
 
 #[test]
