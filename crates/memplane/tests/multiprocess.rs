@@ -579,6 +579,29 @@ fn check_zone_table(mem: &Memory, what: &str) {
     );
 }
 
+/// Fails if fewer 2 MiB pages are free than `before`, once every page of
+/// this process's instances went back. The counter is the machine's: other
+/// programs (another checkout's tests or benchmarks, which do not take
+/// [`pool_lock`]) may hold pages for a moment (seen: a benchmark holding 6
+/// pages as the check ran) or give some back meanwhile, so more free pages
+/// pass, and fewer are looked at again for a while; pages this process
+/// lost stay lost.
+fn assert_no_hugepages_lost(before: u64, what: &str) {
+    let t = Instant::now();
+    loop {
+        let now = common::real_counter(2048, "free_hugepages");
+        if now >= before {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "hugepages lost {what}: {now} free after {:?}, {before} before",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn setup(tag: &str) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (format!("mp_{tag}_{}", std::process::id()), dir)
@@ -813,11 +836,7 @@ fn secondaries_killed_at_random_moments_leave_a_working_primary() {
         let mem = Arc::try_unwrap(mem).unwrap();
         drop(mem);
     }
-    assert_eq!(
-        common::real_counter(2048, "free_hugepages"),
-        free_before,
-        "hugepages lost after the kills"
-    );
+    assert_no_hugepages_lost(free_before, "after the kills");
 }
 
 /// The memzone side of the test above, aggressively: secondaries that do
@@ -934,13 +953,7 @@ fn secondaries_killed_while_churning_zones_leave_live_zones_alone() {
         let mem = Arc::try_unwrap(mem).unwrap();
         drop(mem);
     }
-    // Not `==`: other programs on the machine may have given pages back
-    // meanwhile; fewer free pages than before means ours were lost.
-    let free_after = common::real_counter(2048, "free_hugepages");
-    assert!(
-        free_after >= free_before,
-        "hugepages lost after the kills: {free_after} free, {free_before} before"
-    );
+    assert_no_hugepages_lost(free_before, "after the kills");
 }
 
 /// A secondary stopped for good in the middle of a zone walk (or dump)
