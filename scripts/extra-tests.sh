@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg loom"
 export CARGO_TARGET_DIR=target/loom
 cargo test --quiet --release -p memplane --lib shm::lock::loom_tests
+cargo test --quiet --release -p memplane --lib shm::seqlock::loom_tests
 LOOM_MAX_PREEMPTIONS=2 cargo test --quiet --release -p memplane-ring --test loom
 LOOM_MAX_PREEMPTIONS=3 cargo test --quiet --release -p memplane-mempool --test loom

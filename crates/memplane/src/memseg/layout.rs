@@ -27,7 +27,7 @@ use crate::shm::lock::RwLock;
 pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"MPCONFG1");
 
 /// Bumped whenever any structure in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Bytes reserved for the build identity string.
 pub const BUILD_ID_LEN: usize = 64;
@@ -303,6 +303,6 @@ mod tests {
         let id = build_id();
         let s = name_str(&id);
         assert!(s.starts_with("memplane "), "{s}");
-        assert!(s.contains("layout 4"), "{s}");
+        assert!(s.contains("layout 5"), "{s}");
     }
 }

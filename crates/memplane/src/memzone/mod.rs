@@ -11,6 +11,9 @@
 //!   DPDK), with no compile-time ceiling;
 //! - lookup by name is a hash probe, not DPDK's linear scan, so reserving
 //!   and looking up cost the same with 10 zones or 100 000;
+//! - lookups, walks and stats take no lock (optimistic copies checked
+//!   against the table's change counter), so a process killed in one
+//!   holds up nobody's reservations and frees;
 //! - a name is reserved at most once, even under races between threads or
 //!   processes: the name is claimed first, then the memory is allocated
 //!   without holding the table lock (heap growth may take milliseconds and
@@ -50,7 +53,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use self::table::{hash_name, Claim, Table, NAME_BYTES, STATE_READY};
+use self::table::{hash_name, Claim, EntrySnap, Table, NAME_BYTES, STATE_READY};
 use crate::heap::{AllocRequest, HeapError, PageSizes, SOCKET_ID_ANY};
 use crate::iova::BAD_IOVA;
 use crate::units::{format_size, PageSize};
@@ -361,8 +364,8 @@ pub(crate) struct ZoneTable {
 }
 
 // SAFETY: the pointers lead into the shared config mapping owned by the
-// `Memory` that owns this value; all access goes through the table's
-// process-shared lock or atomics.
+// `Memory` that owns this value; every field that changes is an atomic,
+// and writers are ordered by the table's process-shared lock.
 unsafe impl Send for ZoneTable {}
 // SAFETY: as above.
 unsafe impl Sync for ZoneTable {}
@@ -430,11 +433,11 @@ impl fmt::Debug for Memzone<'_> {
 }
 
 impl<'m> Memzone<'m> {
-    fn from_entry(mem: &'m Instance, index: u32, e: &table::ZoneEntry) -> Memzone<'m> {
+    fn from_entry(mem: &'m Instance, index: u32, e: &EntrySnap) -> Memzone<'m> {
         Memzone {
             mem,
             index,
-            generation: e.generation.load(Ordering::Acquire),
+            generation: e.generation,
             name: e.name,
             addr: e.addr as usize,
             iova: e.iova,
@@ -511,8 +514,11 @@ impl<'m> Memzone<'m> {
 
     /// A snapshot for reports.
     pub fn info(&self) -> MemzoneInfo {
-        let r = self.mem.zones.t.read();
-        self.info_locked(r.entry(self.index))
+        // A handle's index is below the capacity: there is an entry.
+        match self.mem.zones.t.read(|v| v.entry(self.index)) {
+            Some(e) => self.info_from(&e),
+            None => self.info_from(&EntrySnap::default()),
+        }
     }
 
     /// The zone's bytes.
@@ -721,9 +727,8 @@ impl Instance {
     pub fn memzone_lookup(&self, name: &str) -> Option<Memzone<'_>> {
         let key = zone_key(name).ok()?;
         let hash = hash_name(&key);
-        let r = self.zones.t.read();
-        let i = r.lookup_index(&key, hash)?;
-        Some(Memzone::from_entry(self, i, r.entry(i)))
+        let (i, e) = self.zones.t.read(|v| v.lookup(&key, hash))?;
+        Some(Memzone::from_entry(self, i, &e))
     }
 
     /// Zones that exist.
@@ -738,30 +743,40 @@ impl Instance {
 
     /// Counters of the table.
     pub fn memzone_stats(&self) -> MemzoneTableStats {
-        let r = self.zones.t.read();
-        let mut bytes = 0;
-        for i in 0..r.high_water() {
-            let e = r.entry(i);
-            if e.state.load(Ordering::Acquire) == STATE_READY {
-                bytes += e.len;
+        self.zones.t.read(|v| {
+            let mut bytes = 0u64;
+            for i in 0..v.high_water() {
+                if v.state(i) == Some(STATE_READY) {
+                    bytes = bytes.wrapping_add(v.entry(i).map_or(0, |e| e.len));
+                }
             }
-        }
-        let (reserves, frees) = r.totals();
-        MemzoneTableStats {
-            capacity: self.zones.t.capacity(),
-            count: r.count(),
-            bytes,
-            reserves,
-            frees,
-        }
+            let (reserves, frees) = v.totals();
+            MemzoneTableStats {
+                capacity: self.zones.t.capacity(),
+                count: v.count(),
+                bytes,
+                reserves,
+                frees,
+            }
+        })
     }
 
     /// Every zone, in table order (a snapshot).
     pub fn memzones(&self) -> Vec<MemzoneInfo> {
-        let r = self.zones.t.read();
-        (0..r.high_water())
-            .filter(|&i| r.entry(i).state.load(Ordering::Acquire) == STATE_READY)
-            .map(|i| Memzone::from_entry(self, i, r.entry(i)).info_locked(r.entry(i)))
+        // Copied without the lock (a copy a writer spoils is made again),
+        // then turned into reports.
+        let mut ready: Vec<(u32, EntrySnap)> = Vec::new();
+        self.zones.t.read(|v| {
+            ready.clear();
+            for i in 0..v.high_water() {
+                if v.state(i) == Some(STATE_READY) {
+                    ready.extend(v.entry(i).map(|e| (i, e)));
+                }
+            }
+        });
+        ready
+            .iter()
+            .map(|(i, e)| Memzone::from_entry(self, *i, e).info_from(e))
             .collect()
     }
 
@@ -921,7 +936,7 @@ impl Instance {
                 match w.claim(&req.key, hash, pid) {
                     Claim::Claimed(i) => return Ok(i),
                     Claim::Exists(i) => {
-                        let e = w.entry(i);
+                        let e = w.entry(i).snapshot();
                         return Err(MemzoneError::Exists {
                             name: name(),
                             len: e.len,
@@ -945,7 +960,7 @@ impl Instance {
                 if let Some(i) = w.find(&req.key, hash) {
                     let e = w.entry(i);
                     if e.state.load(Ordering::Acquire) == table::STATE_RESERVING
-                        && e.owner_pid == owner
+                        && e.owner_pid.load(Ordering::Relaxed) == owner
                     {
                         tracing::warn!(name = %name(), pid = owner, "dropping the memzone claim of a dead process");
                         let ticket = w.unlink(i, pid);
@@ -1003,16 +1018,16 @@ impl Instance {
         let (socket, page_size) = self.block_origin(ptr).unwrap_or((req.socket, 0));
         let mut w = self.zones.t.write();
         let e = w.entry_mut(index);
-        e.addr = ptr.as_ptr() as u64;
-        e.iova = iova;
-        e.len = len as u64;
-        e.page_size = page_size;
-        e.align = req.align as u64;
-        e.bound = req.bound as u64;
-        e.socket = socket;
-        e.flags = req.flags.bits();
+        e.addr.store(ptr.as_ptr() as u64, Ordering::Relaxed);
+        e.iova.store(iova, Ordering::Relaxed);
+        e.len.store(len as u64, Ordering::Relaxed);
+        e.page_size.store(page_size, Ordering::Relaxed);
+        e.align.store(req.align as u64, Ordering::Relaxed);
+        e.bound.store(req.bound as u64, Ordering::Relaxed);
+        e.socket.store(socket, Ordering::Relaxed);
+        e.flags.store(req.flags.bits(), Ordering::Relaxed);
         w.publish(index);
-        let mz = Memzone::from_entry(self, index, w.entry(index));
+        let mz = Memzone::from_entry(self, index, &w.entry(index).snapshot());
         drop(w);
         tracing::debug!(name = mz.name(), len, socket, page_size, "memzone reserved");
         mz
@@ -1020,8 +1035,8 @@ impl Instance {
 }
 
 impl Memzone<'_> {
-    /// `info` with the entry at hand (the caller holds the table lock).
-    fn info_locked(&self, e: &table::ZoneEntry) -> MemzoneInfo {
+    /// `info` with a copy of the entry at hand.
+    fn info_from(&self, e: &EntrySnap) -> MemzoneInfo {
         MemzoneInfo {
             index: self.index,
             name: self.name().to_string(),
@@ -1045,17 +1060,30 @@ mod tests {
     use crate::{MemOptions, Memory};
 
     /// A process that takes the memzone table's write lock and dies
-    /// holding it (a secondary SIGKILLed inside a table update). Returns
-    /// once it is dead and reaped.
-    fn die_holding_the_table_lock(mem: &Memory) {
+    /// holding it (a secondary SIGKILLed inside a table update). With
+    /// `freeing`, it dies in the middle of freeing that entry's zone (the
+    /// entry marked FREEING in its name, still in the index, the table's
+    /// change counter odd). Returns once it is dead and reaped.
+    fn die_holding_the_table_lock(mem: &Memory, freeing: Option<u32>) {
         let lock = mem.zones.t.lock();
-        // SAFETY: the child only does a compare-exchange on shared memory
+        // SAFETY: the child only does atomic operations on shared memory
         // and `_exit`s (async-signal-safe; nothing of the parent's other
         // threads is touched); the parent only waits for it.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            let ok = lock.try_write().map(std::mem::forget).is_some();
+            let ok = match freeing {
+                None => lock.try_write().map(std::mem::forget).is_some(),
+                Some(i) => {
+                    // The lock is free: `write` takes it at once.
+                    let mut w = mem.zones.t.write();
+                    let e = w.entry_mut(i);
+                    e.freer_pid.store(std::process::id(), Ordering::Relaxed);
+                    e.state.store(table::STATE_FREEING, Ordering::Release);
+                    std::mem::forget(w);
+                    true
+                }
+            };
             // SAFETY: ends the forked child at once, without running the
             // parent's atexit handlers or destructors.
             unsafe { libc::_exit(i32::from(!ok)) };
@@ -1099,7 +1127,7 @@ mod tests {
         let ticket = freeing.unlink_for_free().unwrap();
         // Another process dies inside a table update meanwhile; the next
         // writer takes the lock over and rebuilds the table.
-        die_holding_the_table_lock(&mem);
+        die_holding_the_table_lock(&mem, None);
         let after = reserve("after");
         assert_ne!(
             after.index(),
@@ -1125,6 +1153,60 @@ mod tests {
         }
         assert_eq!(mem.memzone_count(), 0);
         assert_eq!(mem.memzone_stats().frees, 5);
+    }
+
+    #[test]
+    fn a_lookup_takes_over_from_a_writer_killed_inside_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("mzseq{}", std::process::id());
+        let mem = Memory::init(
+            &MemOptions::parse_args(&[
+                "--no-huge",
+                "-m",
+                "16",
+                "--file-prefix",
+                &prefix,
+                "--runtime-dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let a = mem
+            .memzone_reserve("a", 4096, SOCKET_ID_ANY, MemzoneFlags::NONE)
+            .unwrap();
+        let b = mem
+            .memzone_reserve("b", 8192, SOCKET_ID_ANY, MemzoneFlags::NONE)
+            .unwrap();
+        // Killed in the middle of freeing a: readers find the change
+        // counter odd for good.
+        die_holding_the_table_lock(&mem, Some(a.index()));
+        assert!(mem.zones.t.seq().is_writing());
+        // A lookup gives up on the counter, goes to the lock, takes it
+        // over from the dead writer and rebuilds; the counter is even
+        // again and every reader and writer goes on.
+        let t0 = std::time::Instant::now();
+        let found = mem.memzone_lookup("b").expect("b");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert_eq!((found.index(), found.len()), (b.index(), 8192));
+        assert!(!mem.zones.t.seq().is_writing());
+        assert_eq!(mem.zones.t.lock().writer_pid(), None);
+        // The rebuild dropped the dead freer's half-done free: a is gone
+        // (its memory stays allocated, as for any free cut short).
+        assert!(mem.memzone_lookup("a").is_none());
+        assert!(!a.is_live() && b.is_live());
+        assert!(matches!(
+            a.free(),
+            Err(Error::Memzone(MemzoneError::Stale { .. }))
+        ));
+        assert_eq!(mem.memzone_stats().count, 1);
+        assert_eq!(mem.memzones().len(), 1);
+        b.free().unwrap();
+        let c = mem
+            .memzone_reserve("c", 64, SOCKET_ID_ANY, MemzoneFlags::NONE)
+            .unwrap();
+        c.free().unwrap();
+        assert_eq!(mem.memzone_count(), 0);
     }
 
     #[test]

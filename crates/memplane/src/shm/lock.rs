@@ -30,7 +30,10 @@
 //!   `EOWNERDEAD`: the data it guards may be half-updated).
 //!
 //! Limits: readers of an [`RwLock`] are counted, not named, so a reader that
-//! died holding the lock is reported as "n readers" without a pid; a pid can
+//! died holding the lock is reported as "n readers" without a pid (and
+//! writers then wait for ever: data that processes which may be killed
+//! read, like the memzone table, is read without the lock instead, see
+//! `shm::seqlock`); a pid can
 //! be reused by a new process after the holder died (the check then says
 //! "alive"); pids are those of the holder's pid namespace, so all processes
 //! must share one.

@@ -2,4 +2,5 @@
 //! processes at once.
 
 pub mod lock;
+pub(crate) mod seqlock;
 pub mod vaspace;
