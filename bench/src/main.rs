@@ -9,7 +9,7 @@
 //!   [--all-bulks] [--tracking] [--dpdk-output FILE]`: DPDK 22.11
 //!   `mempool_perf_autotest` 1- and 2-core rows (B =
 //!   `bench/dpdk/mempool_perf.c`) vs memplane's mirror (`mempool-perf
-//!   [--secs S] [--all-bulks] [--leak-tracking] [--only SUBSTRING]`).
+//!   [--secs S] [--all-bulks] [--leak-tracking] [--stats] [--only SUBSTRING]`).
 //! - `memplane-bench compare mbuf --mbuf-bin B [--runs N] [--secs S]`:
 //!   `rte_pktmbuf_alloc_bulk` + `rte_pktmbuf_free_bulk` (B =
 //!   `bench/dpdk/mbuf_perf.c`) vs memplane's `MbufPool::alloc_bulk` +
@@ -150,6 +150,7 @@ fn main() {
             flag(&args, "--secs").map_or(0.2, |s| s.parse().expect("--secs S")),
             args.iter().any(|a| a == "--all-bulks"),
             args.iter().any(|a| a == "--leak-tracking"),
+            args.iter().any(|a| a == "--stats"),
             flag(&args, "--only").as_deref(),
         )),
         (Some("malloc-perf"), _) => std::process::exit(malloc_perf::run(&prefix())),

@@ -16,7 +16,8 @@
 //! same pool; the rate is the sum of both threads' objects / seconds (one
 //! object = one get + put). Lines are printed in DPDK's format, under
 //! DPDK's section headers. `--leak-tracking` switches the pools' leak
-//! tracking on first (to measure what it costs).
+//! tracking on first, `--stats` their statistics (to measure what each
+//! costs).
 //!
 //! `compare mempool` runs DPDK's side, `bench/dpdk/mempool_perf.c` (the
 //! autotest's loops for 1 and 2 cores on their own, since `dpdk-test
@@ -222,7 +223,14 @@ fn launch(
 }
 
 /// Runs the mirror; returns the process exit code.
-pub fn run(prefix: &str, secs: f64, all_bulks: bool, tracking: bool, only: Option<&str>) -> i32 {
+pub fn run(
+    prefix: &str,
+    secs: f64,
+    all_bulks: bool,
+    tracking: bool,
+    stats: bool,
+    only: Option<&str>,
+) -> i32 {
     let (mem, _tmp) = match crate::malloc_perf::instance(prefix) {
         Ok(v) => v,
         Err(e) => {
@@ -250,19 +258,23 @@ pub fn run(prefix: &str, secs: f64, all_bulks: bool, tracking: bool, only: Optio
         if tracking {
             p.set_leak_tracking(true).expect("leak tracking");
         }
+        if stats {
+            p.set_stats(true).expect("statistics");
+        }
         p
     };
     let nocache = mk("perf_test_nocache", 0);
     let cache = mk("perf_test_cache", CACHE);
     for p in [&nocache, &cache] {
         eprintln!(
-            "{}: {} objects of {} bytes in {} memzone(s), handler {}, leak tracking {}",
+            "{}: {} objects of {} bytes in {} memzone(s), handler {}, leak tracking {}, statistics {}",
             p.name(),
             p.size(),
             p.obj_size().total_size,
             p.chunks().len(),
             p.handler(),
-            if p.leak_tracking() { "on" } else { "off" }
+            if p.leak_tracking() { "on" } else { "off" },
+            if p.stats_enabled() { "on" } else { "off" }
         );
     }
     for (title, pool, mode) in [

@@ -301,6 +301,58 @@ fn render_mempools(pools: &[PoolReport]) -> String {
     for (name, error) in refused {
         let _ = writeln!(o, "  {name}: cannot open from here: {error}");
     }
+    o.push_str(&render_pool_stats(pools));
+    o
+}
+
+/// The statistics of the pools that have them on: one row per lcore id
+/// with counts ("-": threads without one), then the pool's total.
+fn render_pool_stats(pools: &[PoolReport]) -> String {
+    let with: Vec<&memplane_mempool::MempoolStats> = pools
+        .iter()
+        .filter_map(|p| match p {
+            PoolReport::Open(i) => i.stats.as_ref(),
+            PoolReport::Refused { .. } => None,
+        })
+        .collect();
+    if with.is_empty() {
+        return String::new();
+    }
+    let mut o = String::from(
+        "\nmempool statistics (pools with statistics on; cp = common pool, the backend):\n",
+    );
+    let mut t = Table::new(&[
+        ("pool", false),
+        ("lcore", true),
+        ("puts", true),
+        ("put objs", true),
+        ("cp puts", true),
+        ("cp put objs", true),
+        ("cp gets", true),
+        ("cp get objs", true),
+        ("gets", true),
+        ("get objs", true),
+        ("failed gets", true),
+        ("failed objs", true),
+    ]);
+    for st in with {
+        let rows = st
+            .lcores
+            .iter()
+            .map(|l| {
+                (
+                    l.lcore.map_or_else(|| "-".to_string(), |id| id.to_string()),
+                    l.counters,
+                )
+            })
+            .chain(std::iter::once(("all".to_string(), st.totals)));
+        for (who, c) in rows {
+            let mut cells = vec![st.pool.clone(), who];
+            cells.extend(c.fields().iter().map(|(_, v)| v.to_string()));
+            t.row(cells);
+        }
+    }
+    o.push_str(&t.render("  "));
     o
 }
 

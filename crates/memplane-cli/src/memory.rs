@@ -40,10 +40,11 @@ pub struct Args {
     ring: Vec<String>,
     /// After init, create a mempool NAME of N objects of ELT bytes
     /// (default 2048) with per-lcore caches of CACHE objects (default 0),
-    /// e.g. pkts=4095x2048/256 (repeatable). This thread takes an lcore id
-    /// and cycles objects through its cache, so `memplane info` has cache
-    /// counts to show.
-    #[arg(long = "mempool", value_name = "NAME=N[xELT][/CACHE]")]
+    /// e.g. pkts=4095x2048/256 (repeatable); `+stats` switches its
+    /// statistics on, e.g. pkts=4095/256+stats. This thread takes an lcore
+    /// id and cycles objects through its cache, so `memplane info` has
+    /// cache counts (and statistics) to show.
+    #[arg(long = "mempool", value_name = "NAME=N[xELT][/CACHE][+stats]")]
     mempool: Vec<String>,
     /// Keep the instance alive SECS seconds before tearing it down, to look
     /// at it from another shell (Ctrl-C ends the wait early).
@@ -105,20 +106,33 @@ fn parse_ring(text: &str) -> Result<(String, usize), Error> {
     Ok((name.to_string(), count))
 }
 
-/// One `--mempool NAME=N[xELT][/CACHE]`.
+/// One `--mempool NAME=N[xELT][/CACHE][+stats]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PoolSpec {
     name: String,
     n: u32,
     elt_size: u32,
     cache_size: u32,
+    stats: bool,
 }
 
 fn parse_mempool(text: &str) -> Result<PoolSpec, Error> {
-    const FORM: &str = "expected NAME=N[xELT][/CACHE], e.g. pkts=4095x2048/256";
+    const FORM: &str =
+        "expected NAME=N[xELT][/CACHE][+stats], e.g. pkts=4095x2048/256 or pkts=4095/256+stats";
     let (name, rest) = text
         .split_once('=')
         .ok_or_else(|| bad("--mempool", text, format!("no '='; {FORM}")))?;
+    let (rest, stats) = match rest.split_once('+') {
+        Some((r, "stats")) => (r, true),
+        Some((_, other)) => {
+            return Err(bad(
+                "--mempool",
+                text,
+                format!("'+{other}' is not a pool option (only +stats); {FORM}"),
+            ))
+        }
+        None => (rest, false),
+    };
     let (rest, cache) = match rest.split_once('/') {
         Some((r, c)) => (r, Some(c)),
         None => (rest, None),
@@ -141,6 +155,7 @@ fn parse_mempool(text: &str) -> Result<PoolSpec, Error> {
         n: num("objects", n)?,
         elt_size: elt.map_or(Ok(2048), |e| num("bytes", e))?,
         cache_size: cache.map_or(Ok(0), |c| num("cached objects", c))?,
+        stats,
     })
 }
 
@@ -309,7 +324,7 @@ impl Request {
                                 "--memzone" => "NAME=SIZE[@NODE], e.g. --memzone rx=64K".into(),
                                 "--ring" => "NAME=COUNT, e.g. --ring rx=1024".into(),
                                 "--mempool" => {
-                                    "NAME=N[xELT][/CACHE], e.g. --mempool pkts=4095x2048/256".into()
+                                    "NAME=N[xELT][/CACHE][+stats], e.g. --mempool pkts=4095x2048/256".into()
                                 }
                                 _ => "seconds, e.g. --hold 30".into(),
                             },
@@ -853,8 +868,9 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
         memplane_mempool::register_thread(&mem).map_err(|e| mempool_err("", e))?;
     }
     for spec in &req.mempools {
-        let cfg =
-            memplane_mempool::MempoolConfig::new(spec.n, spec.elt_size).cache_size(spec.cache_size);
+        let cfg = memplane_mempool::MempoolConfig::new(spec.n, spec.elt_size)
+            .cache_size(spec.cache_size)
+            .stats(spec.stats);
         let pool = memplane_mempool::Mempool::create(&mem, &spec.name, &cfg)
             .map_err(|e| mempool_err(&spec.name, e))?;
         // Cycle a cache's worth through this thread's cache: it keeps
@@ -1076,13 +1092,15 @@ mod tests {
                     name: "p".into(),
                     n: 100,
                     elt_size: 2048,
-                    cache_size: 0
+                    cache_size: 0,
+                    stats: false
                 },
                 PoolSpec {
                     name: "q".into(),
                     n: 4095,
                     elt_size: 64,
-                    cache_size: 256
+                    cache_size: 256,
+                    stats: false
                 }
             ]
         );
@@ -1110,10 +1128,22 @@ mod tests {
                 name: "rx".into(),
                 n: 511,
                 elt_size: 100,
-                cache_size: 0
+                cache_size: 0,
+                stats: false
+            }
+        );
+        assert_eq!(
+            parse_mempool("pkts=4095/256+stats").unwrap(),
+            PoolSpec {
+                name: "pkts".into(),
+                n: 4095,
+                elt_size: 2048,
+                cache_size: 256,
+                stats: true
             }
         );
         for (spec, why) in [
+            ("rx=10/8+leak", "'+leak' is not a pool option"),
             ("rx", "no '='"),
             ("rx=many", "'many' is not a number of objects"),
             ("rx=10x", "'' is not a number of bytes"),

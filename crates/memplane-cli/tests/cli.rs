@@ -879,6 +879,8 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
             "q=1024",
             "--mempool",
             "pkts=1000x100/32",
+            "--mempool",
+            "st=600x64/16+stats",
             "--file-prefix",
             &prefix,
             "--runtime-dir",
@@ -912,7 +914,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
         let (out, err) = text(&o);
         assert!(o.status.success(), "{out}{err}");
         v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        if v["mempools"].as_array().is_some_and(|r| !r.is_empty()) {
+        if v["mempools"].as_array().is_some_and(|r| r.len() == 2) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -923,12 +925,12 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     let zones = v["memzones"]["zones"].as_array().unwrap();
     let names: Vec<&str> = zones.iter().map(|z| z["name"].as_str().unwrap()).collect();
     assert_eq!(names[..2], ["rx", "RG_q"], "{v}");
-    for z in ["MP_pkts", "MP_pkts_0", "RG_MP_pkts"] {
+    for z in ["MP_pkts", "MP_pkts_0", "RG_MP_pkts", "MC_st"] {
         assert!(names.contains(&z), "{z} in {names:?}");
     }
     // The mempool: sizes, counts, the primary's lcore cache.
     let pools = v["mempools"].as_array().unwrap();
-    assert_eq!(pools.len(), 1, "{v}");
+    assert_eq!(pools.len(), 2, "{v}");
     let p = &pools[0];
     assert_eq!(p["name"], "pkts");
     assert_eq!(p["handler"], "ring_mp_mc");
@@ -943,6 +945,31 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     assert_eq!(p["common_pool_count"], 1000 - 32);
     let obj = p["obj_size"]["total_size"].as_u64().unwrap();
     assert!(p["memory_bytes"].as_u64().unwrap() >= 1000 * obj, "{p}");
+    assert!(p.get("stats").is_none(), "statistics off: none shown: {p}");
+    // The pool with statistics on: the primary's get of 16 (a refill of
+    // 16 + 16 from the backend) and put of 16 (a flush of 16), counted in
+    // its lcore's row.
+    let st = &pools[1];
+    assert_eq!(st["name"], "st");
+    assert_eq!(st["stats"]["enabled"], true, "{st}");
+    let totals = &st["stats"]["totals"];
+    for (k, want) in [
+        ("put_bulk", 1),
+        ("put_objs", 16),
+        ("put_common_pool_bulk", 1),
+        ("put_common_pool_objs", 16),
+        ("get_common_pool_bulk", 1),
+        ("get_common_pool_objs", 32),
+        ("get_success_bulk", 1),
+        ("get_success_objs", 16),
+        ("get_fail_bulk", 0),
+        ("get_fail_objs", 0),
+    ] {
+        assert_eq!(totals[k], want, "{k}: {st}");
+    }
+    let rows = st["stats"]["lcores"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{st}");
+    assert_eq!(rows[0]["lcore"], caches[0][0], "the primary's lcore: {st}");
     let rings = v["rings"].as_array().unwrap();
     assert_eq!(rings[0]["name"], "q");
     assert_eq!(rings[0]["capacity"], 1024);
@@ -957,7 +984,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     let o = memplane(&["info", "--file-prefix", &prefix, "--runtime-dir", &rd]);
     let (out, _) = text(&o);
     assert!(
-        out.contains("memzones: 6 of 2560") && out.contains("rings:"),
+        out.contains("memzones: 10 of 2560") && out.contains("rings:"),
         "{out}"
     );
     let line = out
@@ -968,6 +995,25 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     for field in ["ring_mp_mc", "1000", "100", "32", ":32"] {
         assert!(line.contains(field), "{field} in {line}");
     }
+    // The statistics table: the lcore's row and the total, DPDK's order
+    // (puts, put objs, cp puts, cp put objs, cp gets, cp get objs, gets,
+    // get objs, failed gets, failed objs).
+    let stats: Vec<Vec<&str>> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("mempool statistics"))
+        .filter(|l| l.trim_start().starts_with("st "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(stats.len(), 2, "{out}");
+    let counts = ["1", "16", "1", "16", "1", "32", "1", "16", "0", "0"];
+    assert_eq!(stats[0][2..], counts, "{out}");
+    assert_eq!(stats[1][1..], [&["all"][..], &counts[..]].concat(), "{out}");
+    assert!(
+        !out.lines()
+            .skip_while(|l| !l.starts_with("mempool statistics"))
+            .any(|l| l.trim_start().starts_with("pkts ")),
+        "no statistics row for pkts: {out}"
+    );
     // End the hold early with Ctrl-C: the primary tears down cleanly.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(primary.id() as i32).unwrap(),

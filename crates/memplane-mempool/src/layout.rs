@@ -6,6 +6,10 @@
 //!   private area (rounded up to 64).
 //! - Object zones `MP_<name>_<k>`: objects back to back, each
 //!   `[ObjHeader padded to header_size][element][trailer padding]`.
+//! - Side tables, created when their switch is first turned on and freed
+//!   with the pool: leak tracking `MT_<name>` ([`crate::leak`]),
+//!   statistics `MC_<name>` ([`crate::stats`]); their addresses are in
+//!   the header.
 //!
 //! Everything stored is an absolute virtual address (the same in every
 //! process of an instance) or a plain number; nothing process-local.
@@ -20,8 +24,9 @@ pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MPLPOOL1");
 /// placed yet; lookups are refused until it is fully populated.
 pub const POOL_MAGIC_BUILDING: u64 = u64::from_le_bytes(*b"MPLPOOL0");
 /// Layout version of the header (2: chunk ownership masks; 3: leak
-/// tracking fields).
-pub const LAYOUT_VERSION: u32 = 4;
+/// tracking fields; 4: cache slot gates; 5: the switch word holds leak
+/// tracking and statistics, and the statistics table's address).
+pub const LAYOUT_VERSION: u32 = 5;
 /// Longest pool name (DPDK's `RTE_MEMPOOL_NAMESIZE - 1`): `MP_<name>`
 /// must leave room for a chunk suffix and the ring's `RG_` prefix.
 pub const NAME_MAX: usize = 25;
@@ -315,19 +320,32 @@ pub struct PoolHeader {
     pub local_chunks: u64,
     /// Object chunks in population order.
     pub chunks: [ChunkDesc; MAX_CHUNKS],
-    /// Leak tracking on (1) or off (0); mirrored in every [`CacheSlot`]
-    /// so the cached fast path reads it from a line it touches anyway.
-    /// (In the header's tail padding: old headers read 0, off.)
-    pub leak_on: AtomicU32,
+    /// The run-time switches, one bit each: [`SLOW_LEAK`] (leak
+    /// tracking) and [`SLOW_STATS`] (statistics). Not 0: every get and put
+    /// takes the general path, which records and counts. Mirrored in every
+    /// [`CacheSlot`] (so the cached general path reads it from a line it
+    /// touches anyway) and folded into the slots' gates and
+    /// [`user_key`](Self::user_key); the uncached fast path tests the
+    /// word itself (one load, one compare for both switches).
+    pub slow: AtomicU32,
     /// Address of the leak tracking table (zone `MT_<name>`), 0 until
     /// tracking is first switched on.
     pub leak_table: AtomicU64,
     /// What a user-owned cache bound to this pool must hold as its pool
-    /// key for its hot path: the header's address while leak tracking is
-    /// off, the address + 1 while it is on. One compare then checks the
-    /// binding and the switch; the general path binds by the address.
+    /// key for its hot path: the header's address while [`slow`](Self::slow)
+    /// is 0, the address + 1 while either switch is on. One compare then
+    /// checks the binding and both switches; the general path binds by
+    /// the address.
     pub user_key: AtomicU64,
+    /// Address of the statistics table (zone `MC_<name>`), 0 until
+    /// statistics are first switched on.
+    pub stats_table: AtomicU64,
 }
+
+/// [`PoolHeader::slow`] bit: leak tracking is on.
+pub const SLOW_LEAK: u32 = 1;
+/// [`PoolHeader::slow`] bit: statistics are on.
+pub const SLOW_STATS: u32 = 2;
 
 /// The head of one per-lcore cache; `cache_cap` object slots follow it.
 #[repr(C, align(64))]
@@ -335,21 +353,22 @@ pub struct CacheSlot {
     /// Objects in the cache. Written only by the thread owning the lcore
     /// id; read by anyone (counts).
     pub len: AtomicU32,
-    /// Copy of [`PoolHeader::leak_on`], in the line `len` is in.
-    pub leak_on: AtomicU32,
+    /// Copy of [`PoolHeader::slow`], in the line `len` is in.
+    pub slow: AtomicU32,
     /// The hot put's bound: it takes `n` objects while `len + n <=
-    /// put_limit`. The flush threshold while leak tracking is off, 0 while
-    /// it is on, so the hot path needs no separate check of the switch
-    /// (one compare instead of a compare, a load and a branch).
+    /// put_limit`. The flush threshold while both switches (leak tracking,
+    /// statistics) are off, 0 while either is on, so the hot path needs
+    /// no separate check of the switches (one compare instead of a
+    /// compare, a load and a branch).
     pub put_limit: AtomicU32,
     /// The hot get's floor: it serves `n` objects while `n + get_floor <=
-    /// len`. 0 while leak tracking is off, [`GET_FLOOR_TRACKING`] while
-    /// it is on (no cache holds that many).
+    /// len`. 0 while both switches are off, [`GET_FLOOR_CLOSED`] while
+    /// either is on (no cache holds that many).
     pub get_floor: AtomicU32,
 }
 
-/// [`CacheSlot::get_floor`] while leak tracking is on.
-pub const GET_FLOOR_TRACKING: u32 = 1 << 30;
+/// [`CacheSlot::get_floor`] while leak tracking or statistics are on.
+pub const GET_FLOOR_CLOSED: u32 = 1 << 30;
 
 /// Geometry of the header zone.
 #[derive(Debug, Clone, Copy)]
@@ -406,7 +425,8 @@ const _: () = {
     assert!(std::mem::size_of::<ObjHeader>() == 24);
     assert!(std::mem::size_of::<ChunkDesc>() == 32);
     assert!(std::mem::size_of::<CacheSlot>() == 64);
-    // Chunk ownership masks and the leak tracking fields: one more line.
+    // Chunk ownership masks, the switch word and the two table
+    // addresses: one more line than the chunk list needs.
     assert!(std::mem::size_of::<PoolHeader>() == 2304);
 };
 

@@ -39,10 +39,19 @@
 //!   `dyn Backend`; user handlers still go through the trait.
 //! - Leak tracking ([`leak`]), switchable at run time per pool and seen by
 //!   every process: [`Mempool::set_leak_tracking`],
-//!   [`Mempool::outstanding`], [`Mempool::leak_report`]. Off, it costs one
-//!   well-predicted branch on a flag in the lcore cache's own line (the
-//!   header's tail for uncached and user-cache paths).
-//!   Per-lcore caches follow DPDK's policy up to 26.03 (size <= 512 and
+//!   [`Mempool::outstanding`], [`Mempool::leak_report`].
+//! - Statistics ([`stats`]: DPDK's `RTE_LIBRTE_MEMPOOL_STATS` counters,
+//!   per lcore), switchable at run time per pool and seen by every
+//!   process: [`Mempool::set_stats`] (or [`MempoolConfig::stats`]),
+//!   [`Mempool::stats`], [`Mempool::reset_stats`]; in
+//!   [`Mempool::dump`] while on.
+//! - Both switches are off by default and cost nothing then: they share
+//!   one header word, and while either is on the lcore caches' gates
+//!   (a put limit and a get floor next to the cache length, compared
+//!   anyway) and the user-owned caches' key (the pool's address, + 1)
+//!   send every call to the general path, which records and counts; the
+//!   uncached fast path tests the word itself (one load and compare).
+//! - Per-lcore caches follow DPDK's policy up to 26.03 (size <= 512 and
 //!   <= n / 1.5, flush threshold 1.5 x size), for threads with an lcore
 //!   id ([`register_thread`]); [`MempoolCache`] is a user-owned cache.
 //! - [`TypedMempool`] hands out [`PoolBox`]es that go back on drop.
@@ -100,6 +109,8 @@ pub mod lf_stack;
 #[cfg(not(loom))]
 mod pool;
 #[cfg(not(loom))]
+pub mod stats;
+#[cfg(not(loom))]
 mod typed;
 
 #[cfg(not(loom))]
@@ -122,5 +133,7 @@ pub use pool::{
     mempool_names, mempools, AuditReport, ChunkInfo, LcoreCache, Mempool, MempoolCache,
     MempoolConfig, MempoolInfo, POOL_ZONE_PREFIX,
 };
+#[cfg(not(loom))]
+pub use stats::{LcoreStats, MempoolStats, StatsCounters, STATS_ZONE_PREFIX};
 #[cfg(not(loom))]
 pub use typed::{PoolBox, TypedMempool};

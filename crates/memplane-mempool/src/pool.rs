@@ -23,13 +23,17 @@ use crate::handler::{
 use crate::layout::{
     calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
     ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
-    GET_FLOOR_TRACKING, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS,
-    MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING,
+    GET_FLOOR_CLOSED, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS,
+    MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING, SLOW_LEAK, SLOW_STATS,
 };
 use crate::lcore::RegistryRef;
 use crate::leak::{
     caller_tag, ids, table_bytes, LeakHead, LeakReport, Outstanding, Owner, OwnerRecord, LEAK_HEAD,
     LEAK_MAGIC, LEAK_ZONE_PREFIX,
+};
+use crate::stats::{
+    Delta, MempoolStats, StatsHead, StatsRow, ROWS, ROWS_OFF, SHARED_ROW, STATS_MAGIC,
+    STATS_ZONE_PREFIX, TABLE_BYTES,
 };
 use crate::{MempoolError, NodeFree};
 use memplane_ring::{Ring, ZoneRegion};
@@ -91,6 +95,8 @@ pub struct MempoolConfig {
     pub handler: Option<String>,
     /// Start with leak tracking on ([`Mempool::set_leak_tracking`]).
     pub leak_tracking: bool,
+    /// Start with statistics on ([`Mempool::set_stats`]).
+    pub stats: bool,
 }
 
 impl MempoolConfig {
@@ -106,7 +112,15 @@ impl MempoolConfig {
             flags: MempoolFlags::NONE,
             handler: None,
             leak_tracking: false,
+            stats: false,
         }
+    }
+    /// Starts the pool with statistics on (or off): counted from the
+    /// first get or put (population is not counted).
+    #[must_use]
+    pub fn stats(mut self, on: bool) -> Self {
+        self.stats = on;
+        self
     }
     /// Starts the pool with leak tracking on (or off).
     #[must_use]
@@ -200,6 +214,11 @@ pub struct MempoolInfo {
     pub in_use: u32,
     /// Object zones.
     pub chunks: Vec<ChunkInfo>,
+    /// Whether leak tracking is on.
+    pub leak_tracking: bool,
+    /// The statistics, while they are on ([`Mempool::set_stats`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<MempoolStats>,
 }
 
 /// What [`Mempool::audit`] found.
@@ -482,14 +501,13 @@ impl<'m> Mempool<'m> {
         };
         h.magic.store(POOL_MAGIC_BUILDING, Ordering::Release);
         let pool = Self::from_parts(mem, zone, hdr, backend, reg, hname);
-        // Tracking starts off: user-owned caches' hot paths open.
-        pool.header()
-            .user_key
-            .store(pool.addr() as u64, Ordering::Release);
-        if pool.cache_size != 0 {
-            // Tracking starts off: open every cache's hot paths.
-            for id in 0..MAX_LCORES as u32 {
-                pool.set_gates(id, false);
+        // Both switches start off: open every cache's hot paths and the
+        // user-owned caches' key.
+        pool.sync_switches();
+        if cfg.stats {
+            if let Err(e) = pool.set_stats(true) {
+                let _ = pool.free_forced();
+                return Err(e);
             }
         }
         Ok(pool)
@@ -1189,14 +1207,15 @@ impl<'m> Mempool<'m> {
     }
 
     /// Get from a pool without caches: the handle-less ring call when the
-    /// handler is a built-in `Multi` ring and leak tracking is off (all
-    /// DPDK's `rte_mempool_get_bulk` does here), else the general path.
-    /// Small and out of line: the ring call is not weighed down by the
-    /// general path's registers and error plumbing.
+    /// handler is a built-in `Multi` ring and both run-time switches (leak
+    /// tracking, statistics) are off: one load and compare of the
+    /// header's switch word (all DPDK's `rte_mempool_get_bulk` does here);
+    /// else the general path. Small and out of line: the ring call is not
+    /// weighed down by the general path's registers and error plumbing.
     #[inline(never)]
     fn get_uncached(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
         if let Some(r) = &self.ring {
-            if self.header().leak_on.load(Ordering::Relaxed) == 0
+            if self.header().slow.load(Ordering::Relaxed) == 0
                 && r.dequeue_bulk_multi(as_words_mut(out))
             {
                 return Ok(());
@@ -1207,22 +1226,23 @@ impl<'m> Mempool<'m> {
 
     #[inline(never)]
     fn get_uncached_general(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
-        self.b_dequeue(out)?;
-        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
-            self.record_get(out, None, None);
+        let r = self.b_dequeue(out);
+        if self.header().slow.load(Ordering::Relaxed) != 0 {
+            let taken = r.is_ok().then_some(out.len() as u32);
+            self.note_get(out, taken, None, None);
         }
-        Ok(())
+        r
     }
 
     /// Put into a pool without caches: the handle-less ring call when the
     /// objects are surely ours, the handler is a built-in `Multi` ring and
-    /// leak tracking is off; else the general path (the exact checks and
+    /// both switches are off; else the general path (the exact checks and
     /// their errors).
     #[inline(never)]
     fn put_uncached(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         if let Some(r) = &self.ring {
             if self.surely_ours(objs)
-                && self.header().leak_on.load(Ordering::Relaxed) == 0
+                && self.header().slow.load(Ordering::Relaxed) == 0
                 && r.enqueue_bulk_multi(as_words(objs))
             {
                 return Ok(());
@@ -1234,8 +1254,8 @@ impl<'m> Mempool<'m> {
     #[inline(never)]
     fn put_uncached_general(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
         self.check_put(objs)?;
-        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
-            self.record_put(objs);
+        if self.header().slow.load(Ordering::Relaxed) != 0 {
+            return self.put_noted(None, objs);
         }
         self.b_enqueue(objs)
     }
@@ -1331,19 +1351,69 @@ impl<'m> Mempool<'m> {
                 let mut len = slot.len.load(Ordering::Relaxed);
                 let r = self.cache_get(objs, &mut len, self.cache_size, out);
                 slot.len.store(len, Ordering::Relaxed);
-                // The switch sits in the line `len` is in.
-                if slot.leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
-                    self.record_get(out, tag, Some(id));
+                // The switches sit in the line `len` is in.
+                if slot.slow.load(Ordering::Relaxed) != 0 {
+                    self.note_get(out, r.as_ref().ok().copied(), tag, Some(id));
                 }
-                return r;
+                return r.map(drop);
             }
         }
-        self.b_dequeue(out)?;
-        self.mark_out(out);
-        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
-            self.record_get(out, tag, None);
+        let r = self.b_dequeue(out);
+        if r.is_ok() {
+            self.mark_out(out);
         }
-        Ok(())
+        if self.header().slow.load(Ordering::Relaxed) != 0 {
+            let taken = r.is_ok().then_some(out.len() as u32);
+            self.note_get(out, taken, tag, None);
+        }
+        r
+    }
+
+    /// A get's bookkeeping while a switch is on: records the owners
+    /// (leak tracking; after a successful get) and counts (statistics).
+    /// `taken`: `None` when the get failed, else the objects it took from
+    /// the backend (0: none); `lcore` is the calling thread's lcore id
+    /// when known (else looked up).
+    #[cold]
+    #[inline(never)]
+    fn note_get(&self, out: &[*mut u8], taken: Option<u32>, tag: Option<u64>, lcore: Option<u32>) {
+        let slow = self.header().slow.load(Ordering::Relaxed);
+        if slow & SLOW_LEAK != 0 && taken.is_some() {
+            self.record_get(out, tag, lcore);
+        }
+        if slow & SLOW_STATS != 0 && !out.is_empty() {
+            let d = Delta::get(out.len(), taken.is_some(), taken.unwrap_or(0));
+            self.count(lcore, &d);
+        }
+    }
+
+    /// A put of checked objects while a switch is on: clears the owner
+    /// records (leak tracking) before the objects go back, counts
+    /// (statistics) after. `cached`: the calling thread's lcore id when
+    /// the objects go through its cache; else to the backend.
+    #[cold]
+    #[inline(never)]
+    fn put_noted(&self, cached: Option<u32>, objs: &[*mut u8]) -> Result<(), MempoolError> {
+        let slow = self.header().slow.load(Ordering::Relaxed);
+        if slow & SLOW_LEAK != 0 {
+            self.record_put(objs);
+        }
+        let r = match cached {
+            Some(id) => {
+                let (slot, cobjs) = self.slot(id);
+                let mut len = slot.len.load(Ordering::Relaxed);
+                let r = self.cache_put(cobjs, &mut len, self.cache_size, objs);
+                slot.len.store(len, Ordering::Relaxed);
+                r
+            }
+            None => self.b_enqueue(objs).map(|()| objs.len() as u32),
+        };
+        if slow & SLOW_STATS != 0 && !objs.is_empty() {
+            if let Ok(backend) = r {
+                self.count(cached, &Delta::put(objs.len(), backend));
+            }
+        }
+        r.map(drop)
     }
 
     /// One object.
@@ -1408,17 +1478,18 @@ impl<'m> Mempool<'m> {
         if self.cache_size != 0 {
             if let Some(id) = self.reg.current() {
                 let (slot, cobjs) = self.slot(id);
-                if slot.leak_on.load(Ordering::Relaxed) != 0 {
-                    self.record_put(objs);
+                // The switches sit in the line `len` is in.
+                if slot.slow.load(Ordering::Relaxed) != 0 {
+                    return self.put_noted(Some(id), objs);
                 }
                 let mut len = slot.len.load(Ordering::Relaxed);
                 let r = self.cache_put(cobjs, &mut len, self.cache_size, objs);
                 slot.len.store(len, Ordering::Relaxed);
-                return r;
+                return r.map(drop);
             }
         }
-        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
-            self.record_put(objs);
+        if self.header().slow.load(Ordering::Relaxed) != 0 {
+            return self.put_noted(None, objs);
         }
         self.b_enqueue(objs)
     }
@@ -1431,7 +1502,8 @@ impl<'m> Mempool<'m> {
 
     /// Cache get: pop from the cache; when short, refill to `size + n -
     /// len` from the backend first; requests above `2 x size` go to the
-    /// backend directly.
+    /// backend directly. Returns the objects taken from the backend (0:
+    /// none), for statistics.
     #[inline(always)]
     fn cache_get(
         &self,
@@ -1439,13 +1511,14 @@ impl<'m> Mempool<'m> {
         len: &mut u32,
         size: u32,
         out: &mut [*mut u8],
-    ) -> Result<(), MempoolError> {
+    ) -> Result<u32, MempoolError> {
         let n = out.len() as u32;
+        let mut backend = 0;
         if n > *len {
             if n > 2 * size {
                 self.b_dequeue(out)?;
                 self.mark_out(out);
-                return Ok(());
+                return Ok(n);
             }
             let need = n - *len;
             // SAFETY: len + size + need = size + n <= 3 x size = capacity.
@@ -1454,6 +1527,7 @@ impl<'m> Mempool<'m> {
             };
             if self.b_dequeue(fill).is_ok() {
                 *len += size + need;
+                backend = size + need;
             } else {
                 self.backend
                     .dequeue(&mut fill[..need as usize])
@@ -1462,18 +1536,20 @@ impl<'m> Mempool<'m> {
                         available: *len + self.backend.count(),
                     })?;
                 *len += need;
+                backend = need;
             }
         }
         *len -= n;
         // SAFETY: [len, len + n) are cached objects.
         unsafe { copy_ptrs(objs.add(*len as usize), out.as_mut_ptr(), n as usize) };
         self.mark_out(out);
-        Ok(())
+        Ok(backend)
     }
 
     /// Cache put: push; a cache over the flush threshold (1.5 x size) is
     /// flushed down to `size`; bulks above the threshold go to the backend
-    /// directly.
+    /// directly. Returns the objects put into the backend (0: none), for
+    /// statistics.
     #[inline(always)]
     fn cache_put(
         &self,
@@ -1481,11 +1557,11 @@ impl<'m> Mempool<'m> {
         len: &mut u32,
         size: u32,
         items: &[*mut u8],
-    ) -> Result<(), MempoolError> {
+    ) -> Result<u32, MempoolError> {
         let n = items.len() as u32;
         let thresh = size * 3 / 2;
         if n > thresh {
-            return self.b_enqueue(items);
+            return self.b_enqueue(items).map(|()| n);
         }
         // SAFETY: len <= thresh and n <= thresh, so len + n <= 3 x size.
         unsafe { copy_ptrs(items.as_ptr(), objs.add(*len as usize), n as usize) };
@@ -1497,8 +1573,9 @@ impl<'m> Mempool<'m> {
             };
             self.b_enqueue(extra)?;
             *len = size;
+            return Ok(extra.len() as u32);
         }
-        Ok(())
+        Ok(0)
     }
 
     /// Puts the calling thread's cached objects back into the backend
@@ -1517,7 +1594,17 @@ impl<'m> Mempool<'m> {
             // SAFETY: [0, len) are cached objects, ours (our lcore id).
             .b_enqueue(unsafe { std::slice::from_raw_parts(objs, len as usize) })?;
         slot.len.store(0, Ordering::Relaxed);
+        self.count_flush(Some(id), len);
         Ok(())
+    }
+
+    /// Counts a flush of `len` objects into the backend (statistics on,
+    /// `len` not 0).
+    #[inline]
+    fn count_flush(&self, lcore: Option<u32>, len: u32) {
+        if len != 0 && self.header().slow.load(Ordering::Relaxed) & SLOW_STATS != 0 {
+            self.count(lcore, &Delta::default().backend_put(len));
+        }
     }
 
     /// Objects in the calling thread's cache.
@@ -1625,10 +1712,10 @@ impl<'m> Mempool<'m> {
         }
         let mut len = len;
         let r = self.cache_get(cobjs, &mut len, size, out);
-        if self.header().leak_on.load(Ordering::Relaxed) != 0 && r.is_ok() {
-            self.record_get(out, None, self.reg.current());
+        if self.header().slow.load(Ordering::Relaxed) != 0 {
+            self.note_get(out, r.as_ref().ok().copied(), None, self.reg.current());
         }
-        (r, self.addr(), len)
+        (r.map(drop), self.addr(), len)
     }
 
     /// Returns objects through a user-owned cache.
@@ -1684,12 +1771,18 @@ impl<'m> Mempool<'m> {
         if let Err(e) = self.check_put(objs) {
             return (Err(e), self.addr(), len);
         }
-        if self.header().leak_on.load(Ordering::Relaxed) != 0 {
+        let slow = self.header().slow.load(Ordering::Relaxed);
+        if slow & SLOW_LEAK != 0 {
             self.record_put(objs);
         }
         let mut len = len;
         let r = self.cache_put(cobjs, &mut len, size, objs);
-        (r, self.addr(), len)
+        if slow & SLOW_STATS != 0 && !objs.is_empty() {
+            if let Ok(backend) = r {
+                self.count(None, &Delta::put(objs.len(), backend));
+            }
+        }
+        (r.map(drop), self.addr(), len)
     }
 
     /// A user cache bound to pool `bound` (0: none yet) may be used with
@@ -1729,10 +1822,14 @@ impl<'m> Mempool<'m> {
             avail,
             in_use: h.populated.saturating_sub(avail),
             chunks: self.chunks(),
+            leak_tracking: self.leak_tracking(),
+            stats: self.stats_enabled().then(|| self.stats()),
         }
     }
 
-    /// Writes a human-readable dump (DPDK's `rte_mempool_dump`).
+    /// Writes a human-readable dump (DPDK's `rte_mempool_dump`): with the
+    /// statistics (totals as DPDK prints them, then one line per lcore)
+    /// while they are on.
     pub fn dump(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         let i = self.info();
         let mut s = String::new();
@@ -1767,10 +1864,16 @@ impl<'m> Mempool<'m> {
         }
         let _ = writeln!(s, "  common_pool_count={}", i.common_pool_count);
         let _ = writeln!(s, "  avail={} in_use={}", i.avail, i.in_use);
+        match &i.stats {
+            Some(st) => {
+                let _ = write!(s, "{st}");
+            }
+            None => s.push_str("  stats: off\n"),
+        }
         out.write_all(s.as_bytes())
     }
 
-    /// The dump as JSON.
+    /// The dump as JSON ([`MempoolInfo`]; `stats` while they are on).
     pub fn dump_json(&self) -> serde_json::Value {
         serde_json::to_value(self.info()).unwrap_or(serde_json::Value::Null)
     }
@@ -1897,6 +2000,7 @@ impl<'m> Mempool<'m> {
         // The leak table, only if this pool published it (a zone of that
         // name that is not ours stays).
         let leak_table = h.leak_table.load(Ordering::Acquire) as usize;
+        let stats_table = h.stats_table.load(Ordering::Acquire) as usize;
         let mut this = std::mem::ManuallyDrop::new(self);
         this.reg.release();
         // SAFETY: each field is moved out exactly once and `this` is never
@@ -1918,12 +2022,19 @@ impl<'m> Mempool<'m> {
             std::ptr::drop_in_place(&raw mut this.ring);
         }
         let mut first_err = backend.destroy().err();
-        if let Some(z) = mem
-            .memzone_lookup(&format!("{LEAK_ZONE_PREFIX}{name}"))
-            .filter(|z| leak_table != 0 && z.as_ptr() as usize == leak_table)
-        {
-            if let Err(e) = z.free() {
-                first_err.get_or_insert(e.into());
+        // The side tables, only those this pool published (a zone of that
+        // name that is not ours stays).
+        for (prefix, table) in [
+            (LEAK_ZONE_PREFIX, leak_table),
+            (STATS_ZONE_PREFIX, stats_table),
+        ] {
+            if let Some(z) = mem
+                .memzone_lookup(&format!("{prefix}{name}"))
+                .filter(|z| table != 0 && z.as_ptr() as usize == table)
+            {
+                if let Err(e) = z.free() {
+                    first_err.get_or_insert(e.into());
+                }
             }
         }
         for k in (0..nb).filter(|k| zones & (1 << k) != 0) {
@@ -1962,7 +2073,7 @@ impl Mempool<'_> {
                 name: self.name.clone(),
             });
         }
-        if on && h.leak_on.load(Ordering::Acquire) == 0 {
+        if on && h.slow.load(Ordering::Acquire) & SLOW_LEAK == 0 {
             let head = self.leak_table_create()?;
             // SAFETY: the table holds `n` records after its head.
             let recs = unsafe { self.leak_records(head) };
@@ -1970,36 +2081,64 @@ impl Mempool<'_> {
                 r.seq.store(0, Ordering::Relaxed);
             }
         }
-        let v = u32::from(on);
-        h.leak_on.store(v, Ordering::Release);
-        h.user_key
-            .store(self.addr() as u64 + u64::from(on), Ordering::Release);
-        if self.cache_size != 0 {
-            for id in 0..MAX_LCORES as u32 {
-                self.slot(id).0.leak_on.store(v, Ordering::Release);
-                self.set_gates(id, on);
-            }
-        }
+        self.set_switch(SLOW_LEAK, on);
         tracing::debug!(pool = self.name, on, "leak tracking switched");
         Ok(())
     }
 
     /// Whether leak tracking is on.
     pub fn leak_tracking(&self) -> bool {
-        self.header().leak_on.load(Ordering::Acquire) != 0
+        self.header().slow.load(Ordering::Acquire) & SLOW_LEAK != 0
     }
 
-    /// Opens (tracking off) or closes (on) lcore cache `id`'s hot paths:
-    /// closed, every get and put takes the general path, which records.
-    fn set_gates(&self, id: u32, tracking: bool) {
-        let slot = self.slot(id).0;
-        let (limit, floor) = if tracking {
-            (0, GET_FLOOR_TRACKING)
+    /// Sets (`on`) or clears switch `bit` of the header's switch word and
+    /// brings its copies in line ([`sync_switches`](Self::sync_switches)).
+    fn set_switch(&self, bit: u32, on: bool) {
+        let h = self.header();
+        if on {
+            h.slow.fetch_or(bit, Ordering::SeqCst);
         } else {
-            (self.flush_thresh, 0)
-        };
-        slot.put_limit.store(limit, Ordering::Release);
-        slot.get_floor.store(floor, Ordering::Release);
+            h.slow.fetch_and(!bit, Ordering::SeqCst);
+        }
+        self.sync_switches();
+    }
+
+    /// Brings the copies of the header's switch word in line with it:
+    /// each lcore cache's mirror and gates (closed while either switch is
+    /// on, so every get and put takes the general path, which records and
+    /// counts; open while both are off) and the user-owned caches' key
+    /// (the pool's address, + 1 while either switch is on). Switching one
+    /// switch off thus leaves the hot paths closed while the other is on.
+    ///
+    /// Repeats until the word did not change meanwhile: when two threads
+    /// or processes switch at once, the copies written last match the
+    /// final word (every access here is `SeqCst`, so a switcher that read
+    /// the word unchanged after writing wrote its copies before any later
+    /// switcher wrote its own).
+    fn sync_switches(&self) {
+        let h = self.header();
+        loop {
+            let word = h.slow.load(Ordering::SeqCst);
+            let closed = word != 0;
+            h.user_key
+                .store(self.addr() as u64 + u64::from(closed), Ordering::SeqCst);
+            if self.cache_size != 0 {
+                let (limit, floor) = if closed {
+                    (0, GET_FLOOR_CLOSED)
+                } else {
+                    (self.flush_thresh, 0)
+                };
+                for id in 0..MAX_LCORES as u32 {
+                    let slot = self.slot(id).0;
+                    slot.slow.store(word, Ordering::SeqCst);
+                    slot.put_limit.store(limit, Ordering::SeqCst);
+                    slot.get_floor.store(floor, Ordering::SeqCst);
+                }
+            }
+            if h.slow.load(Ordering::SeqCst) == word {
+                break;
+            }
+        }
     }
 
     /// The owner table, created (or found, when another process created
@@ -2206,6 +2345,158 @@ impl Mempool<'_> {
             &out,
         ))
     }
+}
+
+/// Statistics (see [`crate::stats`]).
+impl Mempool<'_> {
+    /// Switches statistics on or off for every handle of the pool, in
+    /// every process (DPDK's `RTE_LIBRTE_MEMPOOL_STATS`, at run time). On:
+    /// creates the counter table (zone `MC_<name>`) the first time; while
+    /// on, every get and put takes the general path and counts there
+    /// (the cost leak tracking has). Off: counting stops; the counters
+    /// stay readable and go on from there when switched on again
+    /// ([`reset_stats`](Self::reset_stats) zeroes them). Off costs nothing
+    /// on the hot paths.
+    pub fn set_stats(&self, on: bool) -> Result<(), MempoolError> {
+        let h = self.header();
+        let magic = h.magic.load(Ordering::Acquire);
+        if magic != POOL_MAGIC && magic != POOL_MAGIC_BUILDING {
+            return Err(MempoolError::Gone {
+                name: self.name.clone(),
+            });
+        }
+        if on && h.stats_table.load(Ordering::Acquire) == 0 {
+            self.stats_table_create()?;
+        }
+        self.set_switch(SLOW_STATS, on);
+        tracing::debug!(pool = self.name, on, "statistics switched");
+        Ok(())
+    }
+
+    /// Whether statistics are on.
+    pub fn stats_enabled(&self) -> bool {
+        self.header().slow.load(Ordering::Acquire) & SLOW_STATS != 0
+    }
+
+    /// The counters: totals and one row per lcore id that has counts (and
+    /// one for threads without an lcore id). All zeros when statistics
+    /// were never switched on. Each counter is read once, without
+    /// stopping gets and puts: exact when none runs meanwhile.
+    pub fn stats(&self) -> MempoolStats {
+        MempoolStats::new(&self.name, self.stats_enabled(), self.stats_rows())
+    }
+
+    /// Zeroes every counter (DPDK 26.07's `rte_mempool_stats_reset`).
+    /// Exact when no get or put runs meanwhile: a thread counting into
+    /// its lcore's row at that moment may write back a count it read
+    /// before the reset.
+    pub fn reset_stats(&self) {
+        for r in self.stats_rows().unwrap_or(&[]) {
+            r.reset();
+        }
+    }
+
+    /// The counter table, created (or found, when another process created
+    /// it) and published in the header.
+    fn stats_table_create(&self) -> Result<(), MempoolError> {
+        let h = self.header();
+        let zname = format!("{STATS_ZONE_PREFIX}{}", self.name);
+        let corrupt = |why: String| MempoolError::Corrupt {
+            name: self.name.clone(),
+            why,
+        };
+        let (zone, fresh) = match self.mem.memzone_lookup(&zname) {
+            Some(z) => (z, false),
+            None => match self.mem.memzone_reserve_aligned(
+                &zname,
+                TABLE_BYTES,
+                h.socket,
+                MemzoneFlags::ZERO,
+                128,
+            ) {
+                Ok(z) => (z, true),
+                Err(Error::Memzone(MemzoneError::Exists { .. })) => (
+                    self.mem.memzone_lookup(&zname).ok_or_else(|| {
+                        corrupt(format!(
+                            "statistics zone {zname} vanished while being created"
+                        ))
+                    })?,
+                    false,
+                ),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if zone.len() < TABLE_BYTES || zone.as_ptr() as usize % 128 != 0 {
+            return Err(corrupt(format!(
+                "zone {zname} ({} bytes at {:#x}) is not this pool's statistics table ({TABLE_BYTES} bytes, 128-byte aligned); free it or rename the pool",
+                zone.len(),
+                zone.as_ptr() as usize
+            )));
+        }
+        // SAFETY: a zone of at least TABLE_BYTES bytes, 128-aligned
+        // (checked), zeroed when created; head and rows are atomics.
+        let head = unsafe { &*zone.as_ptr().cast::<StatsHead>() };
+        let rows = head.rows.load(Ordering::Relaxed);
+        if head.magic.load(Ordering::Acquire) != STATS_MAGIC {
+            if rows != 0 && rows as usize != ROWS {
+                return Err(corrupt(format!(
+                    "zone {zname} holds a statistics table of {rows} rows, this build uses {ROWS}"
+                )));
+            }
+            head.rows.store(ROWS as u32, Ordering::Relaxed);
+            if !fresh {
+                // SAFETY: as above; the rows follow the head.
+                for r in unsafe { rows_at(zone.as_ptr() as usize) } {
+                    r.reset();
+                }
+            }
+            head.magic.store(STATS_MAGIC, Ordering::Release);
+        } else if rows as usize != ROWS {
+            return Err(corrupt(format!(
+                "zone {zname} holds a statistics table of {rows} rows, this build uses {ROWS}"
+            )));
+        }
+        h.stats_table.store(zone.as_ptr() as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// The published counter rows, if statistics were ever switched on.
+    fn stats_rows(&self) -> Option<&[StatsRow]> {
+        let a = self.header().stats_table.load(Ordering::Acquire) as usize;
+        // SAFETY: published only after the table zone was checked and
+        // initialised; freed only with the pool.
+        (a != 0).then(|| unsafe { rows_at(a) })
+    }
+
+    /// Adds `d` to the calling thread's row: its lcore id's (`lcore`, or
+    /// looked up), a plain load and store since the thread owning the id
+    /// is the row's only writer; the shared row with atomic adds for a
+    /// thread without one. Inlined into the (out-of-line) bookkeeping
+    /// functions, where most of `d` is known at compile time.
+    #[inline(always)]
+    fn count(&self, lcore: Option<u32>, d: &Delta) {
+        let Some(rows) = self.stats_rows() else {
+            return;
+        };
+        match lcore.or_else(|| self.reg.current()) {
+            Some(id) => {
+                if let Some(r) = rows.get(id as usize) {
+                    r.add_owned(d);
+                }
+            }
+            None => rows[SHARED_ROW].add_shared(d),
+        }
+    }
+}
+
+/// The rows of the statistics table whose head is at `head`.
+///
+/// # Safety
+/// `head` is an initialised (or being initialised) table of
+/// [`TABLE_BYTES`] bytes, 128-aligned, mapped while the pool is.
+unsafe fn rows_at<'a>(head: usize) -> &'a [StatsRow] {
+    // SAFETY: the caller's contract; rows are atomics.
+    unsafe { std::slice::from_raw_parts((head + ROWS_OFF) as *const StatsRow, ROWS) }
 }
 
 impl Drop for Mempool<'_> {
@@ -2825,6 +3116,7 @@ impl MempoolCache {
     pub fn flush(&mut self, pool: &Mempool<'_>) -> Result<(), MempoolError> {
         self.bind(pool)?;
         pool.b_enqueue(&self.objs[..self.len as usize])?;
+        pool.count_flush(None, self.len);
         self.len = 0;
         Ok(())
     }
@@ -2886,6 +3178,109 @@ mod tests {
         pool.put_bulk(&objs).unwrap();
         pool.cache_flush().unwrap();
         assert!(pool.is_full());
+        pool.free().unwrap();
+    }
+
+    /// The hot paths (an lcore cache's gates, the user-owned caches' key)
+    /// are closed while either switch is on and open only when both are
+    /// off, whatever order they are switched in; each switch reads back
+    /// as set, and the header's word is what the uncached path tests.
+    #[test]
+    fn the_hot_paths_are_closed_while_either_switch_is_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("mpgates{}", std::process::id());
+        let opts = memplane::MemOptions::parse_args(&[
+            "--no-huge",
+            "-m",
+            "64",
+            "--file-prefix",
+            &prefix,
+            "--runtime-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let mem = Memory::init(&opts).unwrap();
+        let id = crate::register_thread(&mem).unwrap();
+        let pool =
+            Mempool::create(&mem, "gates", &MempoolConfig::new(300, 64).cache_size(32)).unwrap();
+        // Warm: the cache holds objects, so an open hot get would serve.
+        let mut warm = [std::ptr::null_mut(); 8];
+        pool.get_bulk(&mut warm).unwrap();
+        pool.put_bulk(&warm).unwrap();
+        let open = |pool: &Mempool<'_>| {
+            let (slot, _) = pool.slot(id);
+            let h = pool.header();
+            let lanes = [
+                slot.put_limit.load(Ordering::Relaxed) == pool.flush_thresh,
+                slot.get_floor.load(Ordering::Relaxed) == 0,
+                slot.slow.load(Ordering::Relaxed) == 0,
+                h.slow.load(Ordering::Relaxed) == 0,
+                h.user_key.load(Ordering::Relaxed) == pool.addr() as u64,
+            ];
+            // Every lane agrees, in every slot.
+            assert!(lanes.iter().all(|&l| l == lanes[0]), "{lanes:?}");
+            for other in 0..MAX_LCORES as u32 {
+                let s = pool.slot(other).0;
+                assert_eq!(
+                    s.put_limit.load(Ordering::Relaxed),
+                    slot.put_limit.load(Ordering::Relaxed)
+                );
+                assert_eq!(
+                    s.get_floor.load(Ordering::Relaxed),
+                    slot.get_floor.load(Ordering::Relaxed)
+                );
+            }
+            // And the hot get itself serves (or not) accordingly (debug
+            // builds never take it; the gates move all the same).
+            let mut one = [std::ptr::null_mut(); 1];
+            let served = pool.get_cached_fast(&mut one);
+            if served {
+                pool.put_bulk(&one).unwrap();
+            }
+            assert_eq!(served, lanes[0] && !cfg!(debug_assertions));
+            lanes[0]
+        };
+        assert!(open(&pool), "both off: open");
+        let sequences: [&[(&str, bool)]; 4] = [
+            &[("stats", true), ("stats", false)],
+            &[
+                ("leak", true),
+                ("stats", true),
+                ("stats", false),
+                ("leak", false),
+            ],
+            &[
+                ("stats", true),
+                ("leak", true),
+                ("leak", false),
+                ("stats", false),
+            ],
+            &[
+                ("leak", true),
+                ("stats", true),
+                ("leak", false),
+                ("stats", false),
+            ],
+        ];
+        for seq in sequences {
+            let (mut leak, mut stats) = (false, false);
+            for &(which, on) in seq {
+                if which == "leak" {
+                    pool.set_leak_tracking(on).unwrap();
+                    leak = on;
+                } else {
+                    pool.set_stats(on).unwrap();
+                    stats = on;
+                }
+                assert_eq!((pool.leak_tracking(), pool.stats_enabled()), (leak, stats));
+                assert_eq!(
+                    open(&pool),
+                    !leak && !stats,
+                    "after {which} {on} in {seq:?}"
+                );
+            }
+        }
+        pool.cache_flush().unwrap();
         pool.free().unwrap();
     }
 
