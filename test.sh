@@ -14,6 +14,10 @@ before_free=$(for d in /sys/kernel/mm/hugepages/hugepages-*; do echo "$d $(cat "
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings
+# rustdoc: no broken, private or redundant intra-doc links, no stray HTML.
+# (cargo's "output filename collision" warning, the CLI bin `memplane` vs
+# the lib `memplane`, is cargo's own and does not fail this.)
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 
 step "tests"
 cargo test --workspace --release 2>&1 | tee target/test-output.txt | grep -vE '^test .* \.\.\. ok$'

@@ -8,7 +8,7 @@ use std::process::Command;
 type Results = Vec<(String, f64)>;
 
 /// Parses DPDK 22.11 ring_perf_autotest output (and the mirror's, which
-/// prints the same format). Keys are "<section> | <line without value>".
+/// prints the same format). Keys are `"<section> | <line without value>"`.
 pub fn parse(out: &str) -> Results {
     let mut section = String::new();
     let mut res = Vec::new();

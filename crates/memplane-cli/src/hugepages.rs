@@ -46,7 +46,7 @@ enum Action {
     /// needed for --huge-dir and for DPDK).
     Mount {
         /// Mount point (default /dev/hugepages for the default size,
-        /// /dev/hugepages-<SIZE> for others).
+        /// /dev/hugepages-SIZE, e.g. /dev/hugepages-1G, for others).
         dir: Option<PathBuf>,
         /// Page size of the mount (default: the kernel's default size).
         #[arg(long)]

@@ -26,8 +26,8 @@ pub struct Args {
     /// Also list every mapped page (like DPDK's rte_dump_physmem_layout).
     #[arg(long)]
     pages: bool,
-    /// After init, map SIZE=COUNT[@NODE] more pages, e.g. 2M=4 or 1G=1@0
-    /// (one VA-contiguous run; repeatable).
+    /// After init, map COUNT more pages of SIZE, on NODE if given, e.g. 2M=4
+    /// or 1G=1@0 (one VA-contiguous run; repeatable).
     #[arg(long = "alloc", value_name = "SIZE=COUNT[@NODE]")]
     alloc: Vec<String>,
     /// After init, reserve a memzone NAME of SIZE bytes (suffixes K, M, G),

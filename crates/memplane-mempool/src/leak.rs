@@ -4,8 +4,8 @@
 //! While a pool's tracking is on, every object its get calls hand out
 //! records its owner in a side table, and every put clears the record:
 //! the table is the memzone `MT_<name>`, created when tracking is first
-//! switched on (by any process) and freed with the pool, one
-//! [`OwnerRecord`] per object, indexed by the object's index. The table is
+//! switched on (by any process) and freed with the pool, one 32-byte owner
+//! record per object, indexed by the object's index. The table is
 //! shared memory, so a secondary's gets are visible in the primary's
 //! report and the other way round. The object headers are unchanged.
 //!

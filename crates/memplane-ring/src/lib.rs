@@ -15,7 +15,7 @@
 //!   [`RawRegion`], or a memplane memzone ([`ZoneRegion`]: `Ring::create`
 //!   / `Ring::lookup` / `free` by name in a [`memplane::Memory`]).
 //!
-//! The layout is in [`layout`](crate::layout) (module docs).
+//! The layout is in [`layout`] (module docs).
 #![warn(missing_docs)]
 
 mod error;

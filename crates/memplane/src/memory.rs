@@ -1682,7 +1682,7 @@ impl Drop for Instance {
     }
 }
 
-/// What [`Memory::layout`] returns.
+/// What [`Instance::layout`] returns.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryLayout {
     /// File prefix.

@@ -1,7 +1,11 @@
 //! The demo's packet buffers: memplane mbufs (DPDK's `rte_mbuf` layout) in
 //! an mbuf pool. The two processes pass them as raw header addresses (the
-//! same in both) through rings; each side adopts them with
-//! [`Mbuf::from_raw`] against its own handle of the pool.
+//! same in both) through rings and work on the headers directly, as DPDK
+//! code does with `rte_mbuf *`, without wrapping them in
+//! [`Mbuf`](memplane_mbuf::Mbuf) handles:
+//! [`MbufPool::alloc_bulk_raw`] allocates, the header's buffer address and
+//! data offset locate the data, and [`memplane_mbuf::free_bulk_raw`]
+//! frees.
 
 use memplane::{Error, Memory};
 use memplane_mbuf::{MbufHeader, MbufPool, MbufPoolConfig, DEFAULT_BUF_SIZE, MBUF_HEADER_SIZE};

@@ -15,10 +15,12 @@ use crate::Memory;
 /// socket id, `Copy`, and tied to the instance by its lifetime (a
 /// collection using it cannot outlive the [`Memory`]).
 ///
-/// - `allocate` is [`Memory::heap_alloc`] with the layout's alignment;
+/// - `allocate` is [`heap_alloc`](crate::Instance::heap_alloc) with the
+///   layout's alignment;
 ///   `allocate_zeroed` asks for zeroed memory (the heap's `zmalloc`: fresh
 ///   pages are not cleared twice).
-/// - `grow`/`shrink` are [`Memory::realloc_socket`]: in place when the block
+/// - `grow`/`shrink` are [`realloc_socket`](crate::Instance::realloc_socket):
+///   in place when the block
 ///   is suitably aligned and the next element is free, else moved (any
 ///   alignment is honoured). The heap grows by mapping pages as needed and
 ///   gives whole pages back as soon as they are unused.

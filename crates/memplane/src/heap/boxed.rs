@@ -467,7 +467,8 @@ impl<'m, T> HeapBox<'m, [MaybeUninit<T>]> {
 impl<'m, T: ?Sized> HeapBox<'m, T> {
     /// Gives up ownership: the caller frees the block later with
     /// [`from_raw`](Self::from_raw) (or drops the value and calls
-    /// [`Memory::free`] itself, unless the value is zero-sized).
+    /// [`free`](crate::Instance::free) itself, unless the value is
+    /// zero-sized).
     ///
     /// ```no_run
     /// # use memplane::{heap::HeapBox, MemOptions, Memory};

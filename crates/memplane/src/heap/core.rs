@@ -190,7 +190,10 @@ impl Want<'_> {
     }
 }
 
-/// One corruption found by [`Locked::validate`].
+/// One corruption found by a heap's internal consistency check, the one
+/// behind [`heap_validate`](crate::Instance::heap_validate) (which reports
+/// it as [`HeapError::Corrupt`](super::HeapError::Corrupt), naming the
+/// heap).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Corruption {
     /// Address of the element (or list head) at fault.
@@ -804,8 +807,9 @@ impl<'a> Locked<'a> {
         BlockFault::NotABlock
     }
 
-    /// Frees the busy element at `addr` (checked by [`check_busy`]) and
-    /// merges it with free neighbours; returns the resulting free element.
+    /// Frees the busy element at `addr` (checked by
+    /// [`check_busy`](Self::check_busy)) and merges it with free
+    /// neighbours; returns the resulting free element.
     pub(crate) fn free(&mut self, addr: u64, poison: bool) -> u64 {
         let e = self.get(addr);
         if poison {

@@ -310,8 +310,9 @@ impl Instance {
     }
 
     /// Registers user memory in the page tables without a heap (DPDK's
-    /// `rte_extmem_register`): [`Memory::malloc_virt2iova`]-style lookups
-    /// and memory events know it; no allocation comes from it.
+    /// `rte_extmem_register`): [`extmem_virt2iova`](Self::extmem_virt2iova)
+    /// and [`malloc_virt2iova`](Self::malloc_virt2iova) translate it and
+    /// memory events report it; no allocation comes from it.
     ///
     /// # Safety
     /// The range must stay mapped until unregistered.

@@ -106,7 +106,8 @@ pub enum InstallError {
 ///   waiting for a lock it holds itself, and a heap block freed then is put
 ///   on a list and freed by the next call that can enter the heap
 ///   ([`pending_frees`](Self::pending_frees)); so calls such as
-///   [`Memory::alloc_pages`] or `register_*` need no wrapping;
+///   [`alloc_pages`](crate::Instance::alloc_pages) or `register_*` need
+///   no wrapping;
 /// - [`bypass`](Self::bypass) runs a closure with this thread's
 ///   allocations on the system allocator, for code that wants its
 ///   allocations out of hugepages.

@@ -1,5 +1,6 @@
-//! The malloc API on [`Memory`]: picking the heap, growing it with pages,
-//! giving pages back, and the lookups and reports.
+//! The malloc API on [`Instance`] (reached through a
+//! [`Memory`](crate::Memory) handle): picking the heap, growing it with
+//! pages, giving pages back, and the lookups and reports.
 
 use std::fmt::Write as _;
 use std::ptr::NonNull;
@@ -51,8 +52,9 @@ impl PageSizes {
     }
 }
 
-/// A full allocation request: [`Memory::malloc`] and friends are
-/// shorthands for the common cases.
+/// A full allocation request for [`heap_alloc`](Instance::heap_alloc):
+/// [`malloc`](Instance::malloc) and friends are shorthands for the common
+/// cases.
 ///
 /// ```no_run
 /// use memplane::heap::{AllocRequest, PageSizes};

@@ -13,8 +13,9 @@
 //! - Free lists are two-level size classes with bitmaps: finding a block is
 //!   two bit scans, whatever the fragmentation or alignment.
 //! - Headers carry cookies: a bad pointer, a double free or an overwritten
-//!   header is an error, never silently accepted. [`Memory::heap_validate`]
-//!   walks everything and names the first corruption.
+//!   header is an error, never silently accepted.
+//!   [`heap_validate`](crate::Instance::heap_validate) walks everything and
+//!   names the first corruption.
 //! - Memory is zeroed only where it may be dirty: fresh pages come zeroed
 //!   from the kernel and are not cleared again.
 //!

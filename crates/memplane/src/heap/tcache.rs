@@ -17,13 +17,13 @@
 //!   thread's slot;
 //! - a thread that exits leaves its slot *orphaned*, and a process that dies
 //!   leaves it owned by a dead pid: the next slow-path call (or
-//!   [`Memory::heap_trim`]) gives their blocks back to the heap, so nothing
-//!   is lost.
+//!   [`Instance::heap_trim`](crate::Instance::heap_trim)) gives their
+//!   blocks back to the heap, so nothing is lost.
 //!
 //! Pages held only by cached blocks are given back when the cache is
-//! flushed: [`Memory::heap_cache_flush`] (this thread),
-//! [`Memory::heap_trim`] (orphaned and dead slots), a full bin, or thread
-//! exit.
+//! flushed: [`Instance::heap_cache_flush`](crate::Instance::heap_cache_flush)
+//! (this thread), [`Instance::heap_trim`](crate::Instance::heap_trim)
+//! (orphaned and dead slots), a full bin, or thread exit.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};

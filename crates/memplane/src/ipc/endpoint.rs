@@ -354,7 +354,7 @@ impl Handle {
     }
 
     /// Sends a one-way message to the socket `to`. Waits at most
-    /// [`SEND_TIMEOUT`](super::SEND_TIMEOUT) for room in the peer's queue.
+    /// [`SEND_TIMEOUT`] for room in the peer's queue.
     // Takes the message by value: its descriptors are closed once sent.
     #[allow(clippy::needless_pass_by_value)]
     pub fn send(&self, to: &Path, msg: Message) -> Result<(), IpcError> {
@@ -736,7 +736,7 @@ impl Incoming {
     }
 
     /// Answers the request. An empty `msg.name` is replaced with the
-    /// request's name. Waits at most [`SEND_TIMEOUT`](super::SEND_TIMEOUT)
+    /// request's name. Waits at most [`SEND_TIMEOUT`]
     /// for room in the requester's queue.
     pub fn reply(mut self, mut msg: Message) -> Result<(), IpcError> {
         if self.kind != Kind::Request {

@@ -9,10 +9,14 @@
 //!
 //! Callbacks are process-local (they are code); every process that maps the
 //! pages fires its own. They run with the memory hotplug lock held, so they
-//! must not allocate, free or walk with the lock; the `*_unlocked` walks
-//! are allowed, and the locked calls return
-//! [`MemsegError::Reentrant`](super::MemsegError::Reentrant) instead of
-//! deadlocking.
+//! must not allocate or free (pages, heap blocks, memzones): those calls
+//! return [`MemsegError::Reentrant`] (or the heap's and the memzones'
+//! `Reentrant` errors) instead of deadlocking. The memseg walks and lookups
+//! ([`memseg_walk`](crate::Instance::memseg_walk),
+//! [`contig_walk`](crate::Instance::contig_walk),
+//! [`virt2memseg`](crate::Instance::virt2memseg), ...) are allowed: inside a
+//! callback they run without taking the lock, which the thread already
+//! holds.
 
 use std::cell::Cell;
 use std::sync::Arc;

@@ -5,10 +5,11 @@
 //! One list per "memory type" (NUMA node x page size). Each list is a slot
 //! range of the instance's single address-space reservation and an fbarray
 //! of [`Memseg`] descriptors in the shared config; a used slot is a mapped
-//! page. The page allocator itself lives on [`crate::Memory`]
-//! ([`Memory::alloc_pages`](crate::Memory::alloc_pages),
-//! [`Memory::free_pages`](crate::Memory::free_pages)); this module holds the
-//! types, the shared layout and the page stores.
+//! page. The page allocator itself lives on [`crate::Instance`], reached
+//! through a [`crate::Memory`] handle
+//! ([`Instance::alloc_pages`](crate::Instance::alloc_pages),
+//! [`Instance::free_pages`](crate::Instance::free_pages)); this module holds
+//! the types, the shared layout and the page stores.
 
 pub mod events;
 pub mod hugetlbfs;
@@ -221,7 +222,7 @@ fn sizes_list(sizes: &[PageSize]) -> String {
     }
 }
 
-/// What [`Memory::alloc_pages`](crate::Memory::alloc_pages) should map.
+/// What [`Instance::alloc_pages`](crate::Instance::alloc_pages) should map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRequest {
     /// NUMA node.

@@ -19,9 +19,10 @@
 //!   without holding the table lock (heap growth may take milliseconds and
 //!   fire memory events), then the zone is published. A second reserver of
 //!   a name that is being reserved waits for the outcome;
-//! - a [`Memzone`] handle cannot outlive its [`Memory`]; `free` consumes
-//!   it, and a second handle to a freed zone is refused (`Stale`), never
-//!   a double free.
+//! - a [`Memzone`] handle borrows its [`Instance`], so it cannot outlive
+//!   the [`Memory`](crate::Memory) it came from; `free` consumes it, and a
+//!   second handle to a freed zone is refused (`Stale`), never a double
+//!   free.
 //!
 //! # Example
 //!
@@ -401,7 +402,8 @@ impl ZoneTable {
     }
 }
 
-/// A named zone, borrowed from its [`Memory`].
+/// A named zone, borrowed from its [`Instance`] (so it cannot outlive the
+/// [`Memory`](crate::Memory) it came from).
 ///
 /// Dropping the handle does not free the zone (it is shared by name, as in
 /// DPDK); [`free`](Self::free) does.
