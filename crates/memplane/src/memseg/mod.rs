@@ -189,9 +189,9 @@ pub enum MemsegError {
         /// Node, for validators.
         node: Option<u32>,
     },
-    /// A memory-event callback tried to allocate, free or walk with the
-    /// lock; it would deadlock.
-    #[error("{what} called from inside a memory event callback or validator (it would deadlock); use the *_unlocked walks there")]
+    /// A memory-event callback tried to allocate or free pages, heap
+    /// blocks or memzones; it would deadlock (the walks work there).
+    #[error("{what} called from inside a memory event callback or validator (it would deadlock); only the walks (memseg_walk, contig_walk, virt2memseg) work there")]
     Reentrant {
         /// What was called.
         what: &'static str,
