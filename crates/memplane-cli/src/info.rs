@@ -48,6 +48,9 @@ struct Report {
     prefix: String,
     primary_pid: u32,
     reader_pid: u32,
+    /// The primary's `-n` / `-r` (0: not given; pools assume 4 x 1).
+    memory_channels: u32,
+    memory_ranks: u32,
     layout: memplane::MemoryLayout,
     memsegs: Vec<MemsegSummary>,
     heaps: Vec<memplane::heap::HeapInfo>,
@@ -137,6 +140,8 @@ fn gather(mem: &Memory, prefix: &str) -> Report {
         prefix: prefix.to_string(),
         primary_pid: mem.primary_pid(),
         reader_pid: std::process::id(),
+        memory_channels: mem.memory_channels(),
+        memory_ranks: mem.memory_ranks(),
         layout,
         memsegs: by_type.into_values().collect(),
         heaps: mem.heaps(),
@@ -160,6 +165,19 @@ fn render(mem: &Memory, r: &Report) -> String {
         format_size(r.layout.va_len as u64),
         r.layout.iova_mode,
         format_size(r.layout.total_mapped)
+    );
+    let given = |v: u32, default: u32| {
+        if v == 0 {
+            format!("{default} (not given)")
+        } else {
+            v.to_string()
+        }
+    };
+    let _ = writeln!(
+        o,
+        "  memory channels x ranks (-n/-r, mempool object spreading): {} x {}",
+        given(r.memory_channels, 4),
+        given(r.memory_ranks, 1)
     );
 
     let _ = writeln!(o, "\nmemory types (memseg lists):");

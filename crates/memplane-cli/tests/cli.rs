@@ -881,6 +881,8 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
             "pkts=1000x100/32",
             "--mempool",
             "st=600x64/16+stats",
+            "-n",
+            "3",
             "--file-prefix",
             &prefix,
             "--runtime-dir",
@@ -921,6 +923,12 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     }
     assert_eq!(v["prefix"], prefix.as_str());
     assert_eq!(v["primary_pid"], primary.id());
+    // The primary's -n 3, read by this secondary from the shared config.
+    assert_eq!(
+        (&v["memory_channels"], &v["memory_ranks"]),
+        (&3.into(), &0.into()),
+        "{v}"
+    );
     assert_ne!(v["reader_pid"], primary.id());
     let zones = v["memzones"]["zones"].as_array().unwrap();
     let names: Vec<&str> = zones.iter().map(|z| z["name"].as_str().unwrap()).collect();
@@ -944,6 +952,9 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     assert_eq!(caches[0][1], 32, "{p}");
     assert_eq!(p["common_pool_count"], 1000 - 32);
     let obj = p["obj_size"]["total_size"].as_u64().unwrap();
+    // 64-byte header + 104-byte element: 3 lines, coprime with DPDK's
+    // default 4 channels, but not with this instance's 3: grown to 4.
+    assert_eq!(obj, 256, "spread over -n 3: {p}");
     assert!(p["memory_bytes"].as_u64().unwrap() >= 1000 * obj, "{p}");
     assert!(p.get("stats").is_none(), "statistics off: none shown: {p}");
     // The pool with statistics on: the primary's get of 16 (a refill of
@@ -984,7 +995,11 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     let o = memplane(&["info", "--file-prefix", &prefix, "--runtime-dir", &rd]);
     let (out, _) = text(&o);
     assert!(
-        out.contains("memzones: 10 of 2560") && out.contains("rings:"),
+        out.contains("memzones: 10 of 2560")
+            && out.contains("rings:")
+            && out.contains(
+                "memory channels x ranks (-n/-r, mempool object spreading): 3 x 1 (not given)"
+            ),
         "{out}"
     );
     let line = out

@@ -145,7 +145,7 @@ pub enum MempoolError {
         /// The pool.
         name: String,
         /// Bytes of object memory asked for (what
-        /// [`required_memory`](crate::required_memory) says for the
+        /// [`required_memory_for`](crate::required_memory_for) says for the
         /// objects still to place).
         need: usize,
         /// Objects still to place.

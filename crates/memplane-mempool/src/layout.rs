@@ -171,15 +171,49 @@ pub fn spread_object_size(obj_size: u32, channels_x_ranks: u32) -> u32 {
 }
 
 /// Object sizes for `elt_size`-byte elements (DPDK 22.11's
+/// `rte_mempool_calc_obj_size`) with DPDK's default 4 memory channels x 1
+/// rank: [`calc_obj_size_for`] with `channels_x_ranks` 0. A pool takes
+/// the instance's `-n`/`-r` ([`channels_x_ranks`]) instead.
+pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, MempoolError> {
+    calc_obj_size_for(elt_size, flags, 0)
+}
+
+/// The memory channels x ranks an instance's pools spread objects over:
+/// the primary's `-n` (4 when not given) times its `-r` (1 when not
+/// given), as DPDK does with `rte_memory_get_nchannel` / `_nrank`.
+pub fn channels_x_ranks(mem: &memplane::Memory) -> u32 {
+    let channels = match mem.memory_channels() {
+        0 => DEFAULT_MEMORY_CHANNELS,
+        c => c,
+    };
+    let ranks = match mem.memory_ranks() {
+        0 => DEFAULT_MEMORY_RANKS,
+        r => r,
+    };
+    channels * ranks
+}
+
+/// Object sizes for `elt_size`-byte elements (DPDK 22.11's
 /// `rte_mempool_calc_obj_size`): header padded to 64, element rounded up
 /// to 8, trailer up to the next 64-byte line, and, unless `NO_SPREAD` or
 /// `NO_CACHE_ALIGN` (which implies it, as in `rte_mempool_create_empty`),
 /// more trailer so the object's size in lines shares no factor with
-/// DPDK's default 4 memory channels x 1 rank ([`spread_object_size`]).
-/// memplane has no `-n`/`-r` memory options (they are EAL options it
-/// leaves to the application), so the default is what DPDK uses when they
-/// are not given.
-pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, MempoolError> {
+/// `channels_x_ranks` ([`spread_object_size`]; 0 means DPDK's default 4 x
+/// 1).
+///
+/// ```
+/// use memplane_mempool::{calc_obj_size_for, MempoolFlags};
+/// // 64-byte header + 128-byte element = 3 lines: coprime with 4, kept;
+/// // with 3 channels it grows to 4 lines.
+/// assert_eq!(calc_obj_size_for(128, MempoolFlags::NONE, 4)?.total_size, 192);
+/// assert_eq!(calc_obj_size_for(128, MempoolFlags::NONE, 3)?.total_size, 256);
+/// # Ok::<(), memplane_mempool::MempoolError>(())
+/// ```
+pub fn calc_obj_size_for(
+    elt_size: u32,
+    flags: MempoolFlags,
+    channels_x_ranks: u32,
+) -> Result<ObjSize, MempoolError> {
     if elt_size == 0 {
         return Err(MempoolError::BadEltSize {
             size: 0,
@@ -201,7 +235,7 @@ pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, Memp
     let elt = elt_size.next_multiple_of(8);
     let mut total = (header_size + elt).next_multiple_of(align);
     if !flags.contains(MempoolFlags::NO_SPREAD) && !flags.contains(MempoolFlags::NO_CACHE_ALIGN) {
-        total = spread_object_size(total, DEFAULT_MEMORY_CHANNELS * DEFAULT_MEMORY_RANKS);
+        total = spread_object_size(total, channels_x_ranks);
     }
     Ok(ObjSize {
         header_size,
@@ -218,11 +252,26 @@ pub fn calc_obj_size(elt_size: u32, flags: MempoolFlags) -> Result<ObjSize, Memp
 /// fit one zone; when memory is fragmented and the objects are split over
 /// several zones, each zone is rounded up to 64 on its own (a difference
 /// only with `NO_CACHE_ALIGN`).
+///
+/// This assumes DPDK's default 4 memory channels x 1 rank; for an instance
+/// started with `-n`/`-r`, use [`required_memory_for`] with
+/// [`channels_x_ranks`].
 pub fn required_memory(n: u32, elt_size: u32, flags: MempoolFlags) -> Result<usize, MempoolError> {
+    required_memory_for(n, elt_size, flags, 0)
+}
+
+/// [`required_memory`] for objects spread over `channels_x_ranks` (0:
+/// DPDK's default 4 x 1).
+pub fn required_memory_for(
+    n: u32,
+    elt_size: u32,
+    flags: MempoolFlags,
+    channels_x_ranks: u32,
+) -> Result<usize, MempoolError> {
     if n == 0 {
         return Err(MempoolError::ZeroObjects);
     }
-    let sz = calc_obj_size(elt_size, flags)?;
+    let sz = calc_obj_size_for(elt_size, flags, channels_x_ranks)?;
     (n as usize)
         .checked_mul(sz.total_size as usize)
         .map(|b| b.next_multiple_of(64))

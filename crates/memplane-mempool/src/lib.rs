@@ -7,8 +7,9 @@
 //!   objects in `MP_<name>_<k>`; see [`layout`] and [`required_memory`].
 //! - Objects: `[header: pool address, IOVA, cookie][element][padding]`,
 //!   64-byte aligned unless `NO_CACHE_ALIGN`, and padded (unless
-//!   `NO_SPREAD`) to an object size in lines coprime to DPDK's default 4
-//!   memory channels x 1 rank ([`layout::spread_object_size`]).
+//!   `NO_SPREAD`) to an object size in lines coprime to the instance's
+//!   memory channels x ranks (`-n`/`-r`; DPDK's default 4 x 1 when not
+//!   given; [`layout::spread_object_size`], [`channels_x_ranks`]).
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
 //!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `ring_mt_rts`, `ring_mt_hts`
 //!   (DPDK's names), `stack`, `lf_stack` (lock-free, [`lf_stack`]), or
@@ -119,8 +120,8 @@ pub use error::{MempoolError, NodeFree};
 pub use handler::{handler_names, register_handler, Backend, BackendParams, Handler};
 #[cfg(not(loom))]
 pub use layout::{
-    calc_obj_size, required_memory, spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE,
-    MAX_CHUNKS, MAX_LCORES, NAME_MAX,
+    calc_obj_size, calc_obj_size_for, channels_x_ranks, required_memory, required_memory_for,
+    spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS, MAX_LCORES, NAME_MAX,
 };
 #[cfg(not(loom))]
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};

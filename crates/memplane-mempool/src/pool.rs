@@ -21,10 +21,11 @@ use crate::handler::{
     ring_dequeue, ring_enqueue, Backend, BackendParams, Handler,
 };
 use crate::layout::{
-    calc_obj_size, header_geometry, name_bytes, name_str, CacheSlot, ChunkDesc, MempoolFlags,
-    ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL, COOKIE_IN_USE,
-    GET_FLOOR_CLOSED, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES, MAX_OBJECTS,
-    MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING, SLOW_LEAK, SLOW_STATS,
+    calc_obj_size_for, channels_x_ranks, header_geometry, name_bytes, name_str, CacheSlot,
+    ChunkDesc, MempoolFlags, ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL,
+    COOKIE_IN_USE, GET_FLOOR_CLOSED, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES,
+    MAX_OBJECTS, MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING, SLOW_LEAK,
+    SLOW_STATS,
 };
 use crate::lcore::RegistryRef;
 use crate::leak::{
@@ -352,7 +353,8 @@ impl<'m> Mempool<'m> {
     ///
     /// Memory: the header zone `MP_<name>` (see
     /// [`layout`](crate::layout)), the object zones `MP_<name>_<k>`
-    /// ([`required_memory`](crate::required_memory) bytes), and the
+    /// ([`required_memory_for`](crate::required_memory_for) bytes with the
+    /// instance's [`channels_x_ranks`](crate::channels_x_ranks)), and the
     /// backend's (a ring `MP_<name>`, a stack `MS_<name>` or a lock-free
     /// stack `ML_<name>`). Object zones are IOVA-contiguous unless
     /// `NO_IOVA_CONTIG`; when memory is short or fragmented the objects are
@@ -420,8 +422,10 @@ impl<'m> Mempool<'m> {
             });
         }
         let flags = MempoolFlags::from_bits(cfg.flags.bits())?;
-        let sz = calc_obj_size(cfg.elt_size, flags)?;
-        crate::required_memory(cfg.n, cfg.elt_size, flags)?;
+        // Objects spread over the instance's memory channels x ranks.
+        let cxr = channels_x_ranks(mem);
+        let sz = calc_obj_size_for(cfg.elt_size, flags, cxr)?;
+        crate::required_memory_for(cfg.n, cfg.elt_size, flags, cxr)?;
         check_cache(cfg.cache_size, cfg.n)?;
         if cfg.private_size > MAX_PRIVATE_SIZE {
             return Err(MempoolError::PrivateTooLarge {

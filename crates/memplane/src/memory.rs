@@ -407,7 +407,9 @@ impl Instance {
                 reserved0: 0,
                 sections,
                 next_ext_socket: 0.into(),
-                reserved: [0; 23],
+                memory_channels: opts.memory_channels.unwrap_or(0),
+                memory_ranks: opts.memory_ranks.unwrap_or(0),
+                reserved: [0; 22],
             });
         }
 
@@ -667,6 +669,19 @@ impl Instance {
     /// The primary process's pid (this process's in a primary).
     pub fn primary_pid(&self) -> u32 {
         self.config_header().primary_pid
+    }
+
+    /// Memory channels per socket as the primary was told (`-n`), 0 when
+    /// it was not (DPDK's `rte_memory_get_nchannel`). Mempools then assume
+    /// 4.
+    pub fn memory_channels(&self) -> u32 {
+        self.config_header().memory_channels
+    }
+
+    /// Memory ranks as the primary was told (`-r`), 0 when it was not
+    /// (`rte_memory_get_nrank`). Mempools then assume 1.
+    pub fn memory_ranks(&self) -> u32 {
+        self.config_header().memory_ranks
     }
 
     /// The hotplug lock for writing. A holder that died (a secondary

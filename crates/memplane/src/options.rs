@@ -59,6 +59,10 @@ pub const MAX_MAX_MEMSEG_LISTS: u32 = 4096;
 pub const DEFAULT_MAX_HEAPS: u32 = 32;
 /// Largest accepted `--max-heaps`.
 pub const MAX_MAX_HEAPS: u32 = 1024;
+/// Largest `-n` / `--memory-channels`.
+pub const MAX_MEMORY_CHANNELS: u32 = 64;
+/// Largest `-r` / `--memory-ranks` (DPDK's bound).
+pub const MAX_MEMORY_RANKS: u32 = 16;
 /// Most entries accepted in a `--socket-mem` / `--socket-limit` list: Linux's
 /// largest `MAX_NUMNODES` (DPDK stops at its compile-time
 /// `RTE_MAX_NUMA_NODES`, 32). Whether the nodes exist is checked at init.
@@ -403,6 +407,14 @@ pub struct MemOptions {
     /// `--runtime-dir`: base directory for runtime files instead of the one
     /// taken from the environment. Absolute path.
     pub runtime_dir: Option<PathBuf>,
+    /// `-n` / `--memory-channels`: memory channels per socket (1 to
+    /// [`MAX_MEMORY_CHANNELS`]). Mempools pad their objects so consecutive
+    /// ones start on different channels; unset, they assume DPDK's 4.
+    /// The primary's value is the instance's (secondaries read it).
+    pub memory_channels: Option<u32>,
+    /// `-r` / `--memory-ranks`: memory ranks (1 to [`MAX_MEMORY_RANKS`]);
+    /// unset, mempools assume 1.
+    pub memory_ranks: Option<u32>,
 }
 
 impl Default for MemOptions {
@@ -429,6 +441,8 @@ impl Default for MemOptions {
             max_memseg_lists: DEFAULT_MAX_MEMSEG_LISTS,
             max_heaps: DEFAULT_MAX_HEAPS,
             runtime_dir: None,
+            memory_channels: None,
+            memory_ranks: None,
         }
     }
 }
@@ -470,6 +484,8 @@ enum Key {
     MaxMemsegLists,
     MaxHeaps,
     RuntimeDir,
+    MemoryChannels,
+    MemoryRanks,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,7 +504,7 @@ struct Spec {
     long: &'static str,
     /// A second long name.
     alias: Option<&'static str>,
-    /// Short name (only `-m`).
+    /// Short name (`-m`, `-n`, `-r`).
     short: Option<char>,
     /// The name used in messages and by `to_args`.
     display: &'static str,
@@ -723,6 +739,28 @@ const SPECS: &[Spec] = &[
         help: "Size of the heap table: NUMA heaps plus named external heaps (default 32)",
     },
     Spec {
+        key: Key::MemoryChannels,
+        long: "--memory-channels",
+        alias: None,
+        short: Some('n'),
+        display: "-n",
+        arity: Arity::Value,
+        value: "<n>",
+        expected: "memory channels per socket, from 1 to 64 (e.g. -n 4)",
+        help: "Memory channels per socket: mempools spread objects across them (default: assume 4)",
+    },
+    Spec {
+        key: Key::MemoryRanks,
+        long: "--memory-ranks",
+        alias: None,
+        short: Some('r'),
+        display: "-r",
+        arity: Arity::Value,
+        value: "<n>",
+        expected: "memory ranks, from 1 to 16 (e.g. -r 2)",
+        help: "Memory ranks: mempools spread objects across channels x ranks (default: assume 1)",
+    },
+    Spec {
         key: Key::RuntimeDir,
         long: "--runtime-dir",
         alias: None,
@@ -783,18 +821,6 @@ const EAL_OTHER: &[(&str, Option<char>, Arity, &str)] = &[
         None,
         Arity::Value,
         "the mbuf pool ops",
-    ),
-    (
-        "--memory-channels",
-        Some('n'),
-        Arity::Value,
-        "memory channels (mempool object spreading)",
-    ),
-    (
-        "--memory-ranks",
-        Some('r'),
-        Arity::Value,
-        "memory ranks (mempool object spreading)",
     ),
     (
         "--no-auto-probing",
@@ -1150,7 +1176,8 @@ impl MemOptions {
     /// let (opts, rest) =
     ///     MemOptions::parse_known_args(&["-l", "0-3", "-n", "4", "--socket-mem=512", "--", "-p", "1"])?;
     /// assert_eq!(opts.socket_mem, Some(vec![512 << 20]));
-    /// assert_eq!(rest, ["-l", "0-3", "-n", "4", "--", "-p", "1"]);
+    /// assert_eq!(opts.memory_channels, Some(4));
+    /// assert_eq!(rest, ["-l", "0-3", "--", "-p", "1"]);
     /// # Ok::<(), memplane::options::OptionsError>(())
     /// ```
     pub fn parse_known_args<S: AsRef<str>>(
@@ -1332,6 +1359,10 @@ impl MemOptions {
                 self.max_memseg_lists = parse_count(name, v, MAX_MAX_MEMSEG_LISTS)?;
             }
             Key::MaxHeaps => self.max_heaps = parse_count(name, v, MAX_MAX_HEAPS)?,
+            Key::MemoryChannels => {
+                self.memory_channels = Some(parse_count(name, v, MAX_MEMORY_CHANNELS)?);
+            }
+            Key::MemoryRanks => self.memory_ranks = Some(parse_count(name, v, MAX_MEMORY_RANKS)?),
         }
         Ok(())
     }
@@ -1485,6 +1516,16 @@ impl MemOptions {
                 MAX_MAX_MEMSEG_LISTS,
             ),
             (Key::MaxHeaps, self.max_heaps, MAX_MAX_HEAPS),
+            (
+                Key::MemoryChannels,
+                self.memory_channels.unwrap_or(1),
+                MAX_MEMORY_CHANNELS,
+            ),
+            (
+                Key::MemoryRanks,
+                self.memory_ranks.unwrap_or(1),
+                MAX_MEMORY_RANKS,
+            ),
         ] {
             if n == 0 || n > max {
                 return Err(bad(
@@ -1709,6 +1750,12 @@ impl MemOptions {
         if let Some(dir) = &self.runtime_dir {
             out.push(format!("--runtime-dir={}", path_str(dir)));
         }
+        if let Some(n) = self.memory_channels {
+            out.push(format!("--memory-channels={n}"));
+        }
+        if let Some(n) = self.memory_ranks {
+            out.push(format!("--memory-ranks={n}"));
+        }
         out
     }
 
@@ -1919,6 +1966,20 @@ impl MemOptions {
     #[must_use]
     pub fn max_heaps(mut self, n: u32) -> Self {
         self.max_heaps = n;
+        self
+    }
+
+    /// Sets `-n` / `--memory-channels`.
+    #[must_use]
+    pub fn memory_channels(mut self, n: u32) -> Self {
+        self.memory_channels = Some(n);
+        self
+    }
+
+    /// Sets `-r` / `--memory-ranks`.
+    #[must_use]
+    pub fn memory_ranks(mut self, n: u32) -> Self {
+        self.memory_ranks = Some(n);
         self
     }
 
@@ -2360,6 +2421,41 @@ mod tests {
     }
 
     #[test]
+    fn memory_channels_and_ranks() {
+        let o = parse(&["-n", "3", "-r2"]).unwrap();
+        assert_eq!((o.memory_channels, o.memory_ranks), (Some(3), Some(2)));
+        let o = parse(&["--memory-channels=8", "--memory-ranks", "16"]).unwrap();
+        assert_eq!((o.memory_channels, o.memory_ranks), (Some(8), Some(16)));
+        assert_eq!(
+            o.to_args(),
+            ["--memory-channels=8", "--memory-ranks=16"],
+            "round trip"
+        );
+        assert_eq!(MemOptions::parse_args(&o.to_args()).unwrap(), o);
+        let d = parse(&[]).unwrap();
+        assert_eq!((d.memory_channels, d.memory_ranks), (None, None));
+        for (args, opt, why) in [
+            (&["-n", "0"][..], "-n", "from 1 to 64"),
+            (&["-n", "65"], "-n", "from 1 to 64"),
+            (&["-n", "four"], "-n", "whole number"),
+            (&["-r", "0"], "-r", "from 1 to 16"),
+            (&["-r", "17"], "-r", "from 1 to 16"),
+        ] {
+            let (o, _, reason) = bad_value(args);
+            assert_eq!(o, opt, "{args:?}");
+            assert!(reason.contains(why), "{args:?}: {reason}");
+        }
+        // Set in code: validate refuses the same values.
+        assert!(MemOptions::default().memory_ranks(17).validate().is_err());
+        assert!(MemOptions::default().memory_channels(0).validate().is_err());
+        assert!(MemOptions::default()
+            .memory_channels(4)
+            .memory_ranks(2)
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
     fn table_sizes() {
         let o = parse(&[
             "--max-memzones",
@@ -2498,7 +2594,6 @@ mod tests {
         for (args, name) in [
             (&["-l", "0-3"][..], "-l"),
             (&["-l0-3"], "-l"),
-            (&["-n", "4"], "-n"),
             (&["--lcores", "0-3"], "--lcores"),
             (&["--vdev=net_null0"], "--vdev"),
             (&["--huge-worker-stack"], "--huge-worker-stack"),
@@ -2544,12 +2639,12 @@ mod tests {
         .unwrap();
         assert!(o.in_memory && !o.no_huge);
         assert_eq!(o.memory_size, Some(256 * MIB));
+        assert_eq!(o.memory_channels, Some(4), "-n is a memory option now");
         assert_eq!(
             rest,
             [
                 "-l",
                 "0-3",
-                "-n4",
                 "--no-pci",
                 "--log-level=eal,8",
                 "--vdev",

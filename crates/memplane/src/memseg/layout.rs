@@ -172,8 +172,13 @@ pub struct ConfigHeader {
     /// Next socket id an external heap gets (counting up from 256, never
     /// reused, as in DPDK); 0 until the first one.
     pub next_ext_socket: AtomicU64,
+    /// The primary's `-n` (memory channels), 0 when not given (from the
+    /// reserved words: an older primary reads as "not given").
+    pub memory_channels: u32,
+    /// The primary's `-r` (memory ranks), 0 when not given.
+    pub memory_ranks: u32,
     /// Room to grow without a layout change.
-    pub reserved: [u64; 23],
+    pub reserved: [u64; 22],
 }
 
 // Loom's atomics (in the lock) are larger: the shapes hold for real builds.
