@@ -3151,13 +3151,12 @@ mod tests {
         }
     }
 
-    /// A pool made by `create` (create_empty + populate) must take the
-    /// cheap membership check on put, not the exact out-of-line one: the
-    /// handle's tables are rebuilt when chunks are added.
-    #[test]
-    fn a_populated_pool_takes_the_fast_membership_check() {
+    /// A private `--no-huge` instance of 64 MB (prefix `tag` + pid) and
+    /// its runtime directory: bind as `(_dir, mem)` so the instance drops
+    /// first.
+    fn no_huge_instance(tag: &str) -> (tempfile::TempDir, Memory) {
         let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("mpfast{}", std::process::id());
+        let prefix = format!("{tag}{}", std::process::id());
         let opts = memplane::MemOptions::parse_args(&[
             "--no-huge",
             "-m",
@@ -3169,6 +3168,15 @@ mod tests {
         ])
         .unwrap();
         let mem = Memory::init(&opts).unwrap();
+        (dir, mem)
+    }
+
+    /// A pool made by `create` (create_empty + populate) must take the
+    /// cheap membership check on put, not the exact out-of-line one: the
+    /// handle's tables are rebuilt when chunks are added.
+    #[test]
+    fn a_populated_pool_takes_the_fast_membership_check() {
+        let (_dir, mem) = no_huge_instance("mpfast");
         let pool =
             Mempool::create(&mem, "fast", &MempoolConfig::new(100, 64).cache_size(8)).unwrap();
         let mut objs = [std::ptr::null_mut(); 8];
@@ -3191,19 +3199,7 @@ mod tests {
     /// as set, and the header's word is what the uncached path tests.
     #[test]
     fn the_hot_paths_are_closed_while_either_switch_is_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("mpgates{}", std::process::id());
-        let opts = memplane::MemOptions::parse_args(&[
-            "--no-huge",
-            "-m",
-            "64",
-            "--file-prefix",
-            &prefix,
-            "--runtime-dir",
-            dir.path().to_str().unwrap(),
-        ])
-        .unwrap();
-        let mem = Memory::init(&opts).unwrap();
+        let (_dir, mem) = no_huge_instance("mpgates");
         let id = crate::register_thread(&mem).unwrap();
         let pool =
             Mempool::create(&mem, "gates", &MempoolConfig::new(300, 64).cache_size(32)).unwrap();

@@ -1101,23 +1101,29 @@ mod tests {
         assert_eq!(lock.writer_pid(), Some(pid as u32));
     }
 
+    /// A private `--no-huge` instance of 16 MB (prefix `tag` + pid) and
+    /// its runtime directory: bind as `(_dir, mem)` so the instance drops
+    /// first.
+    fn no_huge_instance(tag: &str) -> (tempfile::TempDir, Memory) {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("{tag}{}", std::process::id());
+        let opts = MemOptions::parse_args(&[
+            "--no-huge",
+            "-m",
+            "16",
+            "--file-prefix",
+            &prefix,
+            "--runtime-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let mem = Memory::init(&opts).unwrap();
+        (dir, mem)
+    }
+
     #[test]
     fn a_free_in_progress_survives_a_dead_lock_holder_and_the_rebuild() {
-        let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("mzdead{}", std::process::id());
-        let mem = Memory::init(
-            &MemOptions::parse_args(&[
-                "--no-huge",
-                "-m",
-                "16",
-                "--file-prefix",
-                &prefix,
-                "--runtime-dir",
-                dir.path().to_str().unwrap(),
-            ])
-            .unwrap(),
-        )
-        .unwrap();
+        let (_dir, mem) = no_huge_instance("mzdead");
         let reserve = |name: &str| {
             mem.memzone_reserve(name, 4096, SOCKET_ID_ANY, MemzoneFlags::NONE)
                 .unwrap()
@@ -1159,21 +1165,7 @@ mod tests {
 
     #[test]
     fn a_lookup_takes_over_from_a_writer_killed_inside_a_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("mzseq{}", std::process::id());
-        let mem = Memory::init(
-            &MemOptions::parse_args(&[
-                "--no-huge",
-                "-m",
-                "16",
-                "--file-prefix",
-                &prefix,
-                "--runtime-dir",
-                dir.path().to_str().unwrap(),
-            ])
-            .unwrap(),
-        )
-        .unwrap();
+        let (_dir, mem) = no_huge_instance("mzseq");
         let a = mem
             .memzone_reserve("a", 4096, SOCKET_ID_ANY, MemzoneFlags::NONE)
             .unwrap();
