@@ -193,6 +193,20 @@ pub fn channels_x_ranks(mem: &memplane::Memory) -> u32 {
     channels * ranks
 }
 
+/// [`channels_x_ranks`] of the instance `opts` would start, before it
+/// exists: for sizing memory ahead (with [`required_memory_for`]).
+///
+/// ```
+/// let opts = memplane::MemOptions::parse_args(&["-n", "3"]).unwrap();
+/// assert_eq!(memplane_mempool::channels_x_ranks_of(&opts), 3);
+/// let none = memplane::MemOptions::parse_args::<&str>(&[]).unwrap();
+/// assert_eq!(memplane_mempool::channels_x_ranks_of(&none), 4);
+/// ```
+pub fn channels_x_ranks_of(opts: &memplane::MemOptions) -> u32 {
+    opts.memory_channels.unwrap_or(DEFAULT_MEMORY_CHANNELS)
+        * opts.memory_ranks.unwrap_or(DEFAULT_MEMORY_RANKS)
+}
+
 /// Object sizes for `elt_size`-byte elements (DPDK 22.11's
 /// `rte_mempool_calc_obj_size`): header padded to 64, element rounded up
 /// to 8, trailer up to the next 64-byte line, and, unless `NO_SPREAD` or

@@ -120,8 +120,9 @@ pub use error::{MempoolError, NodeFree};
 pub use handler::{handler_names, register_handler, Backend, BackendParams, Handler};
 #[cfg(not(loom))]
 pub use layout::{
-    calc_obj_size, calc_obj_size_for, channels_x_ranks, required_memory, required_memory_for,
-    spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS, MAX_LCORES, NAME_MAX,
+    calc_obj_size, calc_obj_size_for, channels_x_ranks, channels_x_ranks_of, required_memory,
+    required_memory_for, spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS,
+    MAX_LCORES, NAME_MAX,
 };
 #[cfg(not(loom))]
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};

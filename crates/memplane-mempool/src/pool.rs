@@ -369,13 +369,7 @@ impl<'m> Mempool<'m> {
         mut obj_init: impl FnMut(u32, *mut u8),
     ) -> Result<Self, MempoolError> {
         let mut pool = Self::create_empty(mem, name, cfg)?;
-        let placed = pool.populate_zones(&mut obj_init).and_then(|n| {
-            if cfg.leak_tracking {
-                pool.set_leak_tracking(true)?;
-            }
-            Ok(n)
-        });
-        match placed {
+        match pool.populate_zones(&mut obj_init) {
             Ok(_) => {
                 tracing::debug!(
                     name,
@@ -508,11 +502,20 @@ impl<'m> Mempool<'m> {
         // Both switches start off: open every cache's hot paths and the
         // user-owned caches' key.
         pool.sync_switches();
-        if cfg.stats {
-            if let Err(e) = pool.set_stats(true) {
-                let _ = pool.free_forced();
-                return Err(e);
+        // The switches asked for hold from the first object placed: a
+        // two-step creation tracks and counts like a one-step one.
+        let switched = (|| {
+            if cfg.stats {
+                pool.set_stats(true)?;
             }
+            if cfg.leak_tracking {
+                pool.set_leak_tracking(true)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = switched {
+            let _ = pool.free_forced();
+            return Err(e);
         }
         Ok(pool)
     }
@@ -2072,7 +2075,8 @@ impl Mempool<'_> {
     /// and puts stop recording; the records stay readable.
     pub fn set_leak_tracking(&self, on: bool) -> Result<(), MempoolError> {
         let h = self.header();
-        if h.magic.load(Ordering::Acquire) != POOL_MAGIC {
+        let magic = h.magic.load(Ordering::Acquire);
+        if magic != POOL_MAGIC && magic != POOL_MAGIC_BUILDING {
             return Err(MempoolError::Gone {
                 name: self.name.clone(),
             });

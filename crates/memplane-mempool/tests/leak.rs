@@ -503,3 +503,41 @@ fn tracking_on_records_gets_served_from_a_warm_user_cache() {
     assert!(pool.is_full());
     pool.free().unwrap();
 }
+
+/// `MempoolConfig::leak_tracking` holds for a two-step creation as for a
+/// one-step one: gets from a pool still being populated are recorded, and
+/// so are gets once it is full.
+#[test]
+fn a_two_step_pool_asked_to_track_tracks_from_its_first_object() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("leak_two_step");
+    let mem = &inst.mem;
+    let cfg = MempoolConfig::new(300, 64).leak_tracking(true).stats(true);
+    let mut pool = Mempool::create_empty(mem, "two_step", &cfg).unwrap();
+    assert!(pool.leak_tracking() && pool.stats_enabled());
+    let total = pool.obj_size().total_size as usize;
+    let z = mem
+        .memzone_reserve("user_two_step", 100 * total, -1, MemzoneFlags::NONE)
+        .unwrap();
+    // SAFETY: the zone outlives the pool (freed after it below).
+    let added = unsafe { pool.populate_virt(z.as_mut_ptr(), 100 * total) }.unwrap();
+    assert_eq!(added, 100);
+    // While half built: a get is recorded with its tag.
+    let mut early = [std::ptr::null_mut(); 1];
+    pool.get_bulk_tagged(&mut early, 0x51).unwrap();
+    pool.populate_default().unwrap();
+    let mut objs = vec![std::ptr::null_mut(); 5];
+    pool.get_bulk_tagged(&mut objs, 0x52).unwrap();
+    let r = pool.leak_report().unwrap();
+    assert_eq!((r.in_use, r.tracked, r.untracked), (6, 6, 0), "{r}");
+    let tags: BTreeSet<u64> = r.groups.iter().map(|g| g.tag).collect();
+    assert_eq!(tags, BTreeSet::from([0x51, 0x52]), "{r}");
+    let out = pool.outstanding().unwrap();
+    pool.put_bulk(&out.iter().map(|o| o.addr as *mut u8).collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(pool.leak_report().unwrap().tracked, 0);
+    pool.free().unwrap();
+    z.free().unwrap();
+}

@@ -7,7 +7,7 @@
 //! data offset locate the data, and [`memplane_mbuf::free_bulk_raw`]
 //! frees.
 
-use memplane::{Error, Memory};
+use memplane::{Error, MemOptions, Memory};
 use memplane_mbuf::{MbufHeader, MbufPool, MbufPoolConfig, DEFAULT_BUF_SIZE, MBUF_HEADER_SIZE};
 
 /// The packet pool.
@@ -20,11 +20,14 @@ fn err(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl<'m> PacketPool<'m> {
-    /// Bytes of memory a pool of `n` default mbufs takes (the mempool's
-    /// own calculator, before creation).
-    pub(crate) fn footprint(n: u32) -> usize {
+    /// Bytes of memory a pool of `n` default mbufs takes in an instance
+    /// started with `eal` (the mempool's own calculator, before creation,
+    /// with the `-n`/`-r` given there).
+    pub(crate) fn footprint(n: u32, eal: &[String]) -> usize {
         let elt = (MBUF_HEADER_SIZE + usize::from(DEFAULT_BUF_SIZE)) as u32;
-        memplane_mempool::required_memory(n, elt, memplane_mempool::MempoolFlags::NONE)
+        let cxr =
+            MemOptions::parse_args(eal).map_or(0, |o| memplane_mempool::channels_x_ranks_of(&o));
+        memplane_mempool::required_memory_for(n, elt, memplane_mempool::MempoolFlags::NONE, cxr)
             .unwrap_or(n as usize * (elt as usize + 256))
     }
 
@@ -146,5 +149,22 @@ impl<'m> PacketPool<'m> {
             mp.handler(),
             memplane::units::format_size(bytes as u64)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PacketPool;
+
+    /// The demo sizes its pool with the instance's `-n`/`-r`: a default
+    /// mbuf is 37 cache lines with its header, so 37 channels push it to
+    /// 38 lines, while the default 4 x 1 leaves it at 37.
+    #[test]
+    fn the_footprint_follows_memory_channels() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+        let plain = PacketPool::footprint(1000, &args(&[]));
+        let spread = PacketPool::footprint(1000, &args(&["-n", "37"]));
+        assert_eq!(plain, PacketPool::footprint(1000, &args(&["-n", "4", "-r", "1"])));
+        assert_eq!(spread - plain, 1000 * 64, "{plain} {spread}");
     }
 }

@@ -41,7 +41,9 @@ enum MemoryChoice {
 /// 2 MiB pages the demo wants free: the pool's footprint plus room for
 /// the rings, the control block and heap growth in 2 MiB steps.
 fn pages_needed(plan: &Plan) -> u64 {
-    let bytes = PacketPool::footprint(plan.mbufs) + 2 * (plan.mbufs as usize + 64) * 8 + (8 << 20);
+    let bytes = PacketPool::footprint(plan.mbufs, &plan.eal)
+        + 2 * (plan.mbufs as usize + 64) * 8
+        + (8 << 20);
     bytes.div_ceil(2 << 20) as u64
 }
 
@@ -49,7 +51,7 @@ fn pages_needed(plan: &Plan) -> u64 {
 /// (`--reserve`, as root). Adds the options to `eal`.
 fn choose_memory(discovery: &Discovery, plan: &Plan, eal: &mut Vec<String>) -> MemoryChoice {
     let sys = &discovery.roots().sys;
-    let mb = (PacketPool::footprint(plan.mbufs) >> 20) + 64;
+    let mb = (PacketPool::footprint(plan.mbufs, eal) >> 20) + 64;
     let no_huge_args = |eal: &mut Vec<String>| {
         if !eal
             .iter()
@@ -232,7 +234,7 @@ pub(crate) fn run(
             eal.push("--no-huge".into());
             eal.extend([
                 "-m".to_string(),
-                ((PacketPool::footprint(plan.mbufs) >> 20) + 64).to_string(),
+                ((PacketPool::footprint(plan.mbufs, &eal) >> 20) + 64).to_string(),
             ]);
             choice = MemoryChoice::NoHugeFallback;
             Memory::init_with_roots(&MemOptions::parse_args(&eal)?, discovery.roots())?
