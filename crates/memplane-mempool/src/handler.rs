@@ -91,10 +91,14 @@ fn builtins() -> Registry {
         m.insert(
             name.to_string(),
             Arc::new(RingHandler {
+                // Compact: every thread both puts and gets, so an
+                // operation pulls two cache lines instead of four
+                // (2 cores without caches: +13-28%).
                 cfg: RingConfig {
                     producer: p,
                     consumer: c,
                     exact: true,
+                    compact: true,
                 },
             }),
         );

@@ -3175,6 +3175,30 @@ mod tests {
         (dir, mem)
     }
 
+    /// Every built-in ring handler's backend ring is compact (heads and
+    /// tails share lines: every thread both puts and gets), in the
+    /// creator's handle and in one opened by lookup.
+    #[test]
+    fn pool_rings_are_compact() {
+        let (_dir, mem) = no_huge_instance("mpcompact");
+        for h in [
+            "ring_mp_mc",
+            "ring_sp_sc",
+            "ring_mp_sc",
+            "ring_sp_mc",
+            "ring_mt_rts",
+            "ring_mt_hts",
+        ] {
+            let pool = Mempool::create(&mem, "c", &MempoolConfig::new(64, 64).handler(h)).unwrap();
+            let looked = Mempool::lookup(&mem, "c").unwrap();
+            for p in [&pool, &looked] {
+                assert!(p.ring.as_ref().unwrap().raw().is_compact(), "{h}");
+            }
+            drop(looked);
+            pool.free().unwrap();
+        }
+    }
+
     /// A pool made by `create` (create_empty + populate) must take the
     /// cheap membership check on put, not the exact out-of-line one: the
     /// handle's tables are rebuilt when chunks are added.

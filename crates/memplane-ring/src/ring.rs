@@ -13,8 +13,8 @@ use core::ptr::NonNull;
 
 use crate::error::{BulkError, RingError};
 use crate::layout::{
-    pack, slots_offset, HeadTail, Header, FLAG_EXACT, LAYOUT_VERSION, MAGIC, MAX_CAPACITY,
-    NAME_MAX, REGION_ALIGN,
+    pack, slots_offset, HeadTail, Header, FLAG_COMPACT, FLAG_EXACT, LAYOUT_VERSION, MAGIC,
+    MAX_CAPACITY, NAME_MAX, REGION_ALIGN,
 };
 use crate::memory::RingMemory;
 use crate::sync::{wait_round, AtomicU32, AtomicU64, Ordering};
@@ -65,32 +65,55 @@ pub struct RingConfig {
     /// next power of two. Without it the count must be a power of two and
     /// the ring holds exactly that many elements (DPDK holds count - 1).
     pub exact: bool,
+    /// Each side's head and published tail share a cache line, as in
+    /// DPDK's layout: fewer lines move between cores when every thread
+    /// both enqueues and dequeues (a mempool's free list), more when one
+    /// side polls the other (a pipeline: leave it off there). See
+    /// [`compact`](Self::compact).
+    pub compact: bool,
 }
 
 impl RingConfig {
+    /// This configuration with [`compact`](Self::compact) set to `on`.
+    ///
+    /// ```
+    /// use memplane_ring::RingConfig;
+    /// let cfg = RingConfig::MPMC.compact(true);
+    /// assert!(cfg.compact && !RingConfig::MPMC.compact);
+    /// ```
+    #[must_use]
+    pub const fn compact(mut self, on: bool) -> Self {
+        self.compact = on;
+        self
+    }
+
     /// Single producer, single consumer.
     pub const SPSC: Self = Self {
         producer: SyncMode::Single,
         consumer: SyncMode::Single,
         exact: false,
+        compact: false,
     };
     /// Multi producer, multi consumer (the default).
     pub const MPMC: Self = Self {
         producer: SyncMode::Multi,
         consumer: SyncMode::Multi,
         exact: false,
+        compact: false,
     };
     /// Both sides in relaxed-tail-sync mode.
     pub const RTS: Self = Self {
         producer: SyncMode::MultiRts,
         consumer: SyncMode::MultiRts,
         exact: false,
+        compact: false,
     };
     /// Both sides in head-tail-sync mode.
     pub const HTS: Self = Self {
         producer: SyncMode::MultiHts,
         consumer: SyncMode::MultiHts,
         exact: false,
+        compact: false,
     };
 }
 
@@ -181,6 +204,10 @@ pub(crate) struct Core {
     esize: u32,
     prod_mode: SyncMode,
     cons_mode: SyncMode,
+    /// Each side's published position: `tail`, or `near_tail` in a
+    /// compact ring. Resolved once here, so no operation tests the flag.
+    prod_tail: NonNull<AtomicU64>,
+    cons_tail: NonNull<AtomicU64>,
     /// loom: one tracked cell per slot, so the model checker sees slot
     /// accesses and reports any that are not ordered by the protocol.
     #[cfg(loom)]
@@ -217,6 +244,29 @@ impl Core {
         }
     }
 
+    /// The published positions of (our side, the other side) for `dir`.
+    #[inline(always)]
+    fn tails(&self, dir: Dir) -> (&AtomicU64, &AtomicU64) {
+        let (p, c) = (self.prod_tail(), self.cons_tail());
+        match dir {
+            Dir::Enq => (p, c),
+            Dir::Deq => (c, p),
+        }
+    }
+
+    #[inline(always)]
+    fn prod_tail(&self) -> &AtomicU64 {
+        // SAFETY: points at a tail word of the header (from_parts), alive
+        // as long as the header.
+        unsafe { self.prod_tail.as_ref() }
+    }
+
+    #[inline(always)]
+    fn cons_tail(&self) -> &AtomicU64 {
+        // SAFETY: as prod_tail.
+        unsafe { self.cons_tail.as_ref() }
+    }
+
     /// loom: records accesses to the slots of `[head, head + n)`.
     #[cfg(loom)]
     fn track(&self, head: u32, n: u32, write: bool) {
@@ -244,10 +294,11 @@ impl Core {
     /// (enqueue) or writes (dequeue) of `T`.
     #[inline(always)]
     unsafe fn bulk_multi<T: Copy>(&self, dir: Dir, buf: *mut T, want: u32) -> bool {
-        let (own, opp) = self.sides(dir);
+        let (own, _) = self.sides(dir);
+        let (own_tail, opp_tail) = self.tails(dir);
         let mut head = own.head.load(Acquire) as u32;
         loop {
-            let opp_tail = opp.tail.load(Acquire) as u32;
+            let opp_tail = opp_tail.load(Acquire) as u32;
             if avail(dir, self.capacity, head, opp_tail) < want {
                 // A stale head (others moved on while we were descheduled)
                 // can read as "no room": fail only on a current one.
@@ -278,17 +329,16 @@ impl Core {
         // Wait for the ops reserved before ours (Acquire: their slot
         // accesses happen-before our Release).
         let mut rounds = 0;
-        while own.tail.load(Acquire) as u32 != head {
+        while own_tail.load(Acquire) as u32 != head {
             wait_round(&mut rounds);
         }
-        own.tail.store(u64::from(head.wrapping_add(want)), Release);
+        own_tail.store(u64::from(head.wrapping_add(want)), Release);
         true
     }
 
     fn count(&self) -> u32 {
-        let h = self.hdr();
-        let p = h.prod.tail.load(Acquire) as u32;
-        let c = h.cons.tail.load(Acquire) as u32;
+        let p = self.prod_tail().load(Acquire) as u32;
+        let c = self.cons_tail().load(Acquire) as u32;
         p.wrapping_sub(c).min(self.capacity)
     }
 
@@ -518,15 +568,17 @@ impl<M: RingMemory> RawRing<M> {
             sync: mode as u32,
             owner: AtomicU32::new(0),
             _pad0: 0,
+            near_tail: AtomicU64::new(0),
             #[cfg(not(loom))]
-            _pad1: [0; 40],
+            _pad1: [0; 32],
             #[cfg(not(loom))]
             _pad: [0; 56],
         };
         let hdr = Header {
             magic: AtomicU64::new(0),
             version: LAYOUT_VERSION,
-            flags: if cfg.exact { FLAG_EXACT } else { 0 },
+            flags: if cfg.exact { FLAG_EXACT } else { 0 }
+                | if cfg.compact { FLAG_COMPACT } else { 0 },
             size,
             mask: size - 1,
             capacity: cap,
@@ -554,6 +606,7 @@ impl<M: RingMemory> RawRing<M> {
             esize as u32,
             cfg.producer,
             cfg.consumer,
+            cfg.compact,
         ))
     }
 
@@ -564,10 +617,18 @@ impl<M: RingMemory> RawRing<M> {
         esize: u32,
         prod_mode: SyncMode,
         cons_mode: SyncMode,
+        compact: bool,
     ) -> Self {
         let base = mem.as_ptr();
+        let hdr: NonNull<Header> = NonNull::new(base.cast()).expect("region pointer is non-null");
+        // SAFETY: the region holds an initialised header (init wrote it,
+        // attach validated it) for as long as `mem` lives.
+        let h = unsafe { hdr.as_ref() };
+        let tail =
+            |side: &HeadTail| NonNull::from(if compact { &side.near_tail } else { &side.tail });
+        let (prod_tail, cons_tail) = (tail(&h.prod), tail(&h.cons));
         let core = Core {
-            hdr: NonNull::new(base.cast()).expect("region pointer is non-null"),
+            hdr,
             // SAFETY: slots_offset() < needed <= len, so in bounds.
             slots: NonNull::new(unsafe { base.add(slots_offset()) }).expect("non-null"),
             size,
@@ -576,6 +637,8 @@ impl<M: RingMemory> RawRing<M> {
             esize,
             prod_mode,
             cons_mode,
+            prod_tail,
+            cons_tail,
             #[cfg(loom)]
             cells: (0..size).map(|_| loom::cell::UnsafeCell::new(())).collect(),
         };
@@ -643,7 +706,17 @@ impl<M: RingMemory> RawRing<M> {
                 got: mem.len(),
             });
         }
-        Ok(Self::from_parts(mem, size, cap, esize, pm, cm))
+        if h.flags & !(FLAG_EXACT | FLAG_COMPACT) != 0 {
+            return Err(RingError::CorruptHeader("unknown flag bits"));
+        }
+        let compact = h.flags & FLAG_COMPACT != 0;
+        Ok(Self::from_parts(mem, size, cap, esize, pm, cm, compact))
+    }
+
+    /// Whether each side's head and published tail share a cache line
+    /// ([`RingConfig::compact`]).
+    pub fn is_compact(&self) -> bool {
+        self.core.hdr().flags & FLAG_COMPACT != 0
     }
 
     /// The ring's name.
@@ -725,6 +798,7 @@ impl<M: RingMemory> RawRing<M> {
         for s in [&h.prod, &h.cons] {
             s.head.store(0, Release);
             s.tail.store(0, Release);
+            s.near_tail.store(0, Release);
             s.owner.store(0, Release);
         }
     }
@@ -768,8 +842,10 @@ impl<M: RingMemory> core::fmt::Debug for RawRing<M> {
 struct Handle<'r> {
     /// Our side of the header (the producer side for a producer).
     own: &'r HeadTail,
-    /// The other side, whose tail bounds us.
-    opp: &'r HeadTail,
+    /// Our published position (our side's tail word).
+    own_tail: &'r AtomicU64,
+    /// The other side's published position, which bounds us.
+    opp_tail: &'r AtomicU64,
     /// First slot.
     slots: NonNull<u8>,
     mask: u32,
@@ -792,7 +868,8 @@ impl<'r> Handle<'r> {
     // out-of-line constructor returned the whole handle through memory.
     #[inline(always)]
     fn new(core: &'r Core, dir: Dir) -> Result<Self, RingError> {
-        let (own, opp) = core.sides(dir);
+        let (own, _) = core.sides(dir);
+        let (own_tail, opp_tail) = core.tails(dir);
         let (mode, role) = match dir {
             Dir::Enq => (core.prod_mode, "producer"),
             Dir::Deq => (core.cons_mode, "consumer"),
@@ -806,12 +883,13 @@ impl<'r> Handle<'r> {
         }
         Ok(Self {
             own,
-            opp,
+            own_tail,
+            opp_tail,
             slots: core.slots,
             mask: core.mask,
             capacity: core.capacity,
             mode,
-            cache: Cell::new(opp.tail.load(Acquire) as u32),
+            cache: Cell::new(opp_tail.load(Acquire) as u32),
             core,
             claimed,
         })
@@ -830,7 +908,7 @@ impl<'r> Handle<'r> {
     fn fit(&self, dir: Dir, head: u32, want: u32, bulk: bool) -> (u32, u32) {
         let mut av = self.avail(dir, head, self.cache.get());
         if av < want {
-            let o = self.opp.tail.load(Acquire) as u32;
+            let o = self.opp_tail.load(Acquire) as u32;
             self.cache.set(o);
             av = self.avail(dir, head, o);
         }
@@ -850,7 +928,7 @@ impl<'r> Handle<'r> {
     /// (old head, n, remaining).
     #[inline(always)]
     fn reserve_multi(&self, dir: Dir, mode: SyncMode, want: u32, bulk: bool) -> (u32, u32, u32) {
-        let own = self.own;
+        let (own, own_tail) = (self.own, self.own_tail);
         match mode {
             SyncMode::Single | SyncMode::Multi => {
                 let mut head = own.head.load(Acquire) as u32;
@@ -913,7 +991,7 @@ impl<'r> Handle<'r> {
                 let mut rounds = 0;
                 loop {
                     let h = cur as u32;
-                    let t = own.tail.load(Acquire) as u32;
+                    let t = own_tail.load(Acquire) as u32;
                     if h.wrapping_sub(t) > max {
                         wait_round(&mut rounds);
                         cur = own.head.load(Acquire);
@@ -942,7 +1020,7 @@ impl<'r> Handle<'r> {
     /// CAS-based modes (see [`reserve_multi`](Self::reserve_multi)).
     #[inline(always)]
     fn publish_multi(&self, mode: SyncMode, head: u32, n: u32) {
-        let own = self.own;
+        let (own, own_tail) = (self.own, self.own_tail);
         let new = head.wrapping_add(n);
         match mode {
             SyncMode::Single | SyncMode::Multi => {
@@ -950,17 +1028,17 @@ impl<'r> Handle<'r> {
                 // slot accesses happen-before our Release below and reach
                 // whoever acquires our tail.
                 let mut rounds = 0;
-                while own.tail.load(Acquire) as u32 != head {
+                while own_tail.load(Acquire) as u32 != head {
                     wait_round(&mut rounds);
                 }
-                own.tail.store(u64::from(new), Release);
+                own_tail.store(u64::from(new), Release);
             }
             SyncMode::MultiHts => {
-                own.tail.store(u64::from(new), Release);
+                own_tail.store(u64::from(new), Release);
                 own.head.store(pack(new, new), Release);
             }
             SyncMode::MultiRts => {
-                let mut t = own.tail.load(Acquire);
+                let mut t = own_tail.load(Acquire);
                 loop {
                     let h = own.head.load(Acquire);
                     let cnt = ((t >> 32) as u32).wrapping_add(1);
@@ -971,10 +1049,7 @@ impl<'r> Handle<'r> {
                     } else {
                         t as u32
                     };
-                    match own
-                        .tail
-                        .compare_exchange(t, pack(pos, cnt), AcqRel, Acquire)
-                    {
+                    match own_tail.compare_exchange(t, pack(pos, cnt), AcqRel, Acquire) {
                         Ok(_) => break,
                         Err(c) => t = c,
                     }
@@ -1028,7 +1103,7 @@ impl<'r> Handle<'r> {
         if self.mode == SyncMode::Single {
             // We are the only writer of our tail (role claimed with
             // Acquire), so a relaxed read of our own position is exact.
-            let head = self.own.tail.load(Relaxed) as u32;
+            let head = self.own_tail.load(Relaxed) as u32;
             let (n, av) = self.fit(dir, head, want, bulk);
             (head, n, av - n)
         } else {
@@ -1040,8 +1115,7 @@ impl<'r> Handle<'r> {
     #[inline(always)]
     fn publish_fast(&self, head: u32, n: u32) {
         if self.mode == SyncMode::Single {
-            self.own
-                .tail
+            self.own_tail
                 .store(u64::from(head.wrapping_add(n)), Release);
         } else {
             self.publish_multi(SyncMode::Multi, head, n);
@@ -1219,7 +1293,7 @@ impl<'r> Handle<'r> {
     /// As `dequeue`; only for a single consumer.
     #[inline(always)]
     unsafe fn peek<U: Copy>(&self, dst: *mut U, n: u32, unit: usize) -> u32 {
-        let head = self.own.tail.load(Relaxed) as u32;
+        let head = self.own_tail.load(Relaxed) as u32;
         let (n, _) = self.fit(Dir::Deq, head, n, false);
         // SAFETY: entries [head, head+n) are published and, with a single
         // consumer, cannot be released to producers while we read them.

@@ -17,11 +17,16 @@ fn ring<T: memplane_ring::Element>(cap: usize, cfg: RingConfig) -> Ring<T, HeapR
     Ring::init(region(bytes), "test", cap, cfg).unwrap()
 }
 
-const ALL: [RingConfig; 4] = [
+/// Every sync mode, in both layouts.
+const ALL: [RingConfig; 8] = [
     RingConfig::MPMC,
     RingConfig::SPSC,
     RingConfig::RTS,
     RingConfig::HTS,
+    RingConfig::MPMC.compact(true),
+    RingConfig::SPSC.compact(true),
+    RingConfig::RTS.compact(true),
+    RingConfig::HTS.compact(true),
 ];
 
 #[test]
@@ -476,4 +481,72 @@ fn handleless_multi_bulk() {
         assert!(!r.dequeue_bulk_multi(&mut out[..2]), "{cfg:?}");
         assert_eq!(r.count(), 2);
     }
+}
+
+/// A compact ring publishes each side's position in the head's cache
+/// line (offset 24 of the side), a default ring on the next line (64),
+/// and the choice survives attach; a header with a flag bit this build
+/// does not know is refused.
+#[test]
+fn compact_rings_publish_next_to_the_head() {
+    fn word(r: &HeapRegion, off: usize) -> u64 {
+        let b = bytes_of(r);
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+    const PROD: usize = 128;
+    const CONS: usize = 256;
+    for compact in [false, true] {
+        for cfg in [
+            RingConfig::MPMC,
+            RingConfig::SPSC,
+            RingConfig::RTS,
+            RingConfig::HTS,
+        ] {
+            let cfg = cfg.compact(compact);
+            let bytes = Ring::<u64, HeapRegion>::memsize(16, false).unwrap();
+            let r = Ring::<u64, _>::init(region(bytes), "c", 16, cfg).unwrap();
+            assert_eq!(r.raw().is_compact(), compact);
+            r.producer().unwrap().enqueue_bulk(&[1, 2, 3]).unwrap();
+            r.consumer().unwrap().dequeue_bulk(&mut [0u64; 1]).unwrap();
+            assert!(r.enqueue_bulk_multi(&[4]) || !matches!(cfg.producer, SyncMode::Multi));
+            let mem = r.into_memory();
+            let (near, far) = if compact { (24, 64) } else { (64, 24) };
+            let (p, c) = (
+                word(&mem, PROD + near) as u32,
+                word(&mem, CONS + near) as u32,
+            );
+            let expect_p = if matches!(cfg.producer, SyncMode::Multi) {
+                4
+            } else {
+                3
+            };
+            assert_eq!((p, c), (expect_p, 1), "{cfg:?}");
+            assert_eq!(
+                (word(&mem, PROD + far), word(&mem, CONS + far)),
+                (0, 0),
+                "{cfg:?}"
+            );
+            let r2 = Ring::<u64, _>::attach(mem).unwrap();
+            assert_eq!(r2.raw().is_compact(), compact);
+            assert_eq!(r2.count(), expect_p - 1, "{cfg:?}");
+            let mut out = vec![0u64; (expect_p - 1) as usize];
+            r2.consumer().unwrap().dequeue_bulk(&mut out).unwrap();
+            assert_eq!(out[..2], [2, 3], "{cfg:?}");
+        }
+    }
+    // Flag bit 2 (unknown): refused at attach.
+    let bytes = Ring::<u64, HeapRegion>::memsize(16, false).unwrap();
+    let mem = Ring::<u64, _>::init(region(bytes), "f", 16, RingConfig::MPMC)
+        .unwrap()
+        .into_memory();
+    // SAFETY: test-only write to the flags word (offset 12 of a 64-byte
+    // aligned region, so aligned) of a ring nobody uses.
+    #[allow(clippy::cast_ptr_alignment)]
+    unsafe {
+        *mem.as_ptr().add(12).cast::<u32>() |= 4;
+    }
+    assert_eq!(
+        Ring::<u64, _>::attach(mem).unwrap_err(),
+        RingError::CorruptHeader("unknown flag bits")
+    );
 }

@@ -112,8 +112,18 @@ fn two_consumers(cfg: RingConfig) {
 /// and in order (and loom sees every slot access ordered).
 #[test]
 fn handleless_multi_bulk() {
-    model(|| {
-        let r = ring(4, RingConfig::MPMC);
+    handleless_multi_bulk_in(RingConfig::MPMC);
+}
+
+/// The same in a compact ring (tails next to the heads).
+#[test]
+fn handleless_multi_bulk_compact() {
+    handleless_multi_bulk_in(RingConfig::MPMC.compact(true));
+}
+
+fn handleless_multi_bulk_in(cfg: RingConfig) {
+    model(move || {
+        let r = ring(4, cfg);
         let ts: Vec<_> = [[11u64, 12], [21, 22]]
             .into_iter()
             .map(|v| {
@@ -153,6 +163,17 @@ fn mp_two_producers_full_ring() {
             ..RingConfig::MPMC
         },
         1,
+    );
+}
+
+#[test]
+fn mp_two_producers_compact() {
+    two_producers(
+        RingConfig {
+            consumer: SyncMode::Single,
+            ..RingConfig::MPMC.compact(true)
+        },
+        2,
     );
 }
 

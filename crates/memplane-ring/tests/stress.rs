@@ -124,6 +124,16 @@ fn mpmc_1e8() {
 }
 
 #[test]
+fn mpmc_compact_1e7() {
+    run(RingConfig::MPMC.compact(true), 2, 2, scaled(10_000_000));
+}
+
+#[test]
+fn rts_compact_1e7() {
+    run(RingConfig::RTS.compact(true), 2, 2, scaled(10_000_000));
+}
+
+#[test]
 fn rts_1e7() {
     run(RingConfig::RTS, 2, 2, scaled(10_000_000));
 }

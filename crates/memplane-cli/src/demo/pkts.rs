@@ -164,7 +164,10 @@ mod tests {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
         let plain = PacketPool::footprint(1000, &args(&[]));
         let spread = PacketPool::footprint(1000, &args(&["-n", "37"]));
-        assert_eq!(plain, PacketPool::footprint(1000, &args(&["-n", "4", "-r", "1"])));
+        assert_eq!(
+            plain,
+            PacketPool::footprint(1000, &args(&["-n", "4", "-r", "1"]))
+        );
         assert_eq!(spread - plain, 1000 * 64, "{plain} {spread}");
     }
 }

@@ -135,6 +135,9 @@ fn create_shared<'m>(mem: &'m Memory, plan: &Plan) -> Result<Shared<'m>, Error> 
         producer: SyncMode::Single,
         consumer: SyncMode::Single,
         exact: true,
+        // A pipeline: each side polls the other's tail, which must not
+        // share a line with the head its owner keeps moving.
+        compact: false,
     };
     let ring = |name: &str| {
         Ring::<usize, _>::create(
