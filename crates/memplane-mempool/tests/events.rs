@@ -7,6 +7,9 @@
 //! Callbacks are process-wide and the tests of this binary run in
 //! parallel: each recorder keeps only the events of its own instance.
 
+// Objects are 64-byte aligned: u32 accesses at their start are fine.
+#![allow(clippy::cast_ptr_alignment)]
+
 mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -584,5 +587,41 @@ fn replay_reports_the_pools_ready_before_registration() {
         p.free().unwrap();
     }
     assert_eq!(replay_ready(mem, |_, _| {}), 0);
+    unregister_event_callback(id).unwrap();
+}
+
+#[test]
+fn create_with_fires_ready_after_obj_init() {
+    if !have_hugepages(4) {
+        return;
+    }
+    let inst = instance("ev_objinit");
+    let mem = &inst.mem;
+    let key = mem_key(mem);
+    // At Ready, every element holds what obj_init wrote.
+    let stamped = Arc::new(AtomicU32::new(u32::MAX));
+    let s = Arc::clone(&stamped);
+    let cb: EventCallback = Arc::new(move |ev, v| {
+        if mem_key(v.memory()) == key && ev == MempoolEvent::Ready {
+            let hs = v.obj_size().header_size as usize;
+            let ts = v.obj_size().total_size as usize;
+            let ok = v
+                .chunks()
+                .iter()
+                .flat_map(|c| (0..c.count as usize).map(move |i| c.va + i * ts + hs))
+                // SAFETY: an element of the pool (64-aligned, 64 bytes).
+                .filter(|&e| unsafe { std::ptr::read_volatile(e as *const u32) } == 0xfeed)
+                .count();
+            s.store(u32::try_from(ok).unwrap(), Ordering::SeqCst);
+        }
+    });
+    let id = register_event_callback(cb).unwrap();
+    let pool = Mempool::create_with(mem, "ev_init", &MempoolConfig::new(100, 64), |_, e| {
+        // SAFETY: a fresh 64-byte element, 64-aligned.
+        unsafe { e.cast::<u32>().write(0xfeed) }
+    })
+    .unwrap();
+    assert_eq!(stamped.load(Ordering::SeqCst), 100);
+    pool.free().unwrap();
     unregister_event_callback(id).unwrap();
 }
