@@ -265,6 +265,24 @@ pub enum MempoolError {
         /// Pool name.
         name: String,
     },
+    /// [`register_event_callback`](crate::register_event_callback) with
+    /// an `Arc` that is registered already (DPDK's `-EEXIST` for the same
+    /// `(func, user_data)`). Nothing changed.
+    #[error("this mempool event callback (the same Arc) is registered already, as {id}; unregister it first or register a new Arc")]
+    EventCallbackExists {
+        /// The id it is registered under.
+        id: crate::EventCallbackId,
+    },
+    /// [`unregister_event_callback`](crate::unregister_event_callback)
+    /// with an id that is not registered (never was, or was unregistered
+    /// already; DPDK's `-ENOENT`). Nothing changed.
+    #[error(
+        "no mempool event callback {id} is registered in this process (unregistered already?)"
+    )]
+    UnknownEventCallback {
+        /// The id asked for.
+        id: crate::EventCallbackId,
+    },
     /// The pool's shared structures are inconsistent.
     #[error("mempool {name:?} is corrupt: {why}")]
     Corrupt {

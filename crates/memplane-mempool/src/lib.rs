@@ -55,6 +55,12 @@
 //! - Per-lcore caches follow DPDK's policy up to 26.03 (size <= 512 and
 //!   <= n / 1.5, flush threshold 1.5 x size), for threads with an lcore
 //!   id ([`register_thread`]); [`MempoolCache`] is a user-owned cache.
+//! - Events ([`events`], DPDK's `rte_mempool_event_callback_register`):
+//!   per-process callbacks told when a pool becomes ready (every object
+//!   placed) and before a freed pool's memory is released, with the
+//!   pool's name and memory chunks (for DMA registration);
+//!   [`register_event_callback`], [`unregister_event_callback`],
+//!   [`replay_ready`] for pools ready before the callback was registered.
 //! - [`TypedMempool`] hands out [`PoolBox`]es that go back on drop.
 //!
 //! # Caches, precisely
@@ -99,6 +105,8 @@
 #[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
+pub mod events;
+#[cfg(not(loom))]
 pub mod handler;
 #[cfg(not(loom))]
 pub mod layout;
@@ -116,6 +124,11 @@ mod typed;
 
 #[cfg(not(loom))]
 pub use error::{MempoolError, NodeFree};
+#[cfg(not(loom))]
+pub use events::{
+    event_callback_id, register_event_callback, replay_ready, unregister_event_callback,
+    EventCallback, EventCallbackId, MempoolEvent, MempoolView,
+};
 #[cfg(not(loom))]
 pub use handler::{handler_names, register_handler, Backend, BackendParams, Handler};
 #[cfg(not(loom))]

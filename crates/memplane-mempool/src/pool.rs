@@ -16,6 +16,7 @@ use memplane::memzone::{Memzone, MemzoneError, MemzoneFlags};
 use memplane::{Error, Memory};
 use serde::Serialize;
 
+use crate::events::MempoolEvent;
 use crate::handler::{
     as_words, as_words_mut, default_handler, find_handler, is_builtin_ring, pool_ring,
     ring_dequeue, ring_enqueue, Backend, BackendParams, Handler,
@@ -380,10 +381,12 @@ impl<'m> Mempool<'m> {
                     chunks = pool.header().nb_chunks,
                     "mempool created"
                 );
+                crate::events::fire(MempoolEvent::Ready, &pool);
                 Ok(pool)
             }
             Err(e) => {
-                let _ = pool.free_forced();
+                // The caller never had the pool: no Destroy event.
+                let _ = pool.teardown(false);
                 Err(e)
             }
         }
@@ -514,7 +517,8 @@ impl<'m> Mempool<'m> {
             Ok(())
         })();
         if let Err(e) = switched {
-            let _ = pool.free_forced();
+            // The caller never had the pool: no Destroy event.
+            let _ = pool.teardown(false);
             return Err(e);
         }
         Ok(pool)
@@ -542,7 +546,18 @@ impl<'m> Mempool<'m> {
     /// (which refuses a pool with any chunk, `-EEXIST`), a pool partly
     /// filled by [`populate_virt`](Self::populate_virt) gets the rest.
     pub fn populate_default(&mut self) -> Result<u32, MempoolError> {
-        self.populate_zones(&mut |_, _| {})
+        let added = self.populate_zones(&mut |_, _| {})?;
+        self.fire_ready_if_full();
+        Ok(added)
+    }
+
+    /// Fires [`MempoolEvent::Ready`] when the `populate_*` call that just
+    /// succeeded placed the last object (a full pool refuses further
+    /// calls, so this fires once).
+    fn fire_ready_if_full(&self) {
+        if self.populated() == self.n {
+            crate::events::fire(MempoolEvent::Ready, self);
+        }
     }
 
     fn populate_zones(
@@ -631,6 +646,7 @@ impl<'m> Mempool<'m> {
         }
         self.place_chunk(k, &mut |_, _| {})?;
         self.chunks_changed();
+        self.fire_ready_if_full();
         Ok(count)
     }
 
@@ -675,6 +691,7 @@ impl<'m> Mempool<'m> {
         }
         self.place_chunk(k, &mut |_, _| {})?;
         self.chunks_changed();
+        self.fire_ready_if_full();
         Ok(self.n)
     }
 
@@ -1979,8 +1996,10 @@ impl<'m> Mempool<'m> {
     /// Frees the pool: backend, object zones, header zone. Refused with
     /// [`MempoolError::InUse`] while objects are out (the calling thread's
     /// cache is flushed first); the pool is then left as it was (look it
-    /// up again to keep using it). Other handles to the pool, in any
-    /// thread or process, must not be used afterwards.
+    /// up again to keep using it) and no event fires. Other handles to the
+    /// pool, in any thread or process, must not be used afterwards. Fires
+    /// [`MempoolEvent::Destroy`] in this process once the free goes ahead,
+    /// before any memory is released (see [`crate::events`]).
     pub fn free(self) -> Result<(), MempoolError> {
         self.cache_flush()?;
         let in_use = self.in_use_count();
@@ -1991,12 +2010,22 @@ impl<'m> Mempool<'m> {
                 n: self.n,
             });
         }
-        self.free_forced()
+        self.teardown(true)
     }
 
-    /// Frees the pool even with objects out (they become dangling).
+    /// Frees the pool even with objects out (they become dangling). Fires
+    /// [`MempoolEvent::Destroy`] first, as [`free`](Self::free).
     pub fn free_forced(self) -> Result<(), MempoolError> {
+        self.teardown(true)
+    }
+
+    /// Unpublishes the pool, fires `Destroy` if `event` (the pool's memory
+    /// still mapped), then releases everything.
+    fn teardown(self, event: bool) -> Result<(), MempoolError> {
         self.header().magic.store(0, Ordering::Release);
+        if event {
+            crate::events::fire(MempoolEvent::Destroy, &self);
+        }
         let h = self.header();
         let nb = h.nb_chunks as usize;
         let (zones, anon) = (h.zone_chunks, h.anon_chunks);
