@@ -81,6 +81,14 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Optional: checks the backend's own structures (called first by
+    /// [`Mempool::audit`](crate::Mempool::audit), on a quiescent pool);
+    /// an inconsistency is [`MempoolError::Corrupt`]. Default: nothing
+    /// to check.
+    fn check(&self) -> Result<(), MempoolError> {
+        Ok(())
+    }
+
     /// Optional: objects per contiguous block when the backend hands out
     /// whole blocks ([`dequeue_contig_blocks`](Self::dequeue_contig_blocks);
     /// DPDK's `rte_mempool_ops_get_info` `contig_block_size`). Default:

@@ -2011,9 +2011,12 @@ impl<'m> Mempool<'m> {
     /// object in the backend and the lcore caches is an object of this
     /// pool, seen once (a double put shows as a duplicate), with an intact
     /// header and cookie; debug builds also check that objects out are
-    /// marked out. Takes the backend's objects out and puts them back, so
+    /// marked out; the backend checks its own structures first (the
+    /// `bucket` handler: its lists, counts and index stacks). Takes the
+    /// backend's objects out and puts them back, so
     /// the pool must be quiescent (no get or put anywhere).
     pub fn audit(&self) -> Result<AuditReport, MempoolError> {
+        self.backend.check()?;
         let count = self.backend.count();
         let mut held: Vec<*mut u8> = vec![std::ptr::null_mut(); count as usize];
         for part in held.chunks_mut(4096) {

@@ -83,13 +83,13 @@ fn check_blocks(pool: &Mempool<'_>, first: &[*mut u8], also: &HashSet<u32>) -> H
 
 #[test]
 fn bucket_pools_lay_objects_out_in_aligned_buckets_and_required_memory_matches() {
+    use MempoolFlags as F;
     if !have_hugepages(16) {
         return;
     }
     let inst = instance("bk_layout");
     let mem = &inst.mem;
     let cxr = channels_x_ranks(mem);
-    use MempoolFlags as F;
     for (name, n, elt, flags) in [
         ("one", 1u32, 64u32, F::NONE),
         ("exact", PB as u32, 64, F::NONE),
@@ -886,5 +886,80 @@ fn a_secondary_gets_and_puts_objects_and_blocks_of_a_primarys_bucket_pool() {
         assert_eq!(unsafe { o.cast::<u64>().read() }, 0);
     }
     pool.put_bulk(&objs).unwrap();
+    pool.free().unwrap();
+}
+
+/// Small buckets (1 KiB: four objects each) make buckets change lists
+/// all the time; eight threads (six with lcore ids) on a small pool get
+/// and put singly and in bulks, and take blocks: no object is ever held
+/// twice, and at the end every bucket is whole again.
+#[test]
+fn small_buckets_under_contention_stay_consistent() {
+    if !have_hugepages(8) {
+        return;
+    }
+    let inst = instance("bk_small");
+    let mem = &inst.mem;
+    register_handler("bucket_1k", Arc::new(BucketHandler::new(1024).unwrap())).unwrap();
+    let rounds = if cfg!(debug_assertions) { 4000 } else { 40_000 };
+    let n = 4 * 64;
+    let pool = Mempool::create_with(
+        mem,
+        "small",
+        &MempoolConfig::new(n, 64).handler("bucket_1k"),
+        // SAFETY: a fresh 64-byte element, 64-aligned.
+        |_, o| unsafe { o.cast::<u64>().write(0) },
+    )
+    .unwrap();
+    assert_eq!(pool.contig_block_size(), Some(4));
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let pool = &pool;
+            s.spawn(move || {
+                if t < 6 {
+                    register_thread(mem).unwrap();
+                }
+                let mut r = t.wrapping_mul(0x9e37_79b9) | 1;
+                let mut objs = [NULL; 12];
+                for i in 0..rounds {
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                    let tag = (t + 1) << 32 | i;
+                    if r % 5 == 0 {
+                        let mut first = [NULL; 2];
+                        if pool.get_contig_blocks(&mut first).is_ok() {
+                            let objs = block_objects(pool, &first);
+                            stamp_and_clear(&objs, tag);
+                            // Back in two halves, from the end.
+                            pool.put_bulk(&objs[4..]).unwrap();
+                            pool.put_bulk(&objs[..4]).unwrap();
+                        }
+                        continue;
+                    }
+                    let k = (r % 12) as usize + 1;
+                    if pool.get_bulk(&mut objs[..k]).is_err() {
+                        continue;
+                    }
+                    stamp_and_clear(&objs[..k], tag);
+                    for part in objs[..k].chunks(3) {
+                        pool.put_bulk(part).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    assert!(pool.is_full());
+    assert_eq!(pool.audit().unwrap().in_backend, n);
+    let mut first = vec![NULL; 64];
+    pool.get_contig_blocks(&mut first).unwrap();
+    assert_eq!(
+        check_blocks(&pool, &first, &HashSet::new()).len(),
+        n as usize
+    );
+    pool.put_bulk(&block_objects(&pool, &first)).unwrap();
+    let mut all = vec![NULL; n as usize];
+    pool.get_bulk(&mut all).unwrap();
+    pool.put_bulk(&all).unwrap();
     pool.free().unwrap();
 }
