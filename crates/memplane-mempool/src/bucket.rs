@@ -12,12 +12,12 @@
 //! # Layout
 //!
 //! A bucket is `[bucket header][objects back to back][slack]`. The header
-//! is one line ([`BucketHead`]: the zone it belongs to, where it is
+//! is one line (`BucketHead`: the zone it belongs to, where it is
 //! listed, how many of its objects are free, links) and then a stack of
 //! the free objects' indexes (2 bytes per object), rounded up to 64
 //! bytes: with 192-byte objects a 64 KiB bucket holds 337 of them after
 //! a 768-byte header. The pool records this as its
-//! [`BlockLayout`](crate::layout::BlockLayout); every process places and
+//! [`BlockLayout`]; every process places and
 //! finds objects from it, and
 //! [`required_memory_handler`](crate::required_memory_handler) counts
 //! the same bytes. A chunk's last bucket may hold fewer objects; such a

@@ -122,7 +122,7 @@ pub enum MempoolError {
     /// A pool's objects do not fit its handler's blocks: the element
     /// (with its object header and padding) and the block header are
     /// bigger than a `bucket` handler's bucket. Nothing was reserved.
-    #[error("a bucket of {bucket_size} bytes holds no object of {total_size} bytes (a {elt_size}-byte element with its object header and padding) after its {header}-byte bucket header; use elements of at most {max_total} bytes with the headers, or a handler with bigger buckets (BucketHandler::new, registered under a name of its own)")]
+    #[error("a bucket of {bucket_size} bytes holds no object of {total_size} bytes (a {elt_size}-byte element with its object header and padding) after its {header}-byte bucket header; a bucket holds objects of at most {max_total} bytes (element, object header and padding): use smaller elements, or a handler with bigger buckets (BucketHandler::new, registered under a name of its own)")]
     BucketTooSmall {
         /// Bytes per bucket.
         bucket_size: u32,
