@@ -260,7 +260,9 @@ pub fn calc_obj_size_for(
 ///
 /// This assumes DPDK's default 4 memory channels x 1 rank; for an instance
 /// started with `-n`/`-r`, use [`required_memory_for`] with
-/// [`channels_x_ranks`].
+/// [`channels_x_ranks`]. It counts objects back to back, as every built-in
+/// handler but `bucket` places them; [`required_memory_handler`] counts
+/// for any handler (the `bucket` handler's buckets take more).
 pub fn required_memory(n: u32, elt_size: u32, flags: MempoolFlags) -> Result<usize, MempoolError> {
     required_memory_for(n, elt_size, flags, 0)
 }

@@ -93,6 +93,8 @@ pub struct MempoolConfig {
     /// Flags.
     pub flags: MempoolFlags,
     /// Handler name; `None` picks from the flags (`ring_mp_mc` by default).
+    /// `bucket` lays objects out in buckets and hands out contiguous
+    /// blocks ([`Mempool::get_contig_blocks`]).
     pub handler: Option<String>,
     /// Start with leak tracking on ([`Mempool::set_leak_tracking`]).
     pub leak_tracking: bool,
