@@ -273,6 +273,7 @@ fn render_mempools(pools: &[PoolReport]) -> String {
         ("size", true),
         ("elt", true),
         ("obj", true),
+        ("block", true),
         ("in use", true),
         ("avail", true),
         ("cache", true),
@@ -300,6 +301,8 @@ fn render_mempools(pools: &[PoolReport]) -> String {
                     i.size.to_string(),
                     i.elt_size.to_string(),
                     i.obj_size.total_size.to_string(),
+                    i.contig_block_size
+                        .map_or_else(|| "-".to_string(), |b| b.to_string()),
                     i.in_use.to_string(),
                     i.avail.to_string(),
                     i.cache_size.to_string(),
@@ -337,7 +340,7 @@ fn render_pool_stats(pools: &[PoolReport]) -> String {
         return String::new();
     }
     let mut o = String::from(
-        "\nmempool statistics (pools with statistics on; cp = common pool, the backend):\n",
+        "\nmempool statistics (pools with statistics on; cp = common pool, the backend; blks = contiguous blocks):\n",
     );
     let mut t = Table::new(&[
         ("pool", false),
@@ -352,6 +355,8 @@ fn render_pool_stats(pools: &[PoolReport]) -> String {
         ("get objs", true),
         ("failed gets", true),
         ("failed objs", true),
+        ("blks", true),
+        ("failed blks", true),
     ]);
     for st in with {
         let rows = st

@@ -40,11 +40,15 @@ pub struct Args {
     ring: Vec<String>,
     /// After init, create a mempool NAME of N objects of ELT bytes
     /// (default 2048) with per-lcore caches of CACHE objects (default 0),
-    /// e.g. pkts=4095x2048/256 (repeatable); `+stats` switches its
+    /// e.g. pkts=4095x2048/256 (repeatable); `@HANDLER` picks its handler
+    /// (default ring_mp_mc), e.g. blk=4096x64@bucket; `+stats` switches its
     /// statistics on, e.g. pkts=4095/256+stats. This thread takes an lcore
     /// id and cycles objects through its cache, so `memplane info` has
     /// cache counts (and statistics) to show.
-    #[arg(long = "mempool", value_name = "NAME=N[xELT][/CACHE][+stats]")]
+    #[arg(
+        long = "mempool",
+        value_name = "NAME=N[xELT][/CACHE][@HANDLER][+stats]"
+    )]
     mempool: Vec<String>,
     /// Keep the instance alive SECS seconds before tearing it down, to look
     /// at it from another shell (Ctrl-C ends the wait early).
@@ -106,19 +110,19 @@ fn parse_ring(text: &str) -> Result<(String, usize), Error> {
     Ok((name.to_string(), count))
 }
 
-/// One `--mempool NAME=N[xELT][/CACHE][+stats]`.
+/// One `--mempool NAME=N[xELT][/CACHE][@HANDLER][+stats]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PoolSpec {
     name: String,
     n: u32,
     elt_size: u32,
     cache_size: u32,
+    handler: Option<String>,
     stats: bool,
 }
 
 fn parse_mempool(text: &str) -> Result<PoolSpec, Error> {
-    const FORM: &str =
-        "expected NAME=N[xELT][/CACHE][+stats], e.g. pkts=4095x2048/256 or pkts=4095/256+stats";
+    const FORM: &str = "expected NAME=N[xELT][/CACHE][@HANDLER][+stats], e.g. pkts=4095x2048/256, blk=4096x64@bucket or pkts=4095/256+stats";
     let (name, rest) = text
         .split_once('=')
         .ok_or_else(|| bad("--mempool", text, format!("no '='; {FORM}")))?;
@@ -132,6 +136,17 @@ fn parse_mempool(text: &str) -> Result<PoolSpec, Error> {
             ))
         }
         None => (rest, false),
+    };
+    let (rest, handler) = match rest.split_once('@') {
+        Some((_, "")) => {
+            return Err(bad(
+                "--mempool",
+                text,
+                format!("no handler name after '@'; {FORM}"),
+            ))
+        }
+        Some((r, h)) => (r, Some(h.to_string())),
+        None => (rest, None),
     };
     let (rest, cache) = match rest.split_once('/') {
         Some((r, c)) => (r, Some(c)),
@@ -155,6 +170,7 @@ fn parse_mempool(text: &str) -> Result<PoolSpec, Error> {
         n: num("objects", n)?,
         elt_size: elt.map_or(Ok(2048), |e| num("bytes", e))?,
         cache_size: cache.map_or(Ok(0), |c| num("cached objects", c))?,
+        handler,
         stats,
     })
 }
@@ -324,7 +340,7 @@ impl Request {
                                 "--memzone" => "NAME=SIZE[@NODE], e.g. --memzone rx=64K".into(),
                                 "--ring" => "NAME=COUNT, e.g. --ring rx=1024".into(),
                                 "--mempool" => {
-                                    "NAME=N[xELT][/CACHE][+stats], e.g. --mempool pkts=4095x2048/256".into()
+                                    "NAME=N[xELT][/CACHE][@HANDLER][+stats], e.g. --mempool pkts=4095x2048/256".into()
                                 }
                                 _ => "seconds, e.g. --hold 30".into(),
                             },
@@ -868,9 +884,12 @@ pub fn run(discovery: &Discovery, args: Args) -> Result<ExitCode, Error> {
         memplane_mempool::register_thread(&mem).map_err(|e| mempool_err("", e))?;
     }
     for spec in &req.mempools {
-        let cfg = memplane_mempool::MempoolConfig::new(spec.n, spec.elt_size)
+        let mut cfg = memplane_mempool::MempoolConfig::new(spec.n, spec.elt_size)
             .cache_size(spec.cache_size)
             .stats(spec.stats);
+        if let Some(h) = &spec.handler {
+            cfg = cfg.handler(h);
+        }
         let pool = memplane_mempool::Mempool::create(&mem, &spec.name, &cfg)
             .map_err(|e| mempool_err(&spec.name, e))?;
         // Cycle a cache's worth through this thread's cache: it keeps
@@ -1093,6 +1112,7 @@ mod tests {
                     n: 100,
                     elt_size: 2048,
                     cache_size: 0,
+                    handler: None,
                     stats: false
                 },
                 PoolSpec {
@@ -1100,6 +1120,7 @@ mod tests {
                     n: 4095,
                     elt_size: 64,
                     cache_size: 256,
+                    handler: None,
                     stats: false
                 }
             ]
@@ -1129,7 +1150,19 @@ mod tests {
                 n: 511,
                 elt_size: 100,
                 cache_size: 0,
+                handler: None,
                 stats: false
+            }
+        );
+        assert_eq!(
+            parse_mempool("blk=4096x64/32@bucket+stats").unwrap(),
+            PoolSpec {
+                name: "blk".into(),
+                n: 4096,
+                elt_size: 64,
+                cache_size: 32,
+                handler: Some("bucket".into()),
+                stats: true
             }
         );
         assert_eq!(
@@ -1139,6 +1172,7 @@ mod tests {
                 n: 4095,
                 elt_size: 2048,
                 cache_size: 256,
+                handler: None,
                 stats: true
             }
         );
@@ -1148,6 +1182,7 @@ mod tests {
             ("rx=many", "'many' is not a number of objects"),
             ("rx=10x", "'' is not a number of bytes"),
             ("rx=10x64/-1", "'-1' is not a number of cached objects"),
+            ("rx=10@", "no handler name after '@'"),
         ] {
             let e = parse_mempool(spec).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains("--mempool"), "{spec}: {e}");

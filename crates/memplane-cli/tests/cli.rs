@@ -881,6 +881,8 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
             "pkts=1000x100/32",
             "--mempool",
             "st=600x64/16+stats",
+            "--mempool",
+            "blk=1000x64/16@bucket",
             "-n",
             "3",
             "--file-prefix",
@@ -916,7 +918,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
         let (out, err) = text(&o);
         assert!(o.status.success(), "{out}{err}");
         v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        if v["mempools"].as_array().is_some_and(|r| r.len() == 2) {
+        if v["mempools"].as_array().is_some_and(|r| r.len() == 3) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -933,13 +935,19 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     let zones = v["memzones"]["zones"].as_array().unwrap();
     let names: Vec<&str> = zones.iter().map(|z| z["name"].as_str().unwrap()).collect();
     assert_eq!(names[..2], ["rx", "RG_q"], "{v}");
-    for z in ["MP_pkts", "MP_pkts_0", "RG_MP_pkts", "MC_st"] {
+    for z in ["MP_pkts", "MP_pkts_0", "RG_MP_pkts", "MC_st", "MB_blk"] {
         assert!(names.contains(&z), "{z} in {names:?}");
     }
     // The mempool: sizes, counts, the primary's lcore cache.
     let pools = v["mempools"].as_array().unwrap();
-    assert_eq!(pools.len(), 2, "{v}");
-    let p = &pools[0];
+    assert_eq!(pools.len(), 3, "{v}");
+    let pool = |name: &str| {
+        pools
+            .iter()
+            .find(|pool| pool["name"] == name)
+            .unwrap_or_else(|| panic!("no pool {name}: {v}"))
+    };
+    let p = pool("pkts");
     assert_eq!(p["name"], "pkts");
     assert_eq!(p["handler"], "ring_mp_mc");
     assert_eq!(p["size"], 1000);
@@ -960,7 +968,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     // The pool with statistics on: the primary's get of 16 (a refill of
     // 16 + 16 from the backend) and put of 16 (a flush of 16), counted in
     // its lcore's row.
-    let st = &pools[1];
+    let st = pool("st");
     assert_eq!(st["name"], "st");
     assert_eq!(st["stats"]["enabled"], true, "{st}");
     let totals = &st["stats"]["totals"];
@@ -975,12 +983,26 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
         ("get_success_objs", 16),
         ("get_fail_bulk", 0),
         ("get_fail_objs", 0),
+        ("get_success_blks", 0),
+        ("get_fail_blks", 0),
     ] {
         assert_eq!(totals[k], want, "{k}: {st}");
     }
     let rows = st["stats"]["lcores"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{st}");
     assert_eq!(rows[0]["lcore"], caches[0][0], "the primary's lcore: {st}");
+    // The bucket pool: its handler and block size (64 KiB buckets of
+    // 128-byte objects, 2 lines being coprime with -n 3: 503 after a
+    // 1088-byte header).
+    let blk = pool("blk");
+    assert_eq!(blk["name"], "blk");
+    assert_eq!(blk["handler"], "bucket");
+    assert_eq!(blk["obj_size"]["total_size"], 128, "{blk}");
+    assert_eq!(blk["contig_block_size"], 503, "{blk}");
+    assert_eq!(blk["block_layout"]["block_size"], 65536, "{blk}");
+    assert_eq!(blk["block_layout"]["header"], 1088, "{blk}");
+    assert_eq!(blk["avail"], 1000);
+    assert!(p["contig_block_size"].is_null(), "{p}");
     let rings = v["rings"].as_array().unwrap();
     assert_eq!(rings[0]["name"], "q");
     assert_eq!(rings[0]["capacity"], 1024);
@@ -995,7 +1017,7 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     let o = memplane(&["info", "--file-prefix", &prefix, "--runtime-dir", &rd]);
     let (out, _) = text(&o);
     assert!(
-        out.contains("memzones: 10 of 2560")
+        out.contains("memzones: 13 of 2560")
             && out.contains("rings:")
             && out.contains(
                 "memory channels x ranks (-n/-r, mempool object spreading): 3 x 1 (not given)"
@@ -1010,6 +1032,19 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
     for field in ["ring_mp_mc", "1000", "100", "32", ":32"] {
         assert!(line.contains(field), "{field} in {line}");
     }
+    let cells: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("mempools:"))
+        .find(|l| l.trim_start().starts_with("blk "))
+        .unwrap_or_else(|| panic!("no bucket row: {out}"))
+        .split_whitespace()
+        .collect();
+    // name, handler, size, elt, obj, block, ...
+    assert_eq!(
+        cells[..6],
+        ["blk", "bucket", "1000", "64", "128", "503"],
+        "{out}"
+    );
     // The statistics table: the lcore's row and the total, DPDK's order
     // (puts, put objs, cp puts, cp put objs, cp gets, cp get objs, gets,
     // get objs, failed gets, failed objs).
@@ -1020,7 +1055,9 @@ fn info_attaches_to_a_running_instance_and_reports_json() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     assert_eq!(stats.len(), 2, "{out}");
-    let counts = ["1", "16", "1", "16", "1", "32", "1", "16", "0", "0"];
+    let counts = [
+        "1", "16", "1", "16", "1", "32", "1", "16", "0", "0", "0", "0",
+    ];
     assert_eq!(stats[0][2..], counts, "{out}");
     assert_eq!(stats[1][1..], [&["all"][..], &counts[..]].concat(), "{out}");
     assert!(

@@ -1,6 +1,7 @@
 //! Backend throughput under contention: threads get and put bulks of
 //! objects with no cache, so every operation goes to the handler
-//! (`ring_mp_mc`, the spinlock `stack`, the lock-free `lf_stack`).
+//! (`ring_mp_mc`, the spinlock `stack`, the lock-free `lf_stack`, the
+//! `bucket` handler).
 //! Indicative only (shared machines are noisy); the real benchmark lives
 //! in `bench/`.
 //!
@@ -28,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ])?)?;
     println!("{threads} threads, bulk {bulk}, {secs} s each, no cache");
     println!("{:<12} {:>14}", "handler", "objects/s");
-    for h in ["ring_mp_mc", "stack", "lf_stack"] {
+    for h in ["ring_mp_mc", "stack", "lf_stack", "bucket"] {
         let pool = Mempool::create(&mem, h, &MempoolConfig::new(8192, 64).handler(h))?;
         let stop = AtomicBool::new(false);
         let moved = AtomicU64::new(0);

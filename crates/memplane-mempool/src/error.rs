@@ -96,6 +96,45 @@ pub enum MempoolError {
         /// What the backend (plus this thread's cache) held.
         available: u32,
     },
+    /// [`Mempool::get_contig_blocks`](crate::Mempool::get_contig_blocks)
+    /// asked for more whole blocks than the backend holds now (blocks
+    /// broken by single gets, or whose objects sit in caches, do not
+    /// count). Nothing was taken.
+    #[error("asked for {requested} contiguous blocks of {block_size} objects, only {available} whole block(s) in the backend now (a block is whole again once every one of its objects is back in the backend: flush the caches that hold some)")]
+    NotEnoughBlocks {
+        /// Blocks asked for.
+        requested: u32,
+        /// Whole blocks the backend held.
+        available: u32,
+        /// Objects per block.
+        block_size: u32,
+    },
+    /// [`Mempool::get_contig_blocks`](crate::Mempool::get_contig_blocks)
+    /// on a pool whose handler has no contiguous blocks (every built-in
+    /// handler but `bucket`).
+    #[error("mempool {name:?}: handler {handler:?} has no contiguous blocks (contig_block_size is None); create the pool with the \"bucket\" handler to get them")]
+    ContigBlocksUnsupported {
+        /// The pool.
+        name: String,
+        /// Its handler.
+        handler: String,
+    },
+    /// A pool's objects do not fit its handler's blocks: the element
+    /// (with its object header and padding) and the block header are
+    /// bigger than a `bucket` handler's bucket. Nothing was reserved.
+    #[error("a bucket of {bucket_size} bytes holds no object of {total_size} bytes (a {elt_size}-byte element with its object header and padding) after its {header}-byte bucket header; a bucket holds objects of at most {max_total} bytes (element, object header and padding): use smaller elements, or a handler with bigger buckets (BucketHandler::new, registered under a name of its own)")]
+    BucketTooSmall {
+        /// Bytes per bucket.
+        bucket_size: u32,
+        /// The bucket header for one object.
+        header: u32,
+        /// Bytes per object.
+        total_size: u32,
+        /// Element size (rounded up to 8).
+        elt_size: u32,
+        /// The largest object size one bucket holds.
+        max_total: u32,
+    },
     /// A put of a pointer that is not an object of this pool. Nothing was
     /// returned.
     #[error("{addr:#x} is not an object of mempool {pool:?}{}", owner.as_ref().map(|o| format!(" (it belongs to mempool {o:?})")).unwrap_or_default())]

@@ -5,9 +5,20 @@
 //! `ring_mt_hts` (a memplane ring
 //! named `MP_<name>`, in zone `RG_MP_<name>`) and `stack` (a spinlock-guarded
 //! LIFO in zone `MS_<name>`) and `lf_stack` (DPDK's lock-free stack in
-//! zone `ML_<name>`, see [`crate::lf_stack`]). Users add handlers with
+//! zone `ML_<name>`, see [`crate::lf_stack`]) and `bucket` (objects in
+//! 64 KiB buckets that are handed out whole as contiguous blocks, state in
+//! zone `MB_<name>`, see [`crate::bucket`]). Users add handlers with
 //! [`register_handler`]; a process that opens a pool must have registered
 //! the same handler name.
+//!
+//! Beyond storing objects, a handler may (optional trait methods with
+//! defaults, so handlers written without them keep working) lay the
+//! pool's memory out in blocks ([`Handler::block_layout`]), be told about
+//! each chunk of object memory before its objects arrive
+//! ([`Backend::populate_chunk`]), and hand out whole blocks of contiguous
+//! objects ([`Backend::contig_block_size`],
+//! [`Backend::dequeue_contig_blocks`]; DPDK's `get_info` and
+//! `dequeue_contig_blocks` ops).
 
 // Zones are 64-byte aligned (memzone minimum): header casts are aligned.
 #![allow(clippy::cast_ptr_alignment)]
@@ -23,8 +34,8 @@ use memplane::shm::lock::SpinLock;
 use memplane::Memory;
 use memplane_ring::{BulkError, Ring, RingConfig, RingError, SyncMode, ZoneRegion, ZoneRingError};
 
-use crate::layout::HANDLER_NAME_MAX;
-use crate::MempoolError;
+use crate::layout::{BlockLayout, ObjSize, HANDLER_NAME_MAX};
+use crate::{ChunkInfo, MempoolError, MempoolFlags};
 
 /// What a handler is told about the pool it serves.
 #[derive(Debug, Clone)]
@@ -37,6 +48,12 @@ pub struct BackendParams {
     pub socket: i32,
     /// The pool's flag bits.
     pub flags: u32,
+    /// The pool's object sizes (an element starts `header_size` bytes
+    /// into its object).
+    pub obj_size: ObjSize,
+    /// The block layout the handler asked for
+    /// ([`Handler::block_layout`]), as the pool recorded it.
+    pub layout: Option<BlockLayout>,
 }
 
 /// A pool's object store: holds pointers to free objects. Lives in shared
@@ -52,6 +69,48 @@ pub trait Backend: Send + Sync {
     fn count(&self) -> u32;
     /// Frees the backend's shared memory.
     fn destroy(self: Box<Self>) -> Result<(), MempoolError>;
+
+    /// Optional: a chunk of object memory was added to the pool (laid out
+    /// as [`Handler::block_layout`] asked, its start aligned to the block
+    /// size); called once per chunk by the populating process, before
+    /// its objects are enqueued. A handler that keeps state in the memory
+    /// itself (block headers) writes it here. An error fails the
+    /// populate call. Default: nothing to do.
+    fn populate_chunk(&self, chunk: &ChunkInfo) -> Result<(), MempoolError> {
+        let _ = chunk;
+        Ok(())
+    }
+
+    /// Optional: checks the backend's own structures (called first by
+    /// [`Mempool::audit`](crate::Mempool::audit), on a quiescent pool);
+    /// an inconsistency is [`MempoolError::Corrupt`]. Default: nothing
+    /// to check.
+    fn check(&self) -> Result<(), MempoolError> {
+        Ok(())
+    }
+
+    /// Optional: objects per contiguous block when the backend hands out
+    /// whole blocks ([`dequeue_contig_blocks`](Self::dequeue_contig_blocks);
+    /// DPDK's `rte_mempool_ops_get_info` `contig_block_size`). Default:
+    /// `None`, no blocks.
+    fn contig_block_size(&self) -> Option<u32> {
+        None
+    }
+
+    /// Optional: takes `first.len()` whole blocks, or none, writing the
+    /// first object (element address) of each; a block's objects follow
+    /// its first at the pool's `total_size` stride (DPDK's
+    /// `dequeue_contig_blocks`). Not enough whole blocks:
+    /// [`MempoolError::NotEnoughBlocks`]. Only called when
+    /// [`contig_block_size`](Self::contig_block_size) is `Some`; the
+    /// default refuses with [`MempoolError::ContigBlocksUnsupported`].
+    fn dequeue_contig_blocks(&self, first: &mut [*mut u8]) -> Result<(), MempoolError> {
+        let _ = first;
+        Err(MempoolError::ContigBlocksUnsupported {
+            name: String::new(),
+            handler: String::new(),
+        })
+    }
 }
 
 /// A backend kind, registered by name.
@@ -69,6 +128,24 @@ pub trait Handler: Send + Sync {
         mem: &'m Memory,
         p: &BackendParams,
     ) -> Result<Box<dyn Backend + 'm>, MempoolError>;
+
+    /// Optional: how the pool's object memory is laid out, asked at pool
+    /// creation (before [`create`](Self::create)) and by
+    /// [`required_memory_handler`](crate::required_memory_handler):
+    /// `Some` places objects in blocks aligned to their size, none
+    /// crossing a block ([`BlockLayout`]); `None` (the default) back to
+    /// back. An error (objects too big for the handler's blocks) fails
+    /// the creation before anything is reserved. The layout is recorded
+    /// in the pool header, so every process places and finds objects the
+    /// same way.
+    fn block_layout(
+        &self,
+        obj: &ObjSize,
+        flags: MempoolFlags,
+    ) -> Result<Option<BlockLayout>, MempoolError> {
+        let _ = (obj, flags);
+        Ok(None)
+    }
 }
 
 type Registry = HashMap<String, Arc<dyn Handler>>;
@@ -107,6 +184,10 @@ fn builtins() -> Registry {
     m.insert(
         "lf_stack".to_string(),
         Arc::new(crate::lf_stack::LfStackHandler),
+    );
+    m.insert(
+        "bucket".to_string(),
+        Arc::new(crate::bucket::BucketHandler::default()),
     );
     m
 }

@@ -5,7 +5,10 @@
 //!   caches ([`CacheSlot`] + `3 x cache_size` object slots each), then the
 //!   private area (rounded up to 64).
 //! - Object zones `MP_<name>_<k>`: objects back to back, each
-//!   `[ObjHeader padded to header_size][element][trailer padding]`.
+//!   `[ObjHeader padded to header_size][element][trailer padding]`; or,
+//!   for a handler that asks for blocks ([`BlockLayout`], the `bucket`
+//!   handler), blocks aligned to their size, each `[block header][objects
+//!   back to back][slack]`, no object crossing a block ([`Packing`]).
 //! - Side tables, created when their switch is first turned on and freed
 //!   with the pool: leak tracking `MT_<name>` ([`crate::leak`]),
 //!   statistics `MC_<name>` ([`crate::stats`]); their addresses are in
@@ -25,8 +28,10 @@ pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"MPLPOOL1");
 pub const POOL_MAGIC_BUILDING: u64 = u64::from_le_bytes(*b"MPLPOOL0");
 /// Layout version of the header (2: chunk ownership masks; 3: leak
 /// tracking fields; 4: cache slot gates; 5: the switch word holds leak
-/// tracking and statistics, and the statistics table's address).
-pub const LAYOUT_VERSION: u32 = 5;
+/// tracking and statistics, and the statistics table's address; 6: the
+/// handler's block layout in the header, and the statistics rows count
+/// contiguous-block gets).
+pub const LAYOUT_VERSION: u32 = 6;
 /// Longest pool name (DPDK's `RTE_MEMPOOL_NAMESIZE - 1`): `MP_<name>`
 /// must leave room for a chunk suffix and the ring's `RG_` prefix.
 pub const NAME_MAX: usize = 25;
@@ -269,13 +274,17 @@ pub fn calc_obj_size_for(
 ///
 /// This assumes DPDK's default 4 memory channels x 1 rank; for an instance
 /// started with `-n`/`-r`, use [`required_memory_for`] with
-/// [`channels_x_ranks`].
+/// [`channels_x_ranks`]. It counts objects back to back, as every built-in
+/// handler but `bucket` places them; [`required_memory_handler`] counts
+/// for any handler (the `bucket` handler's buckets take more).
 pub fn required_memory(n: u32, elt_size: u32, flags: MempoolFlags) -> Result<usize, MempoolError> {
     required_memory_for(n, elt_size, flags, 0)
 }
 
 /// [`required_memory`] for objects spread over `channels_x_ranks` (0:
-/// DPDK's default 4 x 1).
+/// DPDK's default 4 x 1). For the handlers that place objects back to
+/// back (every built-in one but `bucket`); see
+/// [`required_memory_handler`].
 pub fn required_memory_for(
     n: u32,
     elt_size: u32,
@@ -286,13 +295,224 @@ pub fn required_memory_for(
         return Err(MempoolError::ZeroObjects);
     }
     let sz = calc_obj_size_for(elt_size, flags, channels_x_ranks)?;
-    (n as usize)
-        .checked_mul(sz.total_size as usize)
+    packed_bytes(n, Packing::new(&sz, None))
+}
+
+/// [`required_memory_for`] for a pool served by `handler` (a name
+/// registered in this process): handlers that lay objects out in blocks
+/// ([`Handler::block_layout`](crate::Handler::block_layout), the `bucket`
+/// handler) need whole blocks, each with its block header, the last one
+/// cut after its last object. Exactly what
+/// [`Mempool::create`](crate::Mempool::create) with that handler reserves
+/// when the objects fit one zone. Errors: those of creation for the same
+/// sizes (an element too big for the handler's blocks, an unknown
+/// handler).
+///
+/// ```
+/// use memplane_mempool::{required_memory_for, required_memory_handler, MempoolFlags};
+/// let f = MempoolFlags::NONE;
+/// // 1000 objects of 192 bytes: back to back, or in 64 KiB buckets of
+/// // 337 objects (a 768-byte bucket header each): two whole buckets and
+/// // 326 objects in the third.
+/// assert_eq!(required_memory_for(1000, 64, f, 0)?, 192_000);
+/// assert_eq!(required_memory_handler(1000, 64, f, 0, "ring_mp_mc")?, 192_000);
+/// assert_eq!(required_memory_handler(1000, 64, f, 0, "bucket")?, 2 * 65536 + 768 + 326 * 192);
+/// # Ok::<(), memplane_mempool::MempoolError>(())
+/// ```
+pub fn required_memory_handler(
+    n: u32,
+    elt_size: u32,
+    flags: MempoolFlags,
+    channels_x_ranks: u32,
+    handler: &str,
+) -> Result<usize, MempoolError> {
+    if n == 0 {
+        return Err(MempoolError::ZeroObjects);
+    }
+    let sz = calc_obj_size_for(elt_size, flags, channels_x_ranks)?;
+    let layout = crate::handler::find_handler(handler)?.block_layout(&sz, flags)?;
+    if let Some(l) = &layout {
+        l.check(&sz, handler)?;
+    }
+    packed_bytes(n, Packing::new(&sz, layout.as_ref()))
+}
+
+/// Bytes of `n` objects laid out by `pack`, rounded up to 64 (the memzone
+/// granule).
+fn packed_bytes(n: u32, pack: Packing) -> Result<usize, MempoolError> {
+    pack.bytes(n)
         .map(|b| b.next_multiple_of(64))
         .ok_or(MempoolError::TooManyObjects {
             n: u64::from(n),
             max: MAX_OBJECTS,
         })
+}
+
+/// How a handler wants the pool's object memory laid out: in blocks of
+/// `block_size` bytes (a power of two), each aligned to its size so that
+/// an object's block is found by masking its address, starting with
+/// `header` bytes for the handler, then up to `objs_per_block` objects
+/// back to back; no object crosses a block (DPDK's bucket driver's
+/// buckets). Returned by [`Handler::block_layout`](crate::Handler::block_layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BlockLayout {
+    /// Bytes per block: a power of two; blocks start at multiples of it.
+    pub block_size: u32,
+    /// Bytes at the start of each block before its first object (the
+    /// handler's block header): a multiple of 64, so objects keep their
+    /// alignment.
+    pub header: u32,
+    /// Objects in a whole block (at least 1).
+    pub objs_per_block: u32,
+}
+
+impl BlockLayout {
+    /// Checks the layout for objects of `sz` (a handler's answer is not
+    /// trusted blindly): a power-of-two block of at least 64 bytes, a
+    /// header that is a multiple of 64, at least one object, and the
+    /// objects inside the block.
+    pub fn check(&self, sz: &ObjSize, handler: &str) -> Result<(), MempoolError> {
+        let fits = u64::from(self.header)
+            + u64::from(self.objs_per_block) * u64::from(sz.total_size)
+            <= u64::from(self.block_size);
+        if !self.block_size.is_power_of_two()
+            || self.block_size < 64
+            || self.header % 64 != 0
+            || self.objs_per_block == 0
+            || !fits
+        {
+            return Err(MempoolError::Corrupt {
+                name: handler.to_string(),
+                why: format!(
+                    "handler {handler:?} asked for blocks of {} bytes with a {}-byte header and {} objects of {} bytes: blocks must be a power of two of at least 64 bytes, the header a multiple of 64, and at least one object must fit after it",
+                    self.block_size, self.header, self.objs_per_block, sz.total_size
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where objects lie in a chunk of object memory: back to back at
+/// `total` bytes, or in blocks ([`BlockLayout`]). Offsets are from the
+/// chunk's start (aligned to the block size when there are blocks) to an
+/// object's start (its [`ObjHeader`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packing {
+    /// Bytes per object.
+    pub total: usize,
+    /// Bytes per block; 0: no blocks (objects back to back).
+    pub block: usize,
+    /// Bytes before the first object of a block.
+    pub block_header: usize,
+    /// Objects in a whole block (0 without blocks).
+    pub per_block: u32,
+}
+
+impl Packing {
+    /// The packing of objects of `sz`, in `layout`'s blocks if any.
+    pub fn new(sz: &ObjSize, layout: Option<&BlockLayout>) -> Self {
+        match layout {
+            None => Self {
+                total: sz.total_size as usize,
+                block: 0,
+                block_header: 0,
+                per_block: 0,
+            },
+            Some(l) => Self {
+                total: sz.total_size as usize,
+                block: l.block_size as usize,
+                block_header: l.header as usize,
+                per_block: l.objs_per_block,
+            },
+        }
+    }
+
+    /// The packing a pool header records.
+    pub fn of(h: &PoolHeader) -> Self {
+        Self {
+            total: h.total_size as usize,
+            block: h.block_size as usize,
+            block_header: h.block_header as usize,
+            per_block: h.objs_per_block,
+        }
+    }
+
+    /// The block layout, if objects are in blocks.
+    pub fn layout(&self) -> Option<BlockLayout> {
+        (self.block != 0).then_some(BlockLayout {
+            block_size: self.block as u32,
+            header: self.block_header as u32,
+            objs_per_block: self.per_block,
+        })
+    }
+
+    /// Alignment of a chunk's start: the block size, else 64 (8 with
+    /// `NO_CACHE_ALIGN`).
+    pub fn align(&self, flags: MempoolFlags) -> usize {
+        if self.block != 0 {
+            self.block
+        } else if flags.contains(MempoolFlags::NO_CACHE_ALIGN) {
+            8
+        } else {
+            64
+        }
+    }
+
+    /// Offset of object `i`'s start.
+    #[inline]
+    pub fn offset(&self, i: u32) -> usize {
+        if self.block == 0 {
+            i as usize * self.total
+        } else {
+            let pb = self.per_block as usize;
+            let i = i as usize;
+            (i / pb) * self.block + self.block_header + (i % pb) * self.total
+        }
+    }
+
+    /// Bytes from a chunk's start to the end of its `count`-th object
+    /// (`None` on overflow).
+    pub fn bytes(&self, count: u32) -> Option<usize> {
+        if count == 0 {
+            return Some(0);
+        }
+        if self.block == 0 {
+            return (count as usize).checked_mul(self.total);
+        }
+        let pb = self.per_block as usize;
+        let full = (count as usize - 1) / pb;
+        let rest = count as usize - full * pb;
+        full.checked_mul(self.block)?
+            .checked_add(self.block_header + rest * self.total)
+    }
+
+    /// Objects that fit in `len` bytes from a chunk's (aligned) start.
+    pub fn fit(&self, len: usize) -> u32 {
+        let n = if self.block == 0 {
+            len / self.total
+        } else {
+            let tail = (len % self.block).saturating_sub(self.block_header) / self.total;
+            (len / self.block) * self.per_block as usize + tail.min(self.per_block as usize)
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The index of the object starting at `off`, if one can start there
+    /// (the caller checks it against the chunk's count).
+    pub fn index(&self, off: usize) -> Option<u32> {
+        let i = if let Some(b) = off.checked_div(self.block) {
+            let r = (off % self.block).checked_sub(self.block_header)?;
+            let j = r / self.total;
+            if r % self.total != 0 || j >= self.per_block as usize {
+                return None;
+            }
+            b * self.per_block as usize + j
+        } else {
+            (off % self.total == 0).then_some(off / self.total)?
+        };
+        u32::try_from(i).ok()
+    }
 }
 
 /// The header in front of every object.
@@ -403,6 +623,13 @@ pub struct PoolHeader {
     /// Address of the statistics table (zone `MC_<name>`), 0 until
     /// statistics are first switched on.
     pub stats_table: AtomicU64,
+    /// Block size of the handler's [`BlockLayout`]; 0: objects back to
+    /// back.
+    pub block_size: u32,
+    /// Bytes before the first object of a block.
+    pub block_header: u32,
+    /// Objects in a whole block.
+    pub objs_per_block: u32,
 }
 
 /// [`PoolHeader::slow`] bit: leak tracking is on.
@@ -488,8 +715,8 @@ const _: () = {
     assert!(std::mem::size_of::<ObjHeader>() == 24);
     assert!(std::mem::size_of::<ChunkDesc>() == 32);
     assert!(std::mem::size_of::<CacheSlot>() == 64);
-    // Chunk ownership masks, the switch word and the two table
-    // addresses: one more line than the chunk list needs.
+    // Chunk ownership masks, the switch word, the two table addresses
+    // and the block layout: one more line than the chunk list needs.
     assert!(std::mem::size_of::<PoolHeader>() == 2304);
 };
 

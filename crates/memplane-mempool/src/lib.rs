@@ -12,7 +12,9 @@
 //!   given; [`layout::spread_object_size`], [`channels_x_ranks`]).
 //! - Backends are chosen by name ([`handler`]): `ring_mp_mc` (default),
 //!   `ring_sp_sc`, `ring_mp_sc`, `ring_sp_mc`, `ring_mt_rts`, `ring_mt_hts`
-//!   (DPDK's names), `stack`, `lf_stack` (lock-free, [`lf_stack`]), or
+//!   (DPDK's names), `stack`, `lf_stack` (lock-free, [`lf_stack`]),
+//!   `bucket` (objects in 64 KiB buckets, handed out singly or as whole
+//!   contiguous blocks: [`Mempool::get_contig_blocks`], [`bucket`]), or
 //!   user handlers registered with
 //!   [`register_handler`].
 //! - Creation in one step ([`Mempool::create`]) or two, as DPDK:
@@ -103,6 +105,8 @@
 #![warn(missing_docs)]
 
 #[cfg(not(loom))]
+pub mod bucket;
+#[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
 pub mod events;
@@ -134,8 +138,8 @@ pub use handler::{handler_names, register_handler, Backend, BackendParams, Handl
 #[cfg(not(loom))]
 pub use layout::{
     calc_obj_size, calc_obj_size_for, channels_x_ranks, channels_x_ranks_of, required_memory,
-    required_memory_for, spread_object_size, MempoolFlags, ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS,
-    MAX_LCORES, NAME_MAX,
+    required_memory_for, required_memory_handler, spread_object_size, BlockLayout, MempoolFlags,
+    ObjSize, CACHE_MAX_SIZE, MAX_CHUNKS, MAX_LCORES, NAME_MAX,
 };
 #[cfg(not(loom))]
 pub use lcore::{lcore_id, register_thread, registered_lcores, unregister_thread, LCORE_ZONE};

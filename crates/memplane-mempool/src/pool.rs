@@ -22,11 +22,11 @@ use crate::handler::{
     ring_dequeue, ring_enqueue, Backend, BackendParams, Handler,
 };
 use crate::layout::{
-    calc_obj_size_for, channels_x_ranks, header_geometry, name_bytes, name_str, CacheSlot,
-    ChunkDesc, MempoolFlags, ObjHeader, ObjSize, PoolHeader, CACHE_MAX_SIZE, COOKIE_IN_POOL,
-    COOKIE_IN_USE, GET_FLOOR_CLOSED, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS, MAX_LCORES,
-    MAX_OBJECTS, MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING, SLOW_LEAK,
-    SLOW_STATS,
+    calc_obj_size_for, channels_x_ranks, header_geometry, name_bytes, name_str, BlockLayout,
+    CacheSlot, ChunkDesc, MempoolFlags, ObjHeader, ObjSize, Packing, PoolHeader, CACHE_MAX_SIZE,
+    COOKIE_IN_POOL, COOKIE_IN_USE, GET_FLOOR_CLOSED, HANDLER_NAME_MAX, LAYOUT_VERSION, MAX_CHUNKS,
+    MAX_LCORES, MAX_OBJECTS, MAX_PRIVATE_SIZE, NAME_MAX, POOL_MAGIC, POOL_MAGIC_BUILDING,
+    SLOW_LEAK, SLOW_STATS,
 };
 use crate::lcore::RegistryRef;
 use crate::leak::{
@@ -94,6 +94,8 @@ pub struct MempoolConfig {
     /// Flags.
     pub flags: MempoolFlags,
     /// Handler name; `None` picks from the flags (`ring_mp_mc` by default).
+    /// `bucket` lays objects out in buckets and hands out contiguous
+    /// blocks ([`Mempool::get_contig_blocks`]).
     pub handler: Option<String>,
     /// Start with leak tracking on ([`Mempool::set_leak_tracking`]).
     pub leak_tracking: bool,
@@ -198,6 +200,12 @@ pub struct MempoolInfo {
     pub elt_size: u32,
     /// Object sizes.
     pub obj_size: ObjSize,
+    /// The handler's block layout ([`Handler::block_layout`]; the
+    /// `bucket` handler's buckets), `None` when objects are back to back.
+    pub block_layout: Option<BlockLayout>,
+    /// Objects per contiguous block when the handler hands out blocks
+    /// ([`Mempool::contig_block_size`]), else `None`.
+    pub contig_block_size: Option<u32>,
     /// Bytes of shared memory the pool takes: header zone (caches and
     /// private area included) plus object chunks (the backend's zone not
     /// counted).
@@ -441,6 +449,18 @@ impl<'m> Mempool<'m> {
             });
         }
         let handler = find_handler(&hname)?;
+        // The handler's block layout, checked before anything is reserved
+        // (an element too big for its blocks is refused here).
+        let layout = handler.block_layout(&sz, flags)?;
+        if let Some(l) = &layout {
+            l.check(&sz, &hname)?;
+            Packing::new(&sz, Some(l))
+                .bytes(cfg.n)
+                .ok_or(MempoolError::TooManyObjects {
+                    n: u64::from(cfg.n),
+                    max: MAX_OBJECTS,
+                })?;
+        }
         let reg = RegistryRef::open(mem)?;
         let geo = header_geometry(cfg.cache_size, cfg.private_size);
         let zone = match mem.memzone_reserve_aligned(
@@ -487,11 +507,18 @@ impl<'m> Mempool<'m> {
         h.cache_off = geo.cache_off as u64;
         h.cache_stride = geo.cache_stride as u64;
         h.priv_off = geo.priv_off as u64;
+        if let Some(l) = &layout {
+            h.block_size = l.block_size;
+            h.block_header = l.header;
+            h.objs_per_block = l.objs_per_block;
+        }
         let params = BackendParams {
             name: name.to_string(),
             n: cfg.n,
             socket: cfg.socket,
             flags: flags.bits(),
+            obj_size: sz,
+            layout,
         };
         let backend = match handler.create(mem, &params) {
             Ok(b) => b,
@@ -527,6 +554,67 @@ impl<'m> Mempool<'m> {
     /// Objects placed so far (DPDK's `populated_size`).
     pub fn populated(&self) -> u32 {
         self.header().populated
+    }
+
+    /// Objects per contiguous block when the pool's handler hands out
+    /// whole blocks ([`get_contig_blocks`](Self::get_contig_blocks); the
+    /// `bucket` handler: the objects of one bucket), else `None` (DPDK's
+    /// `rte_mempool_ops_get_info` `contig_block_size`, 0 there).
+    pub fn contig_block_size(&self) -> Option<u32> {
+        self.backend.contig_block_size()
+    }
+
+    /// Takes `first.len()` whole blocks of contiguous objects, or none
+    /// (DPDK's `rte_mempool_get_contig_blocks`), writing the first object
+    /// of each: a block's [`contig_block_size`](Self::contig_block_size)
+    /// objects are `first[i]`, `first[i] + total_size`, ... (the
+    /// `bucket` handler's buckets). Not enough whole blocks now:
+    /// [`MempoolError::NotEnoughBlocks`]; a handler without blocks:
+    /// [`MempoolError::ContigBlocksUnsupported`]. Nothing is taken then.
+    ///
+    /// Blocks come straight from the backend, past the lcore caches (as
+    /// in DPDK). Their objects go back one by one with
+    /// [`put`](Self::put) / [`put_bulk`](Self::put_bulk), through the
+    /// caller's cache like any other put; a block is whole again, and can
+    /// be handed out as a block again, only once every one of its objects
+    /// is back in the backend, so flush caches
+    /// ([`cache_flush`](Self::cache_flush)) that hold some before asking
+    /// for blocks. Single gets break whole blocks only when no partly
+    /// used one is at hand.
+    ///
+    /// Statistics count a call as one get (`get_success_bulk` or
+    /// `get_fail_bulk`) and its blocks (`get_success_blks` /
+    /// `get_fail_blks`), not their objects, as DPDK does; an unsupported
+    /// call is not counted. Leak tracking records every object of the
+    /// blocks.
+    pub fn get_contig_blocks(&self, first: &mut [*mut u8]) -> Result<(), MempoolError> {
+        let Some(per_block) = self.backend.contig_block_size() else {
+            return Err(MempoolError::ContigBlocksUnsupported {
+                name: self.name.clone(),
+                handler: self.handler.clone(),
+            });
+        };
+        if first.is_empty() {
+            return Ok(());
+        }
+        let r = self.backend.dequeue_contig_blocks(first);
+        let slow = self.header().slow.load(Ordering::Relaxed);
+        if r.is_ok() && (cfg!(debug_assertions) || slow & SLOW_LEAK != 0) {
+            let objs: Vec<*mut u8> = first
+                .iter()
+                .flat_map(|&f| {
+                    (0..per_block as usize).map(move |j| f.wrapping_add(j * self.total_size))
+                })
+                .collect();
+            self.mark_out(&objs);
+            if slow & SLOW_LEAK != 0 {
+                self.record_get(&objs, None, None);
+            }
+        }
+        if slow & SLOW_STATS != 0 {
+            self.count(None, &Delta::blocks(first.len(), r.is_ok()));
+        }
+        r
     }
 
     fn refuse_populate(&self, why: &'static str) -> MempoolError {
@@ -573,7 +661,7 @@ impl<'m> Mempool<'m> {
         // other handles are refused until the pool is published.
         let h = unsafe { &mut *self.hdr.as_ptr() };
         let flags = MempoolFlags::from_bits(h.flags).unwrap_or_default();
-        if let Err(e) = reserve_zones(self.mem, &self.name, h, remaining, flags) {
+        if let Err(e) = reserve_zones(self.mem, &self.name, h, remaining, flags, Packing::of(h)) {
             // Give back this call's zones: nothing changed.
             for k in first_chunk..h.nb_chunks as usize {
                 if let Some(z) = self.mem.memzone_lookup(&chunk_zone_name(&self.name, k)) {
@@ -594,8 +682,9 @@ impl<'m> Mempool<'m> {
 
     /// Places objects in `len` bytes at `addr` that you provide (DPDK's
     /// `rte_mempool_populate_virt`): as many of the missing objects as fit
-    /// after aligning the start (64 bytes, 8 with `NO_CACHE_ALIGN`);
-    /// returns how many were added. Each object's IOVA comes from the
+    /// after aligning the start (64 bytes, 8 with `NO_CACHE_ALIGN`; the
+    /// block size when the handler lays objects out in blocks, e.g. 64 KiB
+    /// for `bucket`); returns how many were added. Each object's IOVA comes from the
     /// instance's memsegs (a memzone, or external memory registered with
     /// the heap) when the address is in them, else `BAD_IOVA`.
     ///
@@ -614,14 +703,10 @@ impl<'m> Mempool<'m> {
         if self.header().nb_chunks as usize == MAX_CHUNKS {
             return Err(self.refuse_populate("the pool has 64 chunks already"));
         }
-        let align = if self.flags().contains(MempoolFlags::NO_CACHE_ALIGN) {
-            8
-        } else {
-            64
-        };
-        let start = (addr as usize).next_multiple_of(align);
+        let pack = self.packing();
+        let start = (addr as usize).next_multiple_of(pack.align(self.flags()));
         let usable = (addr as usize + len).saturating_sub(start);
-        let count = ((usable / self.total_size) as u64).min(u64::from(remaining)) as u32;
+        let count = pack.fit(usable).min(remaining);
         if addr.is_null() || count == 0 {
             return Err(MempoolError::RegionTooSmall {
                 name: self.name.clone(),
@@ -630,7 +715,7 @@ impl<'m> Mempool<'m> {
                 total_size: self.total_size as u32,
             });
         }
-        let bytes = count as usize * self.total_size;
+        let bytes = pack.bytes(count).unwrap_or(usable);
         let shared = self.mem.virt2memseg_list(start).is_some()
             && self.mem.virt2memseg_list(start + bytes - 1).is_some();
         let iova = if shared && matches!(self.mem.is_iova_contiguous(start, bytes), Ok(true)) {
@@ -662,12 +747,18 @@ impl<'m> Mempool<'m> {
                 "populate_anon only fills an empty pool (as DPDK's rte_mempool_populate_anon)",
             ));
         }
-        let bytes = self.n as usize * self.total_size;
+        let pack = self.packing();
+        let bytes = pack.bytes(self.n).unwrap_or(usize::MAX);
+        // Blocks must start at a multiple of their size: map one block
+        // more and trim the ends below.
+        let page = rustix::param::page_size();
+        let slack = pack.block.saturating_sub(page);
+        let mapped = bytes.saturating_add(slack);
         // SAFETY: a fresh anonymous mapping; nothing else refers to it.
         let map = unsafe {
             rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
-                bytes,
+                mapped,
                 rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
                 rustix::mm::MapFlags::SHARED,
             )
@@ -683,7 +774,8 @@ impl<'m> Mempool<'m> {
                 Vec::new()
             },
         })?;
-        let k = self.add_chunk(map as usize, BAD_IOVA, self.n);
+        let map = trim_mapping(map as usize, mapped, pack.align(self.flags()), bytes);
+        let k = self.add_chunk(map, BAD_IOVA, self.n);
         // SAFETY: the creator's handle, before publication.
         unsafe {
             (*self.hdr.as_ptr()).anon_chunks |= 1 << k;
@@ -712,6 +804,7 @@ impl<'m> Mempool<'m> {
     /// Records chunk `nb_chunks` (`count` objects at `va`); the caller
     /// checked the chunk budget.
     fn add_chunk(&mut self, va: usize, iova: u64, count: u32) -> usize {
+        let len = self.packing().bytes(count).unwrap_or(0);
         // SAFETY: the creator's handle (`&mut self`) before publication.
         let h = unsafe { &mut *self.hdr.as_ptr() };
         let k = h.nb_chunks as usize;
@@ -719,7 +812,7 @@ impl<'m> Mempool<'m> {
         h.chunks[k] = ChunkDesc {
             va: va as u64,
             iova,
-            len: (count as usize * self.total_size) as u64,
+            len: len as u64,
             first,
             count,
         };
@@ -762,9 +855,18 @@ impl<'m> Mempool<'m> {
         let h = self.header();
         let c = h.chunks[k];
         let anon = h.anon_chunks & (1 << k) != 0;
+        let pack = Packing::of(h);
+        // The handler sees the chunk before its objects (block headers).
+        self.backend.populate_chunk(&ChunkInfo {
+            va: c.va as usize,
+            iova: c.iova,
+            len: c.len as usize,
+            first: c.first,
+            count: c.count,
+        })?;
         let mut batch: Vec<*mut u8> = Vec::with_capacity(512);
         for i in 0..c.count as usize {
-            let obj = c.va as usize + i * self.total_size;
+            let obj = c.va as usize + pack.offset(i as u32);
             let elt = obj + self.header_size;
             let iova = if c.iova != BAD_IOVA {
                 c.iova + (elt - c.va as usize) as u64
@@ -848,6 +950,13 @@ impl<'m> Mempool<'m> {
                 n: h.n,
                 socket: h.socket,
                 flags: h.flags,
+                obj_size: ObjSize {
+                    header_size: h.header_size,
+                    elt_size: h.elt_size,
+                    trailer_size: h.trailer_size,
+                    total_size: h.total_size,
+                },
+                layout: Packing::of(h).layout(),
             },
         )?;
         let reg = RegistryRef::open(mem)?;
@@ -996,10 +1105,16 @@ impl<'m> Mempool<'m> {
     /// Every object's element, in population order (DPDK's
     /// `rte_mempool_obj_iter`).
     pub fn objects(&self) -> impl Iterator<Item = *mut u8> + '_ {
-        let (hs, ts) = (self.header_size, self.total_size);
+        let (hs, pack) = (self.header_size, self.packing());
         self.chunks()
             .into_iter()
-            .flat_map(move |c| (0..c.count as usize).map(move |i| (c.va + i * ts + hs) as *mut u8))
+            .flat_map(move |c| (0..c.count).map(move |i| (c.va + pack.offset(i) + hs) as *mut u8))
+    }
+
+    /// Where objects lie in a chunk (back to back, or in the handler's
+    /// blocks).
+    fn packing(&self) -> Packing {
+        Packing::of(self.header())
     }
 
     /// IOVA of an object's element (`BAD_IOVA` when unknown); `None` for a
@@ -1013,12 +1128,12 @@ impl<'m> Mempool<'m> {
     /// Index of an object in population order, `None` if `obj` is not an
     /// object of this pool.
     pub fn index_of(&self, addr: usize) -> Option<u32> {
+        let pack = self.packing();
         self.ranges.iter().find_map(|&(s, e, first)| {
             if addr < s + self.header_size || addr >= e {
                 return None;
             }
-            let off = addr - s - self.header_size;
-            (off % self.total_size == 0).then(|| first + (off / self.total_size) as u32)
+            pack.index(addr - s - self.header_size).map(|i| first + i)
         })
     }
 
@@ -1838,6 +1953,8 @@ impl<'m> Mempool<'m> {
             populated: h.populated,
             elt_size: h.elt_size_req,
             obj_size: self.obj_size(),
+            block_layout: self.packing().layout(),
+            contig_block_size: self.contig_block_size(),
             memory_bytes: self.zone.len() + self.chunks().iter().map(|c| c.len).sum::<usize>(),
             private_size: h.private_size,
             cache_size: self.cache_size,
@@ -1868,6 +1985,16 @@ impl<'m> Mempool<'m> {
         let _ = writeln!(s, "  elt_size={}", i.obj_size.elt_size);
         let _ = writeln!(s, "  trailer_size={}", i.obj_size.trailer_size);
         let _ = writeln!(s, "  total_obj_size={}", i.obj_size.total_size);
+        if let Some(l) = &i.block_layout {
+            let _ = writeln!(
+                s,
+                "  block_size={} block_header={} objs_per_block={}",
+                l.block_size, l.header, l.objs_per_block
+            );
+        }
+        if let Some(c) = i.contig_block_size {
+            let _ = writeln!(s, "  contig_block_size={c}");
+        }
         let _ = writeln!(s, "  private_data_size={}", i.private_size);
         for c in &i.chunks {
             let _ = writeln!(
@@ -1906,9 +2033,12 @@ impl<'m> Mempool<'m> {
     /// object in the backend and the lcore caches is an object of this
     /// pool, seen once (a double put shows as a duplicate), with an intact
     /// header and cookie; debug builds also check that objects out are
-    /// marked out. Takes the backend's objects out and puts them back, so
+    /// marked out; the backend checks its own structures first (the
+    /// `bucket` handler: its lists, counts and index stacks). Takes the
+    /// backend's objects out and puts them back, so
     /// the pool must be quiescent (no get or put anywhere).
     pub fn audit(&self) -> Result<AuditReport, MempoolError> {
+        self.backend.check()?;
         let count = self.backend.count();
         let mut held: Vec<*mut u8> = vec![std::ptr::null_mut(); count as usize];
         for part in held.chunks_mut(4096) {
@@ -2270,6 +2400,10 @@ impl Mempool<'_> {
     /// several).
     #[inline]
     fn index_in_pool(&self, a: usize) -> Option<u32> {
+        if self.header().block_size != 0 {
+            // Objects in blocks: not at one stride from the chunk's start.
+            return self.index_of(a);
+        }
         if self.obj_span != 0 {
             let off = a.wrapping_sub(self.obj_lo);
             return (off < self.obj_span)
@@ -2728,6 +2862,26 @@ fn nodes_free(mem: &Memory) -> Vec<NodeFree> {
         .collect()
 }
 
+/// The first `align`-aligned address of the fresh anonymous mapping of
+/// `mapped` bytes at `map`, with the pages before it and those after its
+/// first `bytes` bytes unmapped (`mapped` leaves room to align).
+fn trim_mapping(map: usize, mapped: usize, align: usize, bytes: usize) -> usize {
+    let page = rustix::param::page_size();
+    let start = map.next_multiple_of(align.max(page));
+    let end = (start + bytes).next_multiple_of(page);
+    let map_end = map + mapped.next_multiple_of(page);
+    for (at, len) in [(map, start - map), (end, map_end.saturating_sub(end))] {
+        if len != 0 {
+            // SAFETY: whole pages of the fresh mapping outside the part
+            // kept; nothing refers to them.
+            if let Err(e) = unsafe { rustix::mm::munmap(at as *mut std::ffi::c_void, len) } {
+                tracing::warn!(at, len, error = %e, "munmap of alignment slack failed");
+            }
+        }
+    }
+    start
+}
+
 /// Reserves object zones `MP_<name>_<k>` for `objects` more objects and
 /// records them as chunks (and in `zone_chunks`). On error the zones this
 /// call reserved stay recorded; the caller frees them.
@@ -2737,12 +2891,13 @@ fn reserve_zones(
     h: &mut PoolHeader,
     objects: u32,
     flags: MempoolFlags,
+    pack: Packing,
 ) -> Result<(), MempoolError> {
-    let total = h.total_size as usize;
     let (total_size, socket) = (h.total_size, h.socket);
+    let bytes = |count: u32| pack.bytes(count).unwrap_or(usize::MAX);
     let no_memory = || MempoolError::NoMemory {
         name: name.to_string(),
-        need: (objects as usize * total).next_multiple_of(64),
+        need: bytes(objects).next_multiple_of(64),
         objects,
         total_size,
         socket,
@@ -2750,7 +2905,7 @@ fn reserve_zones(
     };
     // More than every memseg list of the instance could ever map (external
     // heaps aside): refuse at once instead of trying ever smaller zones.
-    let need = objects as usize * total;
+    let need = bytes(objects);
     let max: usize = mem.lists().iter().map(|l| l.len).sum();
     if need > max && h.socket < 256 {
         return Err(MempoolError::TooLarge { need, max });
@@ -2779,16 +2934,16 @@ fn reserve_zones(
         };
         match mem.memzone_reserve_aligned(
             &chunk_zone_name(name, k),
-            cnt as usize * total,
+            bytes(cnt),
             h.socket,
             zflags,
-            64,
+            pack.align(flags).max(64),
         ) {
             Ok(z) => {
                 h.chunks[k] = ChunkDesc {
                     va: z.as_ptr() as u64,
                     iova: if contig { z.iova() } else { BAD_IOVA },
-                    len: (cnt as usize * total) as u64,
+                    len: bytes(cnt) as u64,
                     first,
                     count: cnt,
                 };
@@ -2801,20 +2956,28 @@ fn reserve_zones(
             // one VA-contiguous zone and cut it into chunks where the IOVA
             // jumps (no object straddles a jump). One zone keeps the put
             // membership check at one compare per object.
+            // (Not for blocks: a block must not straddle a jump; the
+            // halving below keeps whole blocks together.)
             Err(Error::Memzone(MemzoneError::Alloc { .. }))
                 if contig
                     && cnt == remaining
                     && cnt > 1
+                    && pack.block == 0
                     && reserve_split_zone(mem, name, h, remaining, first) =>
             {
                 return Ok(());
             }
             // Halve, as long as the remaining chunks can still hold the
-            // remaining objects.
+            // remaining objects (whole blocks where there are blocks).
             Err(Error::Memzone(MemzoneError::Alloc { .. }))
                 if cnt > 1 && cnt.div_ceil(2) as usize * (MAX_CHUNKS - k) >= remaining as usize =>
             {
-                want = cnt.div_ceil(2);
+                let half = cnt.div_ceil(2);
+                want = if pack.per_block != 0 && half > pack.per_block {
+                    half.next_multiple_of(pack.per_block)
+                } else {
+                    half
+                };
             }
             // No IOVA-contiguous zone small enough fits the chunk budget:
             // go on without contiguity (each object's IOVA looked up).

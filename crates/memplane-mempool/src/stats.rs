@@ -2,9 +2,12 @@
 //! ([`Mempool::set_stats`](crate::Mempool::set_stats)): DPDK's
 //! `RTE_LIBRTE_MEMPOOL_STATS` counters, without rebuilding.
 //!
-//! The counters are DPDK's ([`StatsCounters`]; not the contiguous-block
-//! ones, memplane has no `get_contig_blocks`): put calls and objects,
-//! successful and failed get calls and their objects, and the backend
+//! The counters are DPDK's twelve ([`StatsCounters`]): put calls and
+//! objects, successful and failed get calls and their objects, successful
+//! and failed contiguous blocks
+//! ([`Mempool::get_contig_blocks`](crate::Mempool::get_contig_blocks): a
+//! call counts one get call, successful or failed, and its blocks, not
+//! their objects, as DPDK counts them), and the backend
 //! ("common pool") traffic: every enqueue into and every successful
 //! dequeue from the backend by a put, a get, a cache refill or flush, or
 //! [`Mempool::cache_flush`](crate::Mempool::cache_flush) /
@@ -53,8 +56,8 @@ pub const STATS_ZONE_PREFIX: &str = "MC_";
 /// "MPLSTAT1": an initialised table.
 pub(crate) const STATS_MAGIC: u64 = u64::from_le_bytes(*b"MPLSTAT1");
 
-/// Counters per row.
-pub(crate) const NSTATS: usize = 10;
+/// Counters per row (a row has room for 16).
+pub(crate) const NSTATS: usize = 12;
 
 /// Rows: one per lcore id, then the shared one.
 pub(crate) const ROWS: usize = MAX_LCORES + 1;
@@ -74,6 +77,8 @@ pub(crate) mod idx {
     pub const GET_SUCCESS_OBJS: usize = 7;
     pub const GET_FAIL_BULK: usize = 8;
     pub const GET_FAIL_OBJS: usize = 9;
+    pub const GET_SUCCESS_BLKS: usize = 10;
+    pub const GET_FAIL_BLKS: usize = 11;
 }
 
 /// Head of the table zone.
@@ -86,10 +91,12 @@ pub(crate) struct StatsHead {
 }
 
 /// One lcore's counters: two cache lines, so that neighbouring lcores'
-/// rows do not share a line (nor an adjacent-line prefetch pair).
+/// rows do not share a line (nor an adjacent-line prefetch pair); the
+/// last four words are unused.
 #[repr(C, align(128))]
 pub(crate) struct StatsRow {
     pub c: [AtomicU64; NSTATS],
+    _spare: [AtomicU64; 16 - NSTATS],
 }
 
 const _: () = {
@@ -131,6 +138,20 @@ impl Delta {
         d.0[idx::PUT_BULK] = 1;
         d.0[idx::PUT_OBJS] = n as u64;
         d.backend_put(backend)
+    }
+
+    /// A contiguous-block get of `n` blocks that succeeded (or not): one
+    /// get call and its blocks, as DPDK counts them.
+    pub fn blocks(n: usize, ok: bool) -> Self {
+        let mut d = Self::default();
+        if ok {
+            d.0[idx::GET_SUCCESS_BULK] = 1;
+            d.0[idx::GET_SUCCESS_BLKS] = n as u64;
+        } else {
+            d.0[idx::GET_FAIL_BULK] = 1;
+            d.0[idx::GET_FAIL_BLKS] = n as u64;
+        }
+        d
     }
 
     /// One backend enqueue of `n` objects (0: none).
@@ -190,6 +211,8 @@ impl StatsRow {
             get_success_objs: v(idx::GET_SUCCESS_OBJS),
             get_fail_bulk: v(idx::GET_FAIL_BULK),
             get_fail_objs: v(idx::GET_FAIL_OBJS),
+            get_success_blks: v(idx::GET_SUCCESS_BLKS),
+            get_fail_blks: v(idx::GET_FAIL_BLKS),
         }
     }
 
@@ -201,8 +224,7 @@ impl StatsRow {
     }
 }
 
-/// DPDK's per-lcore mempool statistics (`struct rte_mempool_debug_stats`
-/// without the contiguous-block counters).
+/// DPDK's per-lcore mempool statistics (`struct rte_mempool_debug_stats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StatsCounters {
     /// Put calls that returned their objects.
@@ -223,10 +245,17 @@ pub struct StatsCounters {
     pub get_success_bulk: u64,
     /// Objects they handed out.
     pub get_success_objs: u64,
-    /// Get calls that failed (not enough objects).
+    /// Get calls that failed (not enough objects, or not enough whole
+    /// blocks).
     pub get_fail_bulk: u64,
     /// Objects they asked for.
     pub get_fail_objs: u64,
+    /// Contiguous blocks handed out by successful
+    /// [`get_contig_blocks`](crate::Mempool::get_contig_blocks) calls
+    /// (each call also counts in `get_success_bulk`).
+    pub get_success_blks: u64,
+    /// Blocks asked for by failed ones (each also in `get_fail_bulk`).
+    pub get_fail_blks: u64,
 }
 
 impl StatsCounters {
@@ -248,6 +277,8 @@ impl StatsCounters {
             ("get_success_objs", self.get_success_objs),
             ("get_fail_bulk", self.get_fail_bulk),
             ("get_fail_objs", self.get_fail_objs),
+            ("get_success_blks", self.get_success_blks),
+            ("get_fail_blks", self.get_fail_blks),
         ]
     }
 }
@@ -264,6 +295,8 @@ impl std::ops::AddAssign for StatsCounters {
         self.get_success_objs += o.get_success_objs;
         self.get_fail_bulk += o.get_fail_bulk;
         self.get_fail_objs += o.get_fail_objs;
+        self.get_success_blks += o.get_success_blks;
+        self.get_fail_blks += o.get_fail_blks;
     }
 }
 

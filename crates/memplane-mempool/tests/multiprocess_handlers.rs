@@ -32,12 +32,13 @@ const PREFIX: &str = "MPL_MPH_PREFIX";
 const RUNDIR: &str = "MPL_MPH_RUNDIR";
 const N: u32 = 2048;
 const USER: &str = "user_counting";
-const SHARED: [&str; 6] = [
+const SHARED: [&str; 7] = [
     "ring_mp_mc",
     "ring_mt_rts",
     "ring_mt_hts",
     "stack",
     "lf_stack",
+    "bucket",
     USER,
 ];
 const SINGLE: [&str; 3] = ["ring_sp_sc", "ring_mp_sc", "ring_sp_mc"];

@@ -117,6 +117,7 @@ fn every_handler_gets_all_or_nothing_and_takes_everything_back() {
         "ring_mt_hts",
         "stack",
         "lf_stack",
+        "bucket",
     ] {
         assert!(names.iter().any(|n| n == h), "{h} in {names:?}");
         let n = 500;
@@ -276,6 +277,8 @@ fn many_threads_never_lose_or_duplicate_objects() {
         ("stack", 16),
         ("lf_stack", 0),
         ("lf_stack", 32),
+        ("bucket", 0),
+        ("bucket", 32),
     ] {
         let n = 2048;
         let name = format!("t_{h}_{cache}");
@@ -539,6 +542,8 @@ fn audit_catches_an_object_put_twice_past_the_checks() {
                 n: 16,
                 socket: -1,
                 flags: 0,
+                obj_size: pool.obj_size(),
+                layout: None,
             },
         )
         .unwrap();

@@ -37,6 +37,7 @@ fn counters(v: [u64; 10]) -> StatsCounters {
         get_success_objs: v[7],
         get_fail_bulk: v[8],
         get_fail_objs: v[9],
+        ..StatsCounters::default()
     }
 }
 
