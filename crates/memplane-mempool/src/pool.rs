@@ -2752,8 +2752,8 @@ fn full_granules(ranges: &[(usize, usize, u32)], header: usize) -> (usize, Box<[
 }
 
 /// Whether every pointer of `objs` lies in `[lo, lo + span)` (`span` in
-/// `1..2^63`). Each pointer gives `(p - lo) | (hi - p)`, `hi = lo + span
-/// - 1`, in wrapping arithmetic: both terms are below 2^63 exactly when
+/// `1..2^63`). Each pointer gives `(p - lo) | (hi - p)`, with
+/// `hi = lo + span - 1`, in wrapping arithmetic: both terms are below 2^63 exactly when
 /// `lo <= p <= hi` (they add up to `span - 1 < 2^63`, so neither can
 /// wrap into range), so the OR over all pointers has its top bit clear
 /// exactly when every one is inside. Two subtractions and two ORs per
