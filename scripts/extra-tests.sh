@@ -9,3 +9,4 @@ cargo test --quiet --release -p memplane --lib shm::lock::loom_tests
 cargo test --quiet --release -p memplane --lib shm::seqlock::loom_tests
 LOOM_MAX_PREEMPTIONS=2 cargo test --quiet --release -p memplane-ring --test loom
 LOOM_MAX_PREEMPTIONS=3 cargo test --quiet --release -p memplane-mempool --test loom
+LOOM_MAX_PREEMPTIONS=3 cargo test --quiet --release -p memplane-mempool --lib bucket_core::loom_tests

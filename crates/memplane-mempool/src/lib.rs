@@ -106,6 +106,8 @@
 
 #[cfg(not(loom))]
 pub mod bucket;
+#[cfg_attr(loom, allow(dead_code))]
+mod bucket_core;
 #[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
@@ -123,6 +125,8 @@ pub mod lf_stack;
 mod pool;
 #[cfg(not(loom))]
 pub mod stats;
+#[cfg_attr(loom, allow(dead_code))]
+mod sync;
 #[cfg(not(loom))]
 mod typed;
 
