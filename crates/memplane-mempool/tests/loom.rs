@@ -1,4 +1,4 @@
-//! Model check of the `lf_stack` lists (run by `scripts/loom.sh`:
+//! Model check of the `lf_stack` lists (run by `scripts/extra-tests.sh`:
 //! `RUSTFLAGS="--cfg loom" cargo test --release -p memplane-mempool --test
 //! loom`): every interleaving of a few threads pushing and popping keeps
 //! each value exactly once and never hands out a value twice.
