@@ -1336,27 +1336,32 @@ impl<'m> Mempool<'m> {
             return Ok(());
         }
         if self.cache_size == 0 && !cfg!(debug_assertions) {
-            return self.get_uncached(out);
+            if self.try_get_uncached(out) {
+                return Ok(());
+            }
+            return self.get_uncached_general(out);
         }
         self.get_impl(out, None)
     }
 
-    /// Get from a pool without caches: the handle-less ring call when the
-    /// handler is a built-in `Multi` ring and both run-time switches (leak
-    /// tracking, statistics) are off: one load and compare of the
-    /// header's switch word (all DPDK's `rte_mempool_get_bulk` does here);
-    /// else the general path. Small and out of line: the ring call is not
-    /// weighed down by the general path's registers and error plumbing.
+    /// Get from a pool without caches, fast case only: the handle-less
+    /// ring call when the handler is a built-in `Multi` ring and both
+    /// run-time switches (leak tracking, statistics) are off: one load and
+    /// compare of the header's switch word (all DPDK's
+    /// `rte_mempool_get_bulk` does here). `false`: nothing taken, take
+    /// the general path. Small and out of line, returning a `bool` with
+    /// its ring call's slow parts in tail position: nothing is live after
+    /// a call, so it saves no registers (a `Result` return kept the
+    /// caller's result pointer and arguments live, and five pushes).
     #[inline(never)]
-    fn get_uncached(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
-        if let Some(r) = &self.ring {
-            if self.header().slow.load(Ordering::Relaxed) == 0
-                && r.dequeue_bulk_multi(as_words_mut(out))
-            {
-                return Ok(());
+    fn try_get_uncached(&self, out: &mut [*mut u8]) -> bool {
+        match &self.ring {
+            Some(r) => {
+                self.header().slow.load(Ordering::Relaxed) == 0
+                    && r.dequeue_bulk_multi(as_words_mut(out))
             }
+            None => false,
         }
-        self.get_uncached_general(out)
     }
 
     #[inline(never)]
@@ -1369,21 +1374,22 @@ impl<'m> Mempool<'m> {
         r
     }
 
-    /// Put into a pool without caches: the handle-less ring call when the
-    /// objects are surely ours, the handler is a built-in `Multi` ring and
-    /// both switches are off; else the general path (the exact checks and
-    /// their errors).
+    /// Put into a pool without caches, fast case only: the handle-less
+    /// ring call when the objects are surely ours, the handler is a
+    /// built-in `Multi` ring and both switches are off. `false`: nothing
+    /// put, take the general path (the exact checks and their errors).
+    /// Out of line and returning a `bool`, as
+    /// [`try_get_uncached`](Self::try_get_uncached).
     #[inline(never)]
-    fn put_uncached(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
-        if let Some(r) = &self.ring {
-            if self.surely_ours(objs)
-                && self.header().slow.load(Ordering::Relaxed) == 0
-                && r.enqueue_bulk_multi(as_words(objs))
-            {
-                return Ok(());
+    fn try_put_uncached(&self, objs: &[*mut u8]) -> bool {
+        match &self.ring {
+            Some(r) => {
+                self.surely_ours(objs)
+                    && self.header().slow.load(Ordering::Relaxed) == 0
+                    && r.enqueue_bulk_multi(as_words(objs))
             }
+            None => false,
         }
-        self.put_uncached_general(objs)
     }
 
     #[inline(never)]
@@ -1572,7 +1578,10 @@ impl<'m> Mempool<'m> {
             return Ok(());
         }
         if self.cache_size == 0 && !cfg!(debug_assertions) {
-            return self.put_uncached(objs);
+            if self.try_put_uncached(objs) {
+                return Ok(());
+            }
+            return self.put_uncached_general(objs);
         }
         self.put_slow(objs)
     }

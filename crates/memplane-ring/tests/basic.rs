@@ -483,6 +483,29 @@ fn handleless_multi_bulk() {
     }
 }
 
+/// The handle-less calls' two paths (small unwrapped bulks inline, large
+/// or wrapping ones out of line) move exactly the elements asked, in
+/// order, for every size from 1 to 100 at every phase of a 128-slot ring,
+/// and leave the slots around the range alone.
+#[test]
+fn handleless_multi_bulk_every_size_and_phase() {
+    let r = ring::<u64>(128, RingConfig::MPMC.compact(true));
+    let mut next = 0u64;
+    let mut out = vec![0u64; 128];
+    for round in 0..2000u64 {
+        let n = (round * 37 % 100 + 1) as usize;
+        let items: Vec<u64> = (next..next + n as u64).collect();
+        assert!(r.enqueue_bulk_multi(&items), "round {round}: {n}");
+        out.fill(u64::MAX);
+        assert!(r.dequeue_bulk_multi(&mut out[1..=n]), "round {round}: {n}");
+        assert_eq!(&out[1..=n], &items[..], "round {round}: {n}");
+        assert_eq!(out[0], u64::MAX, "round {round}: wrote before the range");
+        assert_eq!(out[n + 1], u64::MAX, "round {round}: wrote past the range");
+        assert!(r.is_empty());
+        next += n as u64;
+    }
+}
+
 /// A compact ring publishes each side's position in the head's cache
 /// line (offset 24 of the side), a default ring on the next line (64),
 /// and the choice survives attach; a header with a flag bit this build
