@@ -589,6 +589,31 @@ impl<'m> MbufPool<'m> {
         }
     }
 
+    /// Asks for both header lines of every mbuf of a bulk from a pool
+    /// without a cache before the reset touches the first. Such a pool
+    /// hands its mbufs out in ring order, oldest first, so each header
+    /// is cold (the pool is larger than the caches); the reset's loop
+    /// then waited for one or two misses per mbuf in turn (a bulk of 32
+    /// took 1.3 ns more per mbuf than from a cache, DPDK's 0.7 ns).
+    /// With a cache, the mbufs are the ones just freed, already near:
+    /// nothing to ask. Below [`PREFETCH_FROM`] mbufs the reset loop fits
+    /// the core's reorder window, whose misses overlap by themselves.
+    #[inline(always)]
+    fn prefetch_cold(&self, objs: &[*mut u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if objs.len() >= PREFETCH_FROM && self.entry.mp.cache_size() == 0 {
+            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            for &p in objs {
+                // SAFETY: a prefetch is a hint: it reads nothing and
+                // cannot fault, whatever the address.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64).cast::<i8>());
+                }
+            }
+        }
+    }
+
     /// Exactly `n` mbufs appended to `out`, or none (DPDK's
     /// `rte_pktmbuf_alloc_bulk`).
     #[inline]
@@ -606,6 +631,7 @@ impl<'m> MbufPool<'m> {
         let objs =
             unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<*mut u8>(), n) };
         self.entry.mp.get_bulk(objs)?;
+        self.prefetch_cold(objs);
         for &p in objs.iter() {
             // SAFETY: free mbufs of this pool, now ours.
             unsafe { reset_fresh(p.cast()) };
@@ -627,6 +653,7 @@ impl<'m> MbufPool<'m> {
         let objs =
             unsafe { &mut *(std::ptr::from_mut::<[*mut MbufHeader]>(out) as *mut [*mut u8]) };
         self.entry.mp.get_bulk(objs)?;
+        self.prefetch_cold(objs);
         for &m in out.iter() {
             // SAFETY: free mbufs of this pool, now the caller's.
             unsafe { reset_fresh(m) };
@@ -756,6 +783,10 @@ fn init_header(pool: usize, priv_size: u16) -> MbufHeader {
         dynfield1: [0; crate::layout::DYNFIELD_WORDS],
     }
 }
+
+/// Bulks from a pool without a cache of at least this many mbufs are
+/// prefetched before their reset (`MbufPool::prefetch_cold`).
+const PREFETCH_FROM: usize = 16;
 
 /// `rte_pktmbuf_reset` of an mbuf just taken from its pool, refcount 1,
 /// in four wide stores and one read-modify-write where field-by-field
