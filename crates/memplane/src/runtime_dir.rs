@@ -246,6 +246,11 @@ impl RuntimeDir {
     /// this process, holds it. A config file left by a dead primary is simply
     /// reused; [`PrimaryLock::was_stale`] tells the caller so it can
     /// reinitialise it.
+    ///
+    /// The lock is an open-file-description lock: a child forked by
+    /// another thread while a [`PrimaryLock`] was open shares it until the
+    /// child's `exec` (or exit) closes the descriptor, so a lock dropped
+    /// at that moment is free again only then.
     pub fn try_lock_primary(&self) -> Result<PrimaryLock> {
         let config = self.config_path();
         let existed = match fs::symlink_metadata(&config) {
