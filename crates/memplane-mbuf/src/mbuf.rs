@@ -319,6 +319,35 @@ unsafe fn free_chain(m: *mut MbufHeader, head: bool) {
 /// Segments gathered per pool before one bulk put.
 const PENDING: usize = 64;
 
+/// [`free_chains`] over a slice. Bursts of [`FREE_OUT_OF_LINE`] or more
+/// go out of line, where the loop gets its registers to itself whatever
+/// the caller keeps live (inlined into a burst loop it spilled the
+/// current pool and the batch length: owned `Vec` bursts of 32 trailed
+/// raw-pointer ones by 5-15% for that alone); smaller ones stay inline,
+/// where the call would cost more than the spills (bulk 1: -15%).
+///
+/// # Safety
+/// As [`free_chains`].
+#[inline(always)]
+unsafe fn free_heads(heads: &[*mut MbufHeader]) {
+    #[inline(never)]
+    unsafe fn out_of_line(heads: &[*mut MbufHeader]) {
+        // SAFETY: the caller's contract.
+        unsafe { free_chains(heads.iter().copied()) };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        if heads.len() >= FREE_OUT_OF_LINE {
+            out_of_line(heads);
+        } else {
+            free_chains(heads.iter().copied());
+        }
+    }
+}
+
+/// See [`free_heads`].
+const FREE_OUT_OF_LINE: usize = 8;
+
 /// Frees the chains at `heads`, returning segments to their pools in
 /// batches, one pool at a time (`rte_pktmbuf_free_bulk`). The batch's
 /// length and pool are plain locals, apart from the array the put
@@ -410,7 +439,7 @@ fn pool_not_open(pool: usize, n: usize) {
 #[inline]
 pub unsafe fn free_bulk_raw(mbufs: &[*mut MbufHeader]) {
     // SAFETY: the caller's contract.
-    unsafe { free_chains(mbufs.iter().copied()) };
+    unsafe { free_heads(mbufs) };
 }
 
 /// Adds `delta` to a refcount, refusing a result outside 1..=u16::MAX.
@@ -693,7 +722,7 @@ impl<'p> Mbuf<'p> {
         unsafe {
             mbufs.set_len(0);
             let heads = std::slice::from_raw_parts(mbufs.as_ptr().cast::<*mut MbufHeader>(), n);
-            free_chains(heads.iter().copied());
+            free_heads(heads);
         }
     }
 
