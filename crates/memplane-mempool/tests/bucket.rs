@@ -6,7 +6,8 @@
 //! input, two-step population, leak tracking, many threads, and a
 //! secondary process that gets and puts objects and blocks of a primary's
 //! pool.
-
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 // Objects are 64-byte aligned: u64 accesses at their start are fine.
 #![allow(clippy::cast_ptr_alignment)]
 

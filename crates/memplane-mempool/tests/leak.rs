@@ -2,6 +2,8 @@
 //! switching off and on, the exact outstanding list around lcore caches,
 //! a secondary process's gets seen by the primary, bad input; and the
 //! unchecked put.
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 
 mod common;
 

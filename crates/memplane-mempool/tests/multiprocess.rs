@@ -3,7 +3,8 @@
 //! gets its own lcore id and cache, takes objects the primary initialised,
 //! writes them, and puts them back; the primary sees every object back,
 //! with the secondary's writes, and the pool audits clean.
-
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 // Objects are 64-byte aligned: u64 accesses at their start are fine.
 #![allow(clippy::cast_ptr_alignment)]
 

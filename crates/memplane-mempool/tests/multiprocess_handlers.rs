@@ -9,7 +9,8 @@
 //! populated (populate_virt) in a memzone is shared like any other; pools in
 //! process-local memory (populate_anon) and unfinished pools
 //! (create_empty) are refused to secondaries with typed errors.
-
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 // Objects are 64-byte aligned: u64 accesses at their start are fine.
 #![allow(clippy::cast_ptr_alignment)]
 

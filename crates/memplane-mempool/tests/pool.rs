@@ -1,7 +1,8 @@
 //! Mempools on real hugepages: layout and footprint, every handler, caches,
 //! many threads with sequence-checked objects, the typed face, iteration,
 //! audit, dump, bad input.
-
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 // Objects are 64-byte aligned: u64 accesses at their start are fine.
 #![allow(clippy::cast_ptr_alignment)]
 

@@ -1,7 +1,8 @@
 //! Two-step creation (create_empty, then populate_default / populate_virt
 //! / populate_anon, then obj_iter), the footprint, and the out-of-memory
 //! error with per-node numbers.
-
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 // Objects are 64-byte aligned: u64 accesses at their start are fine.
 #![allow(clippy::cast_ptr_alignment)]
 

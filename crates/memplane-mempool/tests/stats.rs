@@ -4,6 +4,8 @@
 //! switching off and on with leak tracking in the mix, concurrent
 //! counting, dumps, and a secondary process whose gets and puts show in
 //! the primary's counters.
+// Under `--cfg loom` the library is built for its models only.
+#![cfg(not(loom))]
 
 mod common;
 
