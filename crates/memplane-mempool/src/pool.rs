@@ -275,14 +275,10 @@ pub struct Mempool<'m> {
     /// chunk `ranges[k - 1]`, [`GRAN_MANY`] = several (binary search).
     /// Empty when the chunks span too much address space.
     gran: Box<[u8]>,
-    /// First element address when the objects are in one zone (the
-    /// common case): a put's membership check is then one compare per
-    /// object, `addr - obj_lo < obj_span`.
-    obj_lo: usize,
-    /// Bytes from `obj_lo` to the zone's end; 0 with several zones (the
-    /// granule table is used then).
-    obj_span: usize,
-    /// The put check of `obj_lo`/`obj_span`, constants ready.
+    /// The objects' span when they are in one zone (the common case): a
+    /// put's membership check is then one compare per object, `addr - lo
+    /// < span` (`span` 0 with several zones: the granule table is used
+    /// then).
     span_check: SpanCheck,
     /// Several zones: address of granule 0 of `full`.
     full_base: usize,
@@ -838,8 +834,6 @@ impl<'m> Mempool<'m> {
         self.ranges = ranges;
         self.gran_base = gran_base;
         self.gran = gran;
-        self.obj_lo = obj_lo;
-        self.obj_span = obj_span;
         self.span_check = SpanCheck::new(obj_lo, obj_span);
         self.full_base = full_base;
         self.full = full_table;
@@ -996,8 +990,6 @@ impl<'m> Mempool<'m> {
         };
         Self {
             ring,
-            obj_lo,
-            obj_span,
             span_check: SpanCheck::new(obj_lo, obj_span),
             full_base,
             full,
@@ -1197,7 +1189,7 @@ impl<'m> Mempool<'m> {
         let a = objs
             .iter()
             .map(|&p| p as usize)
-            .find(|a| a.wrapping_sub(self.obj_lo) >= self.obj_span)
+            .find(|a| a.wrapping_sub(self.span_check.lo) >= self.span_check.span)
             .unwrap_or(0);
         self.foreign(a)
     }
@@ -1237,7 +1229,7 @@ impl<'m> Mempool<'m> {
 
     #[inline(always)]
     fn check_put(&self, objs: &[*mut u8]) -> Result<(), MempoolError> {
-        if self.obj_span != 0 {
+        if self.span_check.span != 0 {
             // One zone: branch-free, no early exit (the rare failure is
             // sorted out below).
             if !self.span_check.all_in(objs) {
@@ -1437,7 +1429,7 @@ impl<'m> Mempool<'m> {
     /// decides then.
     #[inline(always)]
     fn surely_ours(&self, objs: &[*mut u8]) -> bool {
-        if self.obj_span != 0 {
+        if self.span_check.span != 0 {
             self.span_check.all_in(objs)
         } else {
             let (base, table) = (self.full_base, &*self.full);
@@ -2413,9 +2405,9 @@ impl Mempool<'_> {
             // Objects in blocks: not at one stride from the chunk's start.
             return self.index_of(a);
         }
-        if self.obj_span != 0 {
-            let off = a.wrapping_sub(self.obj_lo);
-            return (off < self.obj_span)
+        if self.span_check.span != 0 {
+            let off = a.wrapping_sub(self.span_check.lo);
+            return (off < self.span_check.span)
                 .then(|| div_by_recip(off, self.total_size, self.total_recip) as u32);
         }
         let g = a.wrapping_sub(self.gran_base) >> GRAN_SHIFT;
@@ -2776,7 +2768,8 @@ fn all_in_span(objs: &[*mut u8], lo: usize, span: usize) -> bool {
 /// A one-zone pool's put check, `[lo, lo + span)`, with the biased
 /// constants of [`all_in_span_sse42`] computed once: held by the pool,
 /// each is then one broadcast load per put instead of a load, an
-/// arithmetic operation and a shuffle (user-owned cache, bulk 4: +7-9%).
+/// arithmetic operation and a shuffle (user-owned cache, runtime bulk 4
+/// and 8: +3-12%).
 /// `span` 0: several zones, no span check.
 #[derive(Clone, Copy, Debug, Default)]
 struct SpanCheck {
@@ -3334,8 +3327,8 @@ impl<'m> Mempool<'m> {
             slot,
             objs,
             id,
-            obj_lo: self.obj_lo,
-            obj_span: self.obj_span,
+            obj_lo: self.span_check.lo,
+            obj_span: self.span_check.span,
         })
     }
 }
@@ -3671,10 +3664,10 @@ mod tests {
         let mut objs = [std::ptr::null_mut(); 8];
         pool.get_bulk(&mut objs).unwrap();
         assert_eq!(pool.chunks().len(), 1);
-        assert_ne!(pool.obj_span, 0, "one chunk: the one-compare check");
+        assert_ne!(pool.span_check.span, 0, "one chunk: the one-compare check");
         assert!(pool.surely_ours(&objs));
         let mut outside = objs;
-        outside[3] = (pool.obj_lo + pool.obj_span) as *mut u8;
+        outside[3] = (pool.span_check.lo + pool.span_check.span) as *mut u8;
         assert!(!pool.surely_ours(&outside));
         pool.put_bulk(&objs).unwrap();
         pool.cache_flush().unwrap();
