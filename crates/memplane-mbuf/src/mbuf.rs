@@ -333,14 +333,14 @@ unsafe fn free_heads(heads: &[*mut MbufHeader]) {
     #[inline(never)]
     unsafe fn out_of_line(heads: &[*mut MbufHeader]) {
         // SAFETY: the caller's contract.
-        unsafe { free_chains(heads.iter().copied()) };
+        unsafe { free_chains(heads.iter().copied(), first_pool(heads)) };
     }
     // SAFETY: the caller's contract.
     unsafe {
         if heads.len() >= FREE_OUT_OF_LINE {
             out_of_line(heads);
         } else {
-            free_chains(heads.iter().copied());
+            free_chains(heads.iter().copied(), first_pool(heads));
         }
     }
 }
@@ -348,8 +348,25 @@ unsafe fn free_heads(heads: &[*mut MbufHeader]) {
 /// See [`free_heads`].
 const FREE_OUT_OF_LINE: usize = 8;
 
+/// The pool of the first head (0 for none), so that `free_chains`
+/// gathers even the first mbuf on its fast path: choosing the pool there
+/// instead, per mbuf, cost 10% at bulk 32.
+///
+/// # Safety
+/// Each non-null head is a live mbuf.
+#[inline(always)]
+unsafe fn first_pool(heads: &[*mut MbufHeader]) -> usize {
+    match heads.first() {
+        // SAFETY: a live head (the caller).
+        Some(&m) if !m.is_null() => unsafe { (*m).pool },
+        _ => 0,
+    }
+}
+
 /// Frees the chains at `heads`, returning segments to their pools in
-/// batches, one pool at a time (`rte_pktmbuf_free_bulk`). The batch's
+/// batches, one pool at a time (`rte_pktmbuf_free_bulk`). `first_pool`:
+/// the pool the batch starts with (any value is correct; the first
+/// head's saves it a trip through the general loop). The batch's
 /// length and pool are plain locals, apart from the array the put
 /// reads: kept in one struct with it, they lived in memory and every
 /// segment paid a store-to-load round trip on the length.
@@ -359,11 +376,36 @@ const FREE_OUT_OF_LINE: usize = 8;
 /// or null, freed exactly once, and the pool of every segment is open
 /// in this process.
 #[inline(always)]
-unsafe fn free_chains(heads: impl Iterator<Item = *mut MbufHeader>) {
+unsafe fn free_chains(heads: impl Iterator<Item = *mut MbufHeader>, first_pool: usize) {
     let mut objs = [const { MaybeUninit::<*mut u8>::uninit() }; PENDING];
     let mut len = 0usize;
-    let mut pool = 0usize;
+    let mut pool = first_pool;
     for m in heads {
+        // The common case in a few not-taken branches and no taken one
+        // but the loop's: a lone, direct mbuf we hold the only reference
+        // to, of the pool being gathered, with room left.
+        // The general loop below handles it too, but with six taken
+        // branches per mbuf its speed hung on where the linker put it
+        // (the same code at another address: 15% slower, on Zen 5), and
+        // this path is 40-85% faster than its best placement at bulk 32.
+        if !m.is_null() {
+            // SAFETY: a live head the caller owns (one reference).
+            let h = unsafe { hdr(m) };
+            if h.nb_segs == 1
+                && h.refcnt.load(Ordering::Acquire) == 1
+                && is_direct(h)
+                && h.pool == pool
+                && len < PENDING
+            {
+                // As `prefree_seg` for a lone direct segment: the
+                // chain invariant makes `next` null, nothing to reset.
+                debug_assert!(h.next.is_null(), "a head with nb_segs 1 has a next segment");
+                h.refcnt.store(0, Ordering::Relaxed);
+                objs[len].write(m.cast());
+                len += 1;
+                continue;
+            }
+        }
         let mut s = m;
         let mut head = true;
         while !s.is_null() {
@@ -692,7 +734,7 @@ impl<'p> Mbuf<'p> {
     pub fn free_bulk<'a>(mbufs: impl IntoIterator<Item = Mbuf<'a>>) {
         // SAFETY: each chain was owned by its `Mbuf`, given up here once;
         // the pools are open (the mbufs borrow their handles).
-        unsafe { free_chains(mbufs.into_iter().map(Mbuf::into_raw)) };
+        unsafe { free_chains(mbufs.into_iter().map(Mbuf::into_raw), 0) };
     }
 
     /// Frees every mbuf of `mbufs` (chains included, in batches per pool,

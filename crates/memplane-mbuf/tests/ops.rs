@@ -487,6 +487,63 @@ fn bulk_alloc_is_all_or_nothing_and_free_bulk_returns_chains_to_their_pools() {
 }
 
 #[test]
+fn burst_free_keeps_shared_mbufs_and_ignores_freed_ones() {
+    if !have_hugepages(16) {
+        return;
+    }
+    let inst = instance("mb_burst_ref");
+    // No cache: the pool's counts are exact at every step.
+    let a = MbufPool::create(&inst.mem, "a", &MbufPoolConfig::new(64)).unwrap();
+    // A burst below and one above the out-of-line threshold (8).
+    for n in [5usize, 32] {
+        let mut burst = Vec::with_capacity(n);
+        a.alloc_bulk(&mut burst, n).unwrap();
+        // Every third mbuf has a second reference, held as a raw pointer.
+        let mut shared = Vec::new();
+        for (i, m) in burst.iter_mut().enumerate() {
+            if i % 3 == 1 {
+                fill(m, &[i as u8; 3]);
+                // SAFETY: the extra reference is adopted below, once.
+                unsafe { m.refcnt_update(1).unwrap() };
+                shared.push((i, m.as_ptr()));
+            }
+        }
+        Mbuf::free_vec(&mut burst);
+        assert_eq!(
+            a.in_use_count() as usize,
+            shared.len(),
+            "n={n}: a burst free returns only the mbufs it held the last reference to"
+        );
+        for (i, p) in shared {
+            // SAFETY: the extra reference taken above, adopted once.
+            let m = unsafe { Mbuf::from_raw(p, &a) }.unwrap();
+            assert_eq!(m.refcnt(), 1, "n={n}");
+            assert_eq!(m.data(), &[i as u8; 3], "n={n}: data of a shared mbuf kept");
+        }
+        assert!(a.is_full(), "n={n}");
+        // A raw burst freed twice: the second free finds refcount 0 on
+        // every mbuf and gives the pool nothing.
+        let mut raw = vec![std::ptr::null_mut(); n];
+        // SAFETY: freed below.
+        unsafe { a.alloc_bulk_raw(&mut raw).unwrap() };
+        // SAFETY: ours, freed once.
+        unsafe { memplane_mbuf::free_bulk_raw(&raw) };
+        assert!(a.is_full(), "n={n}");
+        for &p in &raw {
+            // SAFETY: a free mbuf's header stays mapped while its pool lives.
+            let r = unsafe { (*p).refcnt.load(Ordering::Relaxed) };
+            assert_eq!(r, 0, "n={n}: a free mbuf has refcount 0");
+        }
+        // SAFETY: deliberately wrong (freed mbufs); refused before the
+        // pool sees them.
+        unsafe { memplane_mbuf::free_bulk_raw(&raw) };
+        assert_eq!(a.avail_count(), 64, "n={n}: nothing put twice");
+        a.mempool().audit().unwrap();
+    }
+    a.free().unwrap();
+}
+
+#[test]
 fn raw_round_trip_and_refcount_zero_is_refused() {
     if !have_hugepages(16) {
         return;
