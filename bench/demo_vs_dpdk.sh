@@ -9,7 +9,7 @@
 # with -O3) alternately N times (default 5; odd runs memplane first, even
 # runs DPDK first), S seconds each (default 3), for 64- and 1514-byte
 # packets and the --packet-size asked, and prints one table: median Mpps
-# of each, the ratios memplane/DPDK and the target (>= 1.0), then the best
+# of each, the ratios memplane/DPDK (median of the per-run ratios) and the target (>= 1.0), then the best
 # run and the range of each. Needs root, DPDK 22.11 (pkg-config libdpdk,
 # gcc, rustc) and ~40 free 2 MiB hugepages; takes about
 # N x sizes x 3 x (S + 1.5) s (2 min with the defaults).
@@ -207,7 +207,7 @@ run_one() {
     fi
     local mpps
     if [ "$rc" = 0 ] && grep -q '^all packets intact' "$log" && mpps="$(mpps_of "$log")"; then
-        echo "$mpps" >>"$results/$side-$size"
+        echo "$run $mpps" >>"$results/$side-$size"
         printf '  run %d/%d  %4d B  %-8s %8.3f Mpps\n' "$run" "$runs" "$size" "$side" "$mpps" >&2
     else
         failures=$((failures + 1))
@@ -230,13 +230,24 @@ for run in $(seq 1 "$runs"); do
     done
 done
 
+# Result files hold "run Mpps" lines.
 median() {
     [ -s "$1" ] || { echo "-"; return; }
-    sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    awk '{ print $2 }' "$1" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
-best() { [ -s "$1" ] && sort -g "$1" | tail -1 | awk '{ printf "%.3f", $1 }' || echo "-"; }
-spread() { [ -s "$1" ] && sort -g "$1" | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }' || echo "-"; }
+best() { [ -s "$1" ] && awk '{ print $2 }' "$1" | sort -g | tail -1 | awk '{ printf "%.3f", $1 }' || echo "-"; }
+spread() { [ -s "$1" ] && awk '{ print $2 }' "$1" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }' || echo "-"; }
 ratio_of() { [ "$1" = "-" ] || [ "$2" = "-" ] && echo "-" || awk -v m="$1" -v d="$2" 'BEGIN { printf "%.2f", m / d }'; }
+# paired_ratio <memplane file> <dpdk file>: the median over runs of
+# memplane / DPDK within one run (the sides of a run ran back to back; a
+# ratio of medians pairs one side's fast runs with the other's slow ones
+# when the machine switches speed between runs, as this one's 2-CPU
+# regimes do for minutes at a time).
+paired_ratio() {
+    [ -s "$1" ] && [ -s "$2" ] || { echo "-"; return; }
+    awk 'NR == FNR { m[$1] = $2; next } ($1 in m) && $2 > 0 { print m[$1] / $2 }' "$1" "$2" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 count() { [ -s "$1" ] && wc -l <"$1" | tr -d ' ' || echo 0; }
 
 echo
@@ -253,8 +264,8 @@ for size in "${sizes[@]}"; do
     ratio="-"
     ratio3="-"
     met="-"
-    [ "$m" = "-" ] || [ "$d" = "-" ] || ratio="$(awk -v m="$m" -v d="$d" 'BEGIN { printf "%.2f", m / d }')"
-    [ "$m" = "-" ] || [ "$d3" = "-" ] || ratio3="$(awk -v m="$m" -v d="$d3" 'BEGIN { printf "%.2f", m / d }')"
+    ratio="$(paired_ratio "$results/memplane-$size" "$results/dpdk-$size")"
+    ratio3="$(paired_ratio "$results/memplane-$size" "$results/dpdkO3-$size")"
     # The verdict is against the faster DPDK build (the smaller ratio).
     low="$(awk -v a="$ratio" -v b="$ratio3" 'BEGIN { if (a == "-" || b == "-") print "-"; else print (a + 0 < b + 0) ? a : b }')"
     if [ "$low" != "-" ]; then
@@ -269,7 +280,7 @@ for size in "${sizes[@]}"; do
         runs_note="  (good runs: memplane $nm, DPDK -O2 $nd, -O3 $nd3)"
     printf '%-11s %9s %12s %8s %12s %8s %7s %4s%s\n' "$size B" "$m" "$d" "$ratio" "$d3" "$ratio3" ">= 1.0" "$met" "$runs_note"
 done
-echo "ratio = memplane / DPDK; met: the smaller of the two ratios >= 1.0"
+echo "ratio = median over runs of memplane / DPDK in the same run (run back to back); met: the smaller of the two ratios >= 1.0"
 echo "worst ratio: ${worst:--}"
 echo
 echo "best run of each (the least disturbed; the machine is shared), and the range of all runs:"
