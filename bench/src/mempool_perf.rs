@@ -510,29 +510,110 @@ fn run_dpdk_into(
     block: (u32, u32),
     dpdk: &mut BTreeMap<String, Vec<f64>>,
     order: &mut Vec<String>,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     eprintln!("run {run}/{}, block {block:?}: {} ...", opts.runs, opts.bin);
     let t = run_dpdk(opts.bin, opts.secs, opts.all_bulks, block)?;
+    let mut keys = Vec::new();
     for (k, v) in parse(&t) {
         if !order.contains(&k) {
             order.push(k.clone());
         }
+        keys.push(k.clone());
         dpdk.entry(k).or_default().push(v);
     }
-    Ok(())
+    Ok(keys)
 }
 
 /// The median over runs of `ours[i] / dpdk[i]`: the two sides of run `i`
 /// were measured back to back (seconds apart), so a change of the
-/// machine's speed between runs cancels out. `None` when a side has no
-/// rate for the row or the runs do not pair up.
-fn paired_ratio(dpdk: Option<&Vec<f64>>, ours: Option<&Vec<f64>>) -> Option<f64> {
+/// machine's speed between runs cancels out. Only runs with `use_run[i]`
+/// count when there are any (see [`regime_probe`]); the second value is
+/// the number of runs that counted. `None` when a side has no rate for
+/// the row or the runs do not pair up.
+fn paired_ratio(
+    dpdk: Option<&Vec<f64>>,
+    ours: Option<&Vec<f64>>,
+    use_run: Option<&Vec<bool>>,
+) -> Option<(f64, usize)> {
     let (d, o) = (dpdk?, ours?);
     if d.len() != o.len() || d.is_empty() || d.iter().any(|&x| x <= 0.0) {
         return None;
     }
-    let mut r: Vec<f64> = d.iter().zip(o).map(|(d, o)| o / d).collect();
-    Some(crate::compare::median(&mut r))
+    let all: Vec<f64> = d.iter().zip(o).map(|(d, o)| o / d).collect();
+    let mut kept: Vec<f64> = match use_run {
+        Some(u) if u.len() == all.len() => all
+            .iter()
+            .zip(u)
+            .filter(|(_, &keep)| keep)
+            .map(|(r, _)| *r)
+            .collect(),
+        _ => all.clone(),
+    };
+    if kept.is_empty() {
+        kept = all;
+    }
+    let n = kept.len();
+    Some((crate::compare::median(&mut kept), n))
+}
+
+/// Cache-line round trips per second between two threads on CPUs 0 and
+/// 1, for 50 ms: which of this machine's two 2-CPU regimes (one 3-4x
+/// slower than the other, switching every few seconds to minutes, for
+/// any program) is on. Measured before and after each side of a 2-core
+/// block, so that pairs measured across a switch can be left out.
+fn regime_probe() -> f64 {
+    use std::sync::atomic::{
+        AtomicBool, AtomicU64,
+        Ordering::{Acquire, Relaxed, Release},
+    };
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    let ball = Line(AtomicU64::new(0));
+    let stop = AtomicBool::new(false);
+    let secs = 0.05;
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            crate::pin(1);
+            // Returns the ball (odd -> even) until told to stop.
+            while !stop.load(Relaxed) {
+                let v = ball.0.load(Acquire);
+                if v % 2 == 1 {
+                    ball.0.store(v + 1, Release);
+                }
+            }
+        });
+        // The serving side on its own thread too: the caller's affinity
+        // (inherited by the programs it starts next) stays as it was.
+        let rate = sc
+            .spawn(|| {
+                crate::pin(0);
+                let t0 = std::time::Instant::now();
+                let mut trips = 0u64;
+                while t0.elapsed().as_secs_f64() < secs {
+                    for _ in 0..64 {
+                        let v = ball.0.load(Acquire);
+                        ball.0.store(v + 1, Release);
+                        while ball.0.load(Acquire) == v + 1 {
+                            std::hint::spin_loop();
+                        }
+                        trips += 1;
+                    }
+                }
+                trips as f64 / t0.elapsed().as_secs_f64()
+            })
+            .join()
+            .unwrap_or(0.0);
+        stop.store(true, Relaxed);
+        rate
+    })
+}
+
+/// Whether the probes around one block's two sides agree (within 1.5x,
+/// where the regimes differ by 3-4x).
+fn same_regime(probes: &[f64]) -> bool {
+    let lo = probes.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = probes.iter().copied().fold(0.0, f64::max);
+    lo > 0.0 && hi / lo <= 1.5
 }
 
 pub fn compare(opts: &CompareOpts<'_>) -> i32 {
@@ -553,12 +634,31 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
     // a switch falls between them; so each row's ratio is the median of
     // the per-run ratios of the two sides measured back to back, and the
     // side that goes first alternates from run to run.
+    //
+    // Within a run the regime can still switch between the two sides: on
+    // 2-core blocks a ping-pong probe before, between and after the two
+    // sides tells, and a row's ratio counts only the runs whose three
+    // probes agree (all runs when none do).
+    let mut use_run: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+    let (mut two_core_pairs, mut two_core_kept) = (0, 0);
     for (run, &block) in (1..=runs).flat_map(|r| blocks.iter().map(move |b| (r, b))) {
         let dpdk_first = run % 2 == 1;
+        let two_cores = block.1 == 2;
+        let mut probes = Vec::new();
+        if two_cores {
+            probes.push(regime_probe());
+        }
+        let mut keys = Vec::new();
         if dpdk_first {
-            if let Err(e) = run_dpdk_into(opts, run, block, &mut dpdk, &mut order) {
-                eprintln!("error: {e}");
-                return 1;
+            match run_dpdk_into(opts, run, block, &mut dpdk, &mut order) {
+                Ok(k) => keys = k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            }
+            if two_cores {
+                probes.push(regime_probe());
             }
         }
         let mut sides = vec![(false, &mut ours)];
@@ -583,10 +683,40 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
             }
         }
         if !dpdk_first {
-            if let Err(e) = run_dpdk_into(opts, run, block, &mut dpdk, &mut order) {
-                eprintln!("error: {e}");
-                return 1;
+            if two_cores {
+                probes.push(regime_probe());
             }
+            match run_dpdk_into(opts, run, block, &mut dpdk, &mut order) {
+                Ok(k) => keys = k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            }
+        }
+        let keep = if two_cores {
+            probes.push(regime_probe());
+            let same = same_regime(&probes);
+            two_core_pairs += 1;
+            two_core_kept += usize::from(same);
+            eprintln!(
+                "  regime probe (round trips/s): {:?}{}",
+                probes
+                    .iter()
+                    .map(|p| format!("{:.1}M", p / 1e6))
+                    .collect::<Vec<_>>(),
+                if same {
+                    ""
+                } else {
+                    ": switched, this pair left out"
+                }
+            );
+            same
+        } else {
+            true
+        };
+        for k in keys {
+            use_run.entry(k).or_default().push(keep);
         }
     }
     let autotest: BTreeMap<String, f64> = opts
@@ -598,6 +728,7 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
         "\nmempool_perf_autotest rows (1 and 2 cores): DPDK 22.11 (bench/dpdk/mempool_perf.c) vs memplane mirror, {runs} runs alternating the two sides block by block (section x cores), {secs} s per row; rates are medians"
     );
     println!("rate = objects got and put back per second (2 cores: sum of both); ratio = median over runs of memplane / DPDK measured back to back (> 1.00: memplane faster); target: ratio >= {TARGET:.2}");
+    println!("pairs = runs the ratio is the median of; 2-core rows count only the runs measured in one regime (ping-pong probes before, between and after the two sides agree within 1.5x): {two_core_kept} of {two_core_pairs} block runs");
     if opts.tracking {
         println!("track = memplane with leak tracking on; t/off = track / memplane (its cost)");
     }
@@ -606,8 +737,8 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
     }
     println!();
     let mut head = format!(
-        "{:<78} {:>11} {:>11} {:>6} {:>6}",
-        "test", "DPDK", "memplane", "ratio", "target"
+        "{:<78} {:>11} {:>11} {:>6} {:>6} {:>5}",
+        "test", "DPDK", "memplane", "ratio", "target", "pairs"
     );
     if opts.tracking {
         let _ =
@@ -621,12 +752,12 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
     let mut below = 0;
     let mut track_ratios = Vec::new();
     for k in &order {
-        let paired = paired_ratio(dpdk.get(k), ours.get(k));
+        let paired = paired_ratio(dpdk.get(k), ours.get(k), use_run.get(k));
         let dp = dpdk.get_mut(k).map(|v| crate::compare::median(v));
         let mp = ours.get_mut(k).map(|v| crate::compare::median(v));
         let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
         let (ratio, mark) = match paired {
-            Some(r) => {
+            Some((r, _)) => {
                 worst = worst.min(r);
                 if r < TARGET {
                     below += 1;
@@ -635,7 +766,12 @@ pub fn compare(opts: &CompareOpts<'_>) -> i32 {
             }
             None => ("-".into(), "-"),
         };
-        let mut line = format!("{k:<78} {:>11} {:>11} {ratio:>6} {mark:>6}", f(dp), f(mp));
+        let pairs = paired.map_or_else(|| "-".to_string(), |(_, n)| n.to_string());
+        let mut line = format!(
+            "{k:<78} {:>11} {:>11} {ratio:>6} {mark:>6} {pairs:>5}",
+            f(dp),
+            f(mp)
+        );
         if opts.tracking {
             let t = tracked.get_mut(k).map(|v| crate::compare::median(v));
             let tr = match (t, mp) {
@@ -679,11 +815,30 @@ mod tests {
         // medians (100 vs 30) would say 0.3; each run says 1.1-1.2.
         let dpdk = vec![100.0, 25.0, 25.0];
         let ours = vec![110.0, 30.0, 30.0];
-        let r = paired_ratio(Some(&dpdk), Some(&ours)).unwrap();
+        let (r, n) = paired_ratio(Some(&dpdk), Some(&ours), None).unwrap();
+        assert_eq!(n, 3);
         assert!((r - 1.2).abs() < 1e-9, "{r}");
         // Unpaired or missing runs give no ratio rather than a wrong one.
-        assert_eq!(paired_ratio(Some(&dpdk), Some(&vec![1.0])), None);
-        assert_eq!(paired_ratio(None, Some(&ours)), None);
-        assert_eq!(paired_ratio(Some(&vec![0.0]), Some(&vec![1.0])), None);
+        assert_eq!(paired_ratio(Some(&dpdk), Some(&vec![1.0]), None), None);
+        assert_eq!(paired_ratio(None, Some(&ours), None), None);
+        assert_eq!(paired_ratio(Some(&vec![0.0]), Some(&vec![1.0]), None), None);
+        // Runs measured across a regime switch are left out; when every
+        // run is, all count.
+        let dpdk = vec![100.0, 100.0, 25.0];
+        let ours = vec![110.0, 30.0, 30.0];
+        let keep = vec![true, false, true];
+        let (r, n) = paired_ratio(Some(&dpdk), Some(&ours), Some(&keep)).unwrap();
+        assert_eq!(n, 2);
+        assert!((r - 1.15).abs() < 1e-9, "{r}");
+        let (_, n) = paired_ratio(Some(&dpdk), Some(&ours), Some(&vec![false; 3])).unwrap();
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn same_regime_needs_probes_within_one_and_a_half() {
+        use super::same_regime;
+        assert!(same_regime(&[20e6, 25e6, 29e6]));
+        assert!(!same_regime(&[20e6, 6e6, 21e6]));
+        assert!(!same_regime(&[0.0, 1.0]));
     }
 }
