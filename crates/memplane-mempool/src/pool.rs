@@ -1332,7 +1332,11 @@ impl<'m> Mempool<'m> {
             return Ok(());
         }
         if self.cache_size == 0 && !cfg!(debug_assertions) {
-            if self.try_get_uncached(out) {
+            let done = match <&mut [*mut u8; 1]>::try_from(&mut *out) {
+                Ok(one) => self.try_get_uncached_one(one),
+                Err(_) => self.try_get_uncached(out),
+            };
+            if done {
                 return Ok(());
             }
             return self.get_uncached_general(out);
@@ -1360,6 +1364,20 @@ impl<'m> Mempool<'m> {
         }
     }
 
+    /// [`try_get_uncached`](Self::try_get_uncached) for one object: the
+    /// count is a constant in here, so the ring call has no size dispatch
+    /// and needs fewer registers.
+    #[inline(never)]
+    fn try_get_uncached_one(&self, out: &mut [*mut u8; 1]) -> bool {
+        match &self.ring {
+            Some(r) => {
+                self.header().slow.load(Ordering::Relaxed) == 0
+                    && r.dequeue_bulk_multi(as_words_mut(out))
+            }
+            None => false,
+        }
+    }
+
     #[inline(never)]
     fn get_uncached_general(&self, out: &mut [*mut u8]) -> Result<(), MempoolError> {
         let r = self.b_dequeue(out);
@@ -1378,6 +1396,20 @@ impl<'m> Mempool<'m> {
     /// [`try_get_uncached`](Self::try_get_uncached).
     #[inline(never)]
     fn try_put_uncached(&self, objs: &[*mut u8]) -> bool {
+        match &self.ring {
+            Some(r) => {
+                self.surely_ours(objs)
+                    && self.header().slow.load(Ordering::Relaxed) == 0
+                    && r.enqueue_bulk_multi(as_words(objs))
+            }
+            None => false,
+        }
+    }
+
+    /// [`try_put_uncached`](Self::try_put_uncached) for one object, as
+    /// [`try_get_uncached_one`](Self::try_get_uncached_one).
+    #[inline(never)]
+    fn try_put_uncached_one(&self, objs: &[*mut u8; 1]) -> bool {
         match &self.ring {
             Some(r) => {
                 self.surely_ours(objs)
@@ -1574,7 +1606,11 @@ impl<'m> Mempool<'m> {
             return Ok(());
         }
         if self.cache_size == 0 && !cfg!(debug_assertions) {
-            if self.try_put_uncached(objs) {
+            let done = match <&[*mut u8; 1]>::try_from(objs) {
+                Ok(one) => self.try_put_uncached_one(one),
+                Err(_) => self.try_put_uncached(objs),
+            };
+            if done {
                 return Ok(());
             }
             return self.put_uncached_general(objs);

@@ -485,6 +485,22 @@ fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
         a.put(local.as_mut_ptr()),
         Err(MempoolError::ForeignObject { owner: None, .. })
     ));
+    // The same with room in a's ring (two of a's objects out), so that
+    // the refusal is the membership check's and not a full ring's, for
+    // one object and for a burst.
+    let held = a.get().unwrap();
+    let held2 = a.get().unwrap();
+    assert!(matches!(a.put(ob), Err(MempoolError::ForeignObject { .. })));
+    assert!(matches!(
+        a.put(local.as_mut_ptr()),
+        Err(MempoolError::ForeignObject { .. })
+    ));
+    assert!(matches!(
+        a.put_bulk(&[held, ob]),
+        Err(MempoolError::ForeignObject { .. })
+    ));
+    assert_eq!(a.avail_count(), 8, "nothing put");
+    a.put_bulk(&[held, held2]).unwrap();
     // A pointer inside an object is not an object (debug builds check the
     // object boundary; release builds only the pool's memory range).
     let oa = a.get().unwrap();
