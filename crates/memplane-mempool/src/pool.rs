@@ -1409,7 +1409,8 @@ impl<'m> Mempool<'m> {
     /// [`try_put_uncached`](Self::try_put_uncached) for one object, as
     /// [`try_get_uncached_one`](Self::try_get_uncached_one).
     #[inline(never)]
-    fn try_put_uncached_one(&self, objs: &[*mut u8; 1]) -> bool {
+    fn try_put_uncached_one(&self, obj: *mut u8) -> bool {
+        let objs = &[obj];
         match &self.ring {
             Some(r) => {
                 self.surely_ours(objs)
@@ -1607,7 +1608,7 @@ impl<'m> Mempool<'m> {
         }
         if self.cache_size == 0 && !cfg!(debug_assertions) {
             let done = match <&[*mut u8; 1]>::try_from(objs) {
-                Ok(one) => self.try_put_uncached_one(one),
+                Ok(&[one]) => self.try_put_uncached_one(one),
                 Err(_) => self.try_put_uncached(objs),
             };
             if done {
