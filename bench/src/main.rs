@@ -15,6 +15,9 @@
 //!   `bench/dpdk/mbuf_perf.c`) vs memplane's `MbufPool::alloc_bulk` +
 //!   `Mbuf::free_bulk` (`mbuf-perf [--secs S]`), bulks 1/8/32/64, cache
 //!   256 and 0, one core.
+//! - `memplane-bench regime-probe`: cache-line round trips per second
+//!   between CPUs 0 and 1 (50 ms); on a VM whose 2-CPU rows switch
+//!   between a fast and a 3-4x slower regime, says which is on.
 //! - `memplane-bench overcommit`: MP/MC vs RTS vs HTS with more threads than
 //!   CPUs (memplane only; DPDK's perf test has no such row).
 //! - `memplane-bench compare memseg [--runs N] [--memplane-hugetlbfs]`: DPDK 22.11
@@ -153,6 +156,12 @@ fn main() {
             args.iter().any(|a| a == "--stats"),
             flag(&args, "--only").as_deref(),
         )),
+        (Some("regime-probe"), _) => {
+            println!(
+                "cache-line round trips/s between CPUs 0 and 1: {:.1}M",
+                mempool_perf::regime_probe() / 1e6
+            );
+        }
         (Some("malloc-perf"), _) => std::process::exit(malloc_perf::run(&prefix())),
         (Some("malloc-aligned"), _) => std::process::exit(malloc_perf::run_aligned(&prefix())),
         (Some("memzone-scale"), _) => std::process::exit(memzone_perf::run_scale(&prefix())),

@@ -561,7 +561,7 @@ fn paired_ratio(
 /// slower than the other, switching every few seconds to minutes, for
 /// any program) is on. Measured before and after each side of a 2-core
 /// block, so that pairs measured across a switch can be left out.
-fn regime_probe() -> f64 {
+pub fn regime_probe() -> f64 {
     use std::sync::atomic::{
         AtomicBool, AtomicU64,
         Ordering::{Acquire, Relaxed, Release},
