@@ -1355,13 +1355,7 @@ impl<'m> Mempool<'m> {
     /// caller's result pointer and arguments live, and five pushes).
     #[inline(never)]
     fn try_get_uncached(&self, out: &mut [*mut u8]) -> bool {
-        match &self.ring {
-            Some(r) => {
-                self.header().slow.load(Ordering::Relaxed) == 0
-                    && r.dequeue_bulk_multi(as_words_mut(out))
-            }
-            None => false,
-        }
+        self.uncached_get_body(out)
     }
 
     /// [`try_get_uncached`](Self::try_get_uncached) for one object: the
@@ -1369,6 +1363,12 @@ impl<'m> Mempool<'m> {
     /// and needs fewer registers.
     #[inline(never)]
     fn try_get_uncached_one(&self, out: &mut [*mut u8; 1]) -> bool {
+        self.uncached_get_body(out)
+    }
+
+    /// The body of both `try_get_uncached*` copies.
+    #[inline(always)]
+    fn uncached_get_body(&self, out: &mut [*mut u8]) -> bool {
         match &self.ring {
             Some(r) => {
                 self.header().slow.load(Ordering::Relaxed) == 0
@@ -1396,21 +1396,19 @@ impl<'m> Mempool<'m> {
     /// [`try_get_uncached`](Self::try_get_uncached).
     #[inline(never)]
     fn try_put_uncached(&self, objs: &[*mut u8]) -> bool {
-        match &self.ring {
-            Some(r) => {
-                self.surely_ours(objs)
-                    && self.header().slow.load(Ordering::Relaxed) == 0
-                    && r.enqueue_bulk_multi(as_words(objs))
-            }
-            None => false,
-        }
+        self.uncached_put_body(objs)
     }
 
     /// [`try_put_uncached`](Self::try_put_uncached) for one object, as
     /// [`try_get_uncached_one`](Self::try_get_uncached_one).
     #[inline(never)]
     fn try_put_uncached_one(&self, obj: *mut u8) -> bool {
-        let objs = &[obj];
+        self.uncached_put_body(&[obj])
+    }
+
+    /// The body of both `try_put_uncached*` copies.
+    #[inline(always)]
+    fn uncached_put_body(&self, objs: &[*mut u8]) -> bool {
         match &self.ring {
             Some(r) => {
                 self.surely_ours(objs)
