@@ -557,9 +557,9 @@ fn paired_ratio(
 }
 
 /// Cache-line round trips per second between two threads on CPUs 0 and
-/// 1, for 50 ms: which of this machine's two 2-CPU regimes (one 3-4x
-/// slower than the other, switching every few seconds to minutes, for
-/// any program) is on. Measured before and after each side of a 2-core
+/// 1, for 50 ms: which of this machine's 2-CPU regimes is on (about 2.4
+/// M/s in the slow one, 10-19 M/s in the fast ones, switching within
+/// seconds to minutes, for any program). Measured before and after each side of a 2-core
 /// block, so that pairs measured across a switch can be left out.
 pub fn regime_probe() -> f64 {
     use std::sync::atomic::{
@@ -582,7 +582,7 @@ pub fn regime_probe() -> f64 {
                 }
             }
         });
-        // The serving side on its own thread too: the caller's affinity
+        // The timing side on its own thread too: the caller's affinity
         // (inherited by the programs it starts next) stays as it was.
         let rate = sc
             .spawn(|| {

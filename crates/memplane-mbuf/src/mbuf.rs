@@ -383,11 +383,11 @@ unsafe fn free_chains(heads: impl Iterator<Item = *mut MbufHeader>, first_pool: 
     for m in heads {
         // The common case in a few not-taken branches and no taken one
         // but the loop's: a lone, direct mbuf we hold the only reference
-        // to, of the pool being gathered, with room left.
-        // The general loop below handles it too, but with six taken
-        // branches per mbuf its speed hung on where the linker put it
-        // (the same code at another address: 15% slower, on Zen 5), and
-        // this path is 40-85% faster than its best placement at bulk 32.
+        // to, of the pool being gathered, with room left. The general
+        // loop below handles it too, but with six taken branches per
+        // mbuf its speed hung on where the linker put it (the same code
+        // at another address: 15% slower, on Zen 5); this path is 40-85%
+        // faster than its best placement at bulk 32.
         if !m.is_null() {
             // SAFETY: a live head the caller owns (one reference).
             let h = unsafe { hdr(m) };

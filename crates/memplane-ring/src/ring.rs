@@ -330,7 +330,7 @@ impl Core {
                     // cost two saved registers and 2-10% on 1-core rows.
                     // A lost CAS only happens under contention.
                     head = cur as u32;
-                    for _ in 0..MAX_BACKOFF {
+                    for _ in 0..LOST_CAS_PAUSES {
                         core::hint::spin_loop();
                     }
                 }
@@ -455,7 +455,7 @@ fn avail(dir: Dir, cap: u32, head: u32, opp: u32) -> u32 {
 
 /// Pauses after each lost head CAS of a handle-less multi bulk
 /// operation (`Core::bulk_multi`).
-const MAX_BACKOFF: u32 = 8;
+const LOST_CAS_PAUSES: u32 = 8;
 
 /// Bulks up to this many elements take the call-free path of a
 /// handle-less multi-thread operation (`Core::bulk_multi`).
